@@ -1,0 +1,2 @@
+"""Headway: a self-hosted inference stack."""
+__version__ = "0.1.0"
