@@ -1,0 +1,205 @@
+"""The `headway` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from headway.package.load import PackageError, load_package
+
+app = typer.Typer(help="Headway: package a model once, serve it anywhere.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def init(path: Annotated[Path, typer.Argument(help="Directory to create.")],
+         name: Annotated[Optional[str], typer.Option(help="Package name (default: directory name).")] = None) -> None:
+    """Scaffold a model package that serves as-is."""
+    from headway.cli.scaffold import scaffold
+
+    try:
+        files = scaffold(path, name)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    for f in files:
+        typer.echo(f"created {f}")
+    typer.echo(f"\nnext: headway serve {path}   (or: headway watch {path})")
+
+
+@app.command()
+def validate(path: Annotated[Path, typer.Argument(help="Package directory.")]) -> None:
+    """Check a package's headway.yaml and model.py location; print every error at once."""
+    try:
+        pkg = load_package(path)
+    except PackageError as exc:
+        err.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(2)
+    typer.echo(f"ok: {pkg.config.name} ({pkg.config.runtime})")
+
+
+@app.command()
+def serve(
+    target: Annotated[str, typer.Argument(help="A package directory or a model-library name.")],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    dtype: Annotated[Optional[str], typer.Option(help="LLM dtype: auto, float32 or bfloat16.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the forward pass.")] = None,
+    secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve a model package or a library model on one machine."""
+    from headway.server.serve import serve as run
+
+    try:
+        run(target, host, port, log_level=log_level, secrets_dir=secrets_dir,
+            engine_overrides={"dtype": dtype, "num_threads": threads})
+    except PackageError as exc:
+        err.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(2)
+
+
+@app.command()
+def watch(
+    path: Annotated[Path, typer.Argument(help="Package directory.")],
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+) -> None:
+    """Serve a package and restart it whenever its code or config changes."""
+    from watchfiles import watch as watch_changes
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "headway", "serve", str(path),
+                                 "--port", str(port), "--host", host])
+
+    try:
+        load_package(path)
+    except PackageError as exc:
+        err.print(str(exc), highlight=False, markup=False)
+        raise typer.Exit(2)
+    proc = start()
+    typer.echo(f"watching {path} for changes (Ctrl-C to stop)")
+    try:
+        for changes in watch_changes(path, debounce=300, step=100,
+                                     watch_filter=lambda _c, p: not p.endswith((".pyc", "~")) and "__pycache__" not in p):
+            names = sorted({Path(p).name for _, p in changes})
+            try:
+                load_package(path)
+            except PackageError as exc:
+                err.print(f"change in {', '.join(names)} not applied; the package is invalid:\n{exc}",
+                          highlight=False, markup=False)
+                continue
+            typer.echo(f"change in {', '.join(names)}: restarting")
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            proc = start()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _read_data(data: str) -> Any:
+    if data == "-":
+        text = sys.stdin.read()
+    elif data.startswith("@"):
+        text = Path(data[1:]).read_text()
+    else:
+        text = data
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--data is not valid JSON ({exc}); pass JSON, @file.json or - for stdin")
+
+
+@app.command()
+def predict(
+    data: Annotated[str, typer.Option("--data", "-d", help="JSON input, @file.json, or - for stdin.")],
+    url: Annotated[str, typer.Option(help="Server address.")] = "http://127.0.0.1:8000",
+    model: Annotated[Optional[str], typer.Option(help="Model name (default: the one the server serves).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the response.")] = 300.0,
+) -> None:
+    """Call a running server's predict endpoint; streamed output prints as it arrives."""
+    import httpx
+
+    body = _read_data(data)
+    base = url.rstrip("/")
+    try:
+        with httpx.Client(timeout=timeout) as client:
+            if model is None:
+                model = client.get(f"{base}/headway/state").json()["model"]
+            with client.stream("POST", f"{base}/v1/models/{model}:predict", json=body) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    try:
+                        message = resp.json()["error"]["message"]
+                    except Exception:
+                        message = resp.text
+                    _fail(f"{resp.status_code}: {message}")
+                if resp.headers.get("content-type", "").startswith("text/event-stream"):
+                    _print_stream(resp)
+                else:
+                    resp.read()
+                    typer.echo(json.dumps(resp.json(), indent=2))
+    except httpx.HTTPError as exc:
+        _fail(f"cannot reach {base}: {exc}")
+
+
+def _print_stream(resp: Any) -> None:
+    event = None
+    for line in resp.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+            continue
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            break
+        item = json.loads(payload)
+        if event == "error":
+            sys.stdout.write("\n")
+            _fail(f"stream ended with an error: {item['error']['message']}")
+        sys.stdout.write(item if isinstance(item, str) else json.dumps(item) + "\n")
+        sys.stdout.flush()
+        event = None
+    sys.stdout.write("\n")
+
+
+def _mount_optional() -> None:
+    """Sub-commands whose modules may be absent in a partial install are mounted if present."""
+    try:
+        from headway.library.cli import app as library_app
+
+        app.add_typer(library_app, name="library", help="The model library: list and pull models.")
+    except ImportError:
+        pass
+    try:
+        from headway.bench.cli import bench
+
+        app.command("bench", help="Benchmark an OpenAI-compatible endpoint.")(bench)
+    except ImportError:
+        pass
+
+
+_mount_optional()
+
+if __name__ == "__main__":
+    app()

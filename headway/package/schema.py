@@ -1,0 +1,231 @@
+"""The model package schema: what `headway.yaml` may say.
+
+Owns the shape of a package's configuration. Loading and error messages live in `load.py`;
+per-runtime engine options are validated here so a bad option fails before anything loads.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Runtime = Literal["custom", "llm", "embeddings", "asr", "tts"]
+RUNTIMES: tuple[str, ...] = ("custom", "llm", "embeddings", "asr", "tts")
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_ACCEL_RE = re.compile(r"^[A-Za-z0-9_-]+:[1-9][0-9]*$")
+_MEM_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_SIZE_RE = re.compile(r"^([0-9]+)\s*(B|KB|MB|GB|KiB|MiB|GiB)?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def parse_size(value: int | str) -> int:
+    """'10MB' / '512KiB' / 1048576 -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value.strip())
+    if not m:
+        raise ValueError(f"'{value}' is not a size; use bytes or a unit such as 10MB, 512KiB, 1GiB")
+    return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+
+
+class ModelSource(_Strict):
+    """Where the weights come from, and which class serves them."""
+
+    source: str | None = Field(
+        None,
+        description="A model-library name (see `headway library list`), a local path (relative "
+        "to the package), an s3:// URL or an https:// URL. Optional for custom models.",
+        examples=["smollm2-135m-instruct", "./weights", "s3://bucket/models/m", "https://host/m.gguf"],
+    )
+    class_name: str = Field(
+        "Model", description="The class in model.py that serves a custom model.", examples=["Model"]
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_shape(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("source is empty; give a library name, a path, s3:// or https:// URL")
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme and scheme not in ("s3", "https", "http", "file"):
+            raise ValueError(f"unsupported URL scheme '{scheme}://'; use s3://, https:// or a local path")
+        return v
+
+
+class Resources(_Strict):
+    cpu: float = Field(1.0, gt=0, description="CPU cores for one replica.", examples=[2])
+    memory: str = Field("2Gi", description="Memory for one replica.", examples=["4Gi"])
+    accelerator: str | None = Field(
+        None, description="Accelerator kind and count, KIND:COUNT.", examples=["H100:1"]
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if not _MEM_RE.match(v):
+            raise ValueError(f"'{v}' is not a memory size; use a number with Ki/Mi/Gi/Ti, e.g. 4Gi")
+        return v
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accel(cls, v: str | None) -> str | None:
+        if v is not None and not _ACCEL_RE.match(v):
+            raise ValueError(f"'{v}' is not KIND:COUNT, e.g. H100:1 or A10G:2")
+        return v
+
+
+class RuntimeOptions(_Strict):
+    predict_concurrency: int = Field(
+        1, ge=1, le=4096, description="Requests run at once inside predict.", examples=[4]
+    )
+    queue_size: int = Field(
+        64, ge=0, le=100_000,
+        description="Requests allowed to wait for a predict slot; past it, 429 with Retry-After.",
+        examples=[64],
+    )
+    streaming_read_timeout: float = Field(
+        60.0, gt=0, description="Seconds a stream may stay silent before it is ended.", examples=[60]
+    )
+    max_request_body: int = Field(
+        10 * 10**6, description="Largest request body; larger gets 413. Bytes or e.g. 10MB.",
+        examples=["10MB"],
+    )
+
+    @field_validator("max_request_body", mode="before")
+    @classmethod
+    def _body(cls, v: Any) -> int:
+        size = parse_size(v) if isinstance(v, (int, str)) else v
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError("max_request_body must be a positive size such as 10MB")
+        return size
+
+
+class LLMEngineOptions(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Weights and KV dtype; auto picks the faster one on the device.",
+        examples=["float32"],
+    )
+    max_model_len: int | None = Field(None, ge=16, description="Longest context (prompt + output).",
+                                      examples=[4096])
+    kv_cache_tokens: int | None = Field(None, ge=16, description="KV pool size in tokens.",
+                                        examples=[65536])
+    max_num_batched_tokens: int = Field(512, ge=16, description="Per-step token budget.",
+                                        examples=[512])
+    max_running: int = Field(64, ge=1, description="Sequences in the running batch at most.",
+                             examples=[64])
+    enable_prefix_caching: bool = Field(True, description="Reuse KV of shared prefixes.",
+                                        examples=[True])
+    num_threads: int | None = Field(None, ge=1, description="CPU threads for the forward pass.",
+                                    examples=[2])
+    served_model_name: str | None = Field(None, description="Name clients use in `model`.",
+                                          examples=["smollm2"])
+
+
+class EmbeddingsEngineOptions(_Strict):
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", examples=["float32"])
+    max_batch_size: int = Field(32, ge=1, examples=[32])
+    normalize: bool = Field(True, examples=[True])
+
+
+class AsrEngineOptions(_Strict):
+    compute_type: str = Field("int8", examples=["int8"])
+    beam_size: int = Field(1, ge=1, examples=[1])
+
+
+class TtsEngineOptions(_Strict):
+    sample_rate: int | None = Field(None, ge=8000, examples=[22050])
+
+
+class CustomEngineOptions(_Strict):
+    pass
+
+
+ENGINE_OPTIONS: dict[str, type[BaseModel]] = {
+    "custom": CustomEngineOptions,
+    "llm": LLMEngineOptions,
+    "embeddings": EmbeddingsEngineOptions,
+    "asr": AsrEngineOptions,
+    "tts": TtsEngineOptions,
+}
+
+
+class PackageConfig(_Strict):
+    """`headway.yaml`: one model package."""
+
+    name: str = Field(..., description="Lower-case name: letters, digits, '.', '_' or '-'.",
+                      examples=["my-model"])
+    runtime: Runtime = Field("custom", description="Which runtime serves the model.",
+                             examples=["custom"])
+    description: str | None = Field(None, examples=["Sentiment classifier"])
+    model: ModelSource = Field(default_factory=ModelSource)
+    requirements: list[str] = Field(
+        default_factory=list, description="pip requirement specifiers installed before load.",
+        examples=[["numpy==2.1.0"]],
+    )
+    environment: dict[str, str] = Field(
+        default_factory=dict, description="Environment variables set for the model.",
+        examples=[{"LOG_LEVEL": "info"}],
+    )
+    secrets: list[str] = Field(
+        default_factory=list,
+        description="Secret names only; values come at run time from the environment or a secrets "
+        "directory and are never written by Headway.",
+        examples=[["HF_TOKEN"]],
+    )
+    resources: Resources = Field(default_factory=Resources)
+    runtime_options: RuntimeOptions = Field(default_factory=RuntimeOptions)
+    engine: dict[str, Any] = Field(
+        default_factory=dict, description="Per-runtime engine options (see the runtime's schema).",
+        examples=[{"dtype": "float32", "max_num_batched_tokens": 512}],
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                f"'{v}' is not a valid name: use 1-63 lower-case letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("environment")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not _ENV_RE.match(k)]
+        if bad:
+            raise ValueError(f"invalid environment variable name(s): {', '.join(bad)}")
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str]) -> list[str]:
+        bad = [k for k in v if not _ENV_RE.match(k)]
+        if bad:
+            raise ValueError(f"invalid secret name(s): {', '.join(bad)}; use letters, digits, '_'")
+        return v
+
+    def engine_options(self) -> BaseModel:
+        """The validated engine options for this package's runtime."""
+        return ENGINE_OPTIONS[self.runtime].model_validate(self.engine)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of headway.yaml, with each runtime's engine options attached."""
+    schema = PackageConfig.model_json_schema()
+    schema["$id"] = "https://headway.dev/schemas/headway.yaml.json"
+    schema.setdefault("$defs", {})
+    for runtime, opts in ENGINE_OPTIONS.items():
+        schema["$defs"][f"engine-{runtime}"] = opts.model_json_schema()
+    return schema

@@ -1,0 +1,249 @@
+"""The replica server: one ASGI app around one runtime.
+
+Owns the HTTP contract every runtime shares: predict and schema endpoints, health, Prometheus
+metrics, the replica-state endpoint the infrastructure reads, admission (429 + Retry-After),
+body limits (413), cancellation on disconnect, and errors inside streams as error events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+
+from headway.package.model_file import InputError
+from headway.package.schema import RuntimeOptions
+from headway.server.admission import Admission, Overloaded, Ticket
+from headway.server.body_limit import BodyLimitMiddleware, BodyTooLarge
+from headway.server.metrics import ServerMetrics
+from headway.server.runtime import Runtime
+
+log = logging.getLogger("headway.server")
+
+
+@dataclass
+class Lifecycle:
+    """Load progress of this replica; `ready` only after load() returned."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    error: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, phase: str) -> None:
+        self.phases[phase] = round(time.monotonic() - self.started_at, 3)
+
+
+def error_body(kind: str, message: str, code: int, **extra: Any) -> dict[str, Any]:
+    return {"error": {"type": kind, "message": message, "code": code, **extra}}
+
+
+def _error(kind: str, message: str, code: int, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(error_body(kind, message, code, **extra), status_code=code, headers=headers)
+
+
+def _sse(data: Any, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, default=str)}\n\n".encode()
+
+
+def _jsonable(value: Any) -> Any:
+    dump = getattr(value, "model_dump", None)
+    return dump(mode="json") if callable(dump) else value
+
+
+def create_app(runtime: Runtime, options: RuntimeOptions | None = None) -> FastAPI:
+    options = options or RuntimeOptions()
+    life = Lifecycle()
+    metrics = ServerMetrics(runtime.name)
+    admission: Admission | None = None
+
+    async def load_in_background() -> None:
+        try:
+            await runtime.load()
+        except Exception as exc:  # one clear log entry; readiness reports the reason
+            life.error = f"{type(exc).__name__}: {exc}"
+            log.error("model '%s' failed to load: %s", runtime.name, life.error)
+            return
+        life.mark("loaded_s")
+        life.ready = True
+        metrics.ready.set(1)
+        life.mark("ready_s")
+        log.info("model '%s' is ready (%.2f s)", runtime.name, life.phases["ready_s"])
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        nonlocal admission
+        admission = Admission(runtime.max_concurrency, options.queue_size)
+        app.state.admission = admission
+        task = asyncio.create_task(load_in_background())
+        try:
+            yield
+        finally:
+            task.cancel()
+            await runtime.shutdown()
+
+    app = FastAPI(title=f"Headway replica: {runtime.name}", lifespan=lifespan)
+    app.state.lifecycle = life
+    app.state.metrics = metrics
+    app.state.runtime = runtime
+    app.add_middleware(BodyLimitMiddleware, max_bytes=options.max_request_body)
+
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error("request_too_large", f"request body exceeds the limit of {options.max_request_body} "
+                      "bytes (runtime_options.max_request_body in headway.yaml)", 413)
+
+    def not_ready() -> JSONResponse:
+        if life.error:
+            return _error("model_load_failed", f"model '{runtime.name}' failed to load: {life.error}", 503)
+        return _error("model_loading", f"model '{runtime.name}' is still loading", 503, {"Retry-After": "1"})
+
+    @app.get("/health/live")
+    async def live() -> dict[str, Any]:
+        return {"live": True}
+
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        if life.ready:
+            return JSONResponse({"ready": True, "model": runtime.name})
+        body = {"ready": False, "model": runtime.name, "reason": "load_failed" if life.error else "loading"}
+        if life.error:
+            body["error"] = life.error
+        return JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if admission is not None:
+            metrics.in_flight.set(admission.running)
+            metrics.queued.set(admission.waiting)
+        return Response(metrics.render() + runtime.metrics_text(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/headway/state")
+    async def state() -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ready": life.ready, "runtime": runtime.kind, "model": runtime.name,
+            "in_flight": admission.running if admission else 0,
+            "queued": admission.waiting if admission else 0,
+            "max_concurrency": runtime.max_concurrency,
+            "startup": dict(life.phases),
+        }
+        if life.error:
+            body["error"] = life.error
+        if life.ready:
+            body.update(runtime.state())
+        return body
+
+    def check_name(name: str) -> JSONResponse | None:
+        if name != runtime.name:
+            return _error("model_not_found", f"model '{name}' is not served here; this replica serves "
+                          f"'{runtime.name}'", 404)
+        return None
+
+    @app.get("/v1/models/{name}/schema")
+    async def schema(name: str) -> Response:
+        if (bad := check_name(name)) is not None:
+            return bad
+        if not life.ready:
+            return not_ready()
+        return JSONResponse({"model": runtime.name, "input": runtime.input_schema()})
+
+    @app.post("/v1/models/{name}:predict")
+    async def predict(name: str, request: Request) -> Response:
+        started = time.perf_counter()
+        response = await _predict(name, request)
+        if not isinstance(response, StreamingResponse):
+            metrics.observe("predict", response.status_code, time.perf_counter() - started)
+        return response
+
+    async def _predict(name: str, request: Request) -> Response:
+        if (bad := check_name(name)) is not None:
+            return bad
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else {}
+        except json.JSONDecodeError as exc:
+            return _error("invalid_json", f"request body is not valid JSON: {exc}", 400)
+        if not life.ready:
+            return not_ready()
+        try:
+            inputs = runtime.parse(body)
+        except InputError as exc:
+            return _error("invalid_input", f"input does not match the model's schema: {exc}", 422,
+                          details=exc.errors)
+        assert admission is not None
+        try:
+            ticket = await admission.acquire()
+        except Overloaded as exc:
+            return _error("overloaded", str(exc), 429, {"Retry-After": str(exc.retry_after)})
+        if runtime.streams(inputs):
+            return _stream_response(inputs, ticket, request)
+        try:
+            return await _run_unary(inputs, request)
+        finally:
+            ticket.release()
+
+    async def _run_unary(inputs: Any, request: Request) -> Response:
+        work = asyncio.ensure_future(runtime.predict(inputs))
+        while not work.done():
+            done, _ = await asyncio.wait({work}, timeout=0.25)
+            if not done and await request.is_disconnected():
+                work.cancel()
+                log.info("client disconnected; cancelled its request")
+                return Response(status_code=499)
+        try:
+            result = work.result()
+        except Exception as exc:
+            log.exception("predict failed")
+            return _error("model_error", f"{type(exc).__name__}: {exc}", 500)
+        return JSONResponse(_jsonable(result))
+
+    def _stream_response(inputs: Any, ticket: Ticket, request: Request) -> StreamingResponse:
+        started = time.perf_counter()
+        status = {"code": 200}
+
+        async def events() -> AsyncIterator[bytes]:
+            stream = runtime.stream(inputs)
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(anext(stream), options.streaming_read_timeout)
+                    except StopAsyncIteration:
+                        break
+                    yield _sse(_jsonable(item))
+                yield b"data: [DONE]\n\n"
+            except asyncio.TimeoutError:
+                status["code"] = 504
+                yield _sse(error_body("stream_timeout", f"the model produced nothing for "
+                                      f"{options.streaming_read_timeout} s", 504), event="error")
+            except asyncio.CancelledError:
+                status["code"] = 499
+                raise
+            except Exception as exc:
+                status["code"] = 500
+                log.exception("stream failed")
+                yield _sse(error_body("model_error", f"{type(exc).__name__}: {exc}", 500), event="error")
+            finally:
+                ticket.release()
+                await stream.aclose()  # type: ignore[attr-defined]
+                metrics.observe("predict", status["code"], time.perf_counter() - started)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                 # a stream cancelled before it started never runs its finally
+                                 background=BackgroundTask(ticket.release))
+
+    extra = runtime.router()
+    if extra is not None:
+        app.include_router(extra)
+    return app

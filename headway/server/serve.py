@@ -1,0 +1,96 @@
+"""From a target on the command line (a package path or a model-library name) to a running
+replica server."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from packaging.requirements import InvalidRequirement, Requirement
+
+from headway.package.load import FieldError, Package, PackageError, load_package, validate_config
+from headway.server.app import create_app
+from headway.server.runtime import Runtime
+
+log = logging.getLogger("headway.server")
+
+
+def _is_package_path(target: str) -> bool:
+    p = Path(target)
+    return p.is_dir() or p.name == "headway.yaml" or "/" in target or target.startswith(".")
+
+
+def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None) -> Package:
+    """A package directory, or a library name turned into a package that serves that model."""
+    overrides = {k: v for k, v in (engine_overrides or {}).items() if v is not None}
+    if _is_package_path(target):
+        pkg = load_package(target)
+        if overrides:
+            data = pkg.config.model_dump(mode="json")
+            data["engine"] = {**data.get("engine", {}), **overrides}
+            pkg = Package(pkg.root, validate_config(data, pkg.root / "headway.yaml"))
+        return pkg
+    from headway.library import catalog
+
+    entry = catalog.find(target)
+    if entry is None:
+        raise PackageError(target, [FieldError(
+            "target", f"'{target}' is neither a package directory nor a model-library name "
+            f"(known: {', '.join(catalog.names())})", "headway serve smollm2-135m-instruct")])
+    config = validate_config({"name": entry.name, "runtime": entry.runtime,
+                              "model": {"source": entry.name}, "engine": overrides}, f"library:{target}")
+    return Package(Path.cwd(), config)
+
+
+def ensure_requirements(requirements: list[str]) -> None:
+    """pip-install the package's requirements that the interpreter does not already satisfy."""
+    missing: list[str] = []
+    for spec in requirements:
+        try:
+            req = Requirement(spec)
+        except InvalidRequirement as exc:
+            raise PackageError("headway.yaml", [FieldError("requirements", f"'{spec}' is not a pip "
+                                                           f"requirement: {exc}", "requirements: [numpy==2.1.0]")])
+        try:
+            have = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(spec)
+            continue
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            missing.append(spec)
+    if missing:
+        log.info("installing requirements: %s", " ".join(missing))
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+
+
+def build_runtime(package: Package, secrets_dir: str | None = None) -> Runtime:
+    cfg = package.config
+    os.environ.update(cfg.environment)
+    ensure_requirements(cfg.requirements)
+    if cfg.runtime == "custom":
+        from headway.server.custom import CustomRuntime
+
+        return CustomRuntime(package, secrets_dir)
+    if cfg.runtime == "llm":
+        from headway.runtime.llm.serving import LLMRuntime
+
+        return LLMRuntime(package)
+    raise PackageError(package.root, [FieldError(
+        "runtime", f"runtime '{cfg.runtime}' is not available in this version of Headway yet "
+        "(available: custom, llm)", "runtime: custom")])
+
+
+def serve(target: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+          engine_overrides: dict[str, Any] | None = None, secrets_dir: str | None = None) -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    package = resolve_target(target, engine_overrides)
+    runtime = build_runtime(package, secrets_dir)
+    app = create_app(runtime, package.config.runtime_options)
+    log.info("serving '%s' (%s) on http://%s:%d", runtime.name, package.config.runtime, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
