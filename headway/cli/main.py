@@ -9,17 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 
 from headway.package.load import PackageError, load_package
 
 app = typer.Typer(help="Headway: package a model once, serve it anywhere.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
-err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
 
@@ -44,7 +42,7 @@ def validate(path: Annotated[Path, typer.Argument(help="Package directory.")]) -
     try:
         pkg = load_package(path)
     except PackageError as exc:
-        err.print(str(exc), highlight=False, markup=False)
+        typer.echo(str(exc), err=True)
         raise typer.Exit(2)
     typer.echo(f"ok: {pkg.config.name} ({pkg.config.runtime})")
 
@@ -66,7 +64,7 @@ def serve(
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir,
             engine_overrides={"dtype": dtype, "num_threads": threads})
     except PackageError as exc:
-        err.print(str(exc), highlight=False, markup=False)
+        typer.echo(str(exc), err=True)
         raise typer.Exit(2)
 
 
@@ -86,7 +84,7 @@ def watch(
     try:
         load_package(path)
     except PackageError as exc:
-        err.print(str(exc), highlight=False, markup=False)
+        typer.echo(str(exc), err=True)
         raise typer.Exit(2)
     proc = start()
     typer.echo(f"watching {path} for changes (Ctrl-C to stop)")
@@ -97,8 +95,7 @@ def watch(
             try:
                 load_package(path)
             except PackageError as exc:
-                err.print(f"change in {', '.join(names)} not applied; the package is invalid:\n{exc}",
-                          highlight=False, markup=False)
+                typer.echo(f"change in {', '.join(names)} not applied; the package is invalid:\n{exc}", err=True)
                 continue
             typer.echo(f"change in {', '.join(names)}: restarting")
             proc.terminate()

@@ -1,0 +1,14 @@
+"""Write headway.yaml's JSON schema next to this module: `python -m headway.package.export_schema`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from headway.package.schema import json_schema
+
+SCHEMA_PATH = Path(__file__).with_name("headway.schema.json")
+
+if __name__ == "__main__":
+    SCHEMA_PATH.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    print(f"wrote {SCHEMA_PATH}")
