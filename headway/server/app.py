@@ -24,6 +24,7 @@ from headway.package.model_file import InputError
 from headway.package.schema import RuntimeOptions
 from headway.server.admission import Admission, Overloaded, Ticket
 from headway.server.body_limit import BodyLimitMiddleware, BodyTooLarge
+from headway.server.disconnect import ClientGone, cancel_on_disconnect
 from headway.server.metrics import ServerMetrics
 from headway.server.runtime import Runtime
 
@@ -194,15 +195,11 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None) -> FastA
             ticket.release()
 
     async def _run_unary(inputs: Any, request: Request) -> Response:
-        work = asyncio.ensure_future(runtime.predict(inputs))
-        while not work.done():
-            done, _ = await asyncio.wait({work}, timeout=0.25)
-            if not done and await request.is_disconnected():
-                work.cancel()
-                log.info("client disconnected; cancelled its request")
-                return Response(status_code=499)
         try:
-            result = work.result()
+            result = await cancel_on_disconnect(runtime.predict(inputs), request)
+        except ClientGone:
+            log.info("client disconnected; cancelled its request")
+            return Response(status_code=499)
         except Exception as exc:
             log.exception("predict failed")
             return _error("model_error", f"{type(exc).__name__}: {exc}", 500)

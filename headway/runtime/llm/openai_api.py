@@ -1,0 +1,280 @@
+"""The OpenAI-compatible HTTP API of an LLM replica: /v1/chat/completions, /v1/completions,
+/v1/models, with SSE streaming, usage, logprobs, n > 1, and cancellation on disconnect.
+
+Owns the translation between OpenAI's wire format and the engine's `generate()` stream.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
+from headway.runtime.llm.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError,
+                                          parse_request)
+from headway.runtime.llm.sequence import SamplingParams
+from headway.runtime.llm.tokenizer import ModelTokenizer
+from headway.server.disconnect import ClientGone, cancel_on_disconnect
+
+
+class GenerateEngine(Protocol):
+    tokenizer: ModelTokenizer
+    max_model_len: int
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, *, cache_key: str | None = None
+                 ) -> AsyncIterator[list[ChoiceDelta]]: ...
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+class OpenAIServer:
+    def __init__(self, engine: GenerateEngine, model_names: list[str], is_ready: Callable[[], bool]):
+        self.engine = engine
+        self.names = model_names
+        self.is_ready = is_ready
+
+    # ---- request -> prompts and params -------------------------------------------------------
+
+    def _check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise OpenAIError(f"The model '{name}' does not exist; this server serves "
+                              f"{', '.join(repr(n) for n in self.names)}", status=404, param="model",
+                              code="model_not_found")
+
+    def _limits(self, prompt_len: int, requested: int | None) -> int:
+        limit = self.engine.max_model_len
+        if prompt_len >= limit:
+            raise OpenAIError(f"This model's maximum context length is {limit} tokens. However, your prompt "
+                              f"has {prompt_len} tokens, which leaves no room for output.", param="messages",
+                              code="context_length_exceeded")
+        if requested is None:
+            return limit - prompt_len
+        if prompt_len + requested > limit:
+            raise OpenAIError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                              f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+                              "completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                              code="context_length_exceeded")
+        return requested
+
+    def _params(self, req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None
+                ) -> SamplingParams:
+        greedy_default = 1.0
+        return SamplingParams(
+            temperature=greedy_default if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, seed=req.seed, max_tokens=max_tokens,
+            stop=list(req.stop or []), stop_token_ids=list(req.stop_token_ids or []),
+            ignore_eos=req.ignore_eos, logprobs=logprobs is not None, top_logprobs=logprobs or 0, n=req.n)
+
+    # ---- formatting ------------------------------------------------------------------------------
+
+    def _token_entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    def _chat_logprobs(self, items: list[TokenLogprob]) -> dict[str, Any]:
+        return {"content": [{**self._token_entry(lp.token_id, lp.logprob),
+                             "top_logprobs": [self._token_entry(t, p) for t, p in lp.top]} for lp in items]}
+
+    def _completion_logprobs(self, items: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for lp in items:
+            text = self.engine.tokenizer.decode([lp.token_id], skip_special_tokens=False)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in items],
+                "top_logprobs": [{self.engine.tokenizer.decode([t], skip_special_tokens=False): p for t, p in lp.top}
+                                 for lp in items], "text_offset": offsets}
+
+    # ---- endpoints -------------------------------------------------------------------------------
+
+    def router(self) -> APIRouter:
+        router = APIRouter()
+
+        @router.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            return {"object": "list", "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "headway",
+                 "max_model_len": self.engine.max_model_len} for n in self.names]}
+
+        @router.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await self._handle(request, chat=True)
+
+        @router.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await self._handle(request, chat=False)
+
+        return router
+
+    async def _handle(self, request: Request, *, chat: bool) -> Response:
+        try:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise OpenAIError(f"the request body is not valid JSON: {exc}") from None
+            if not self.is_ready():
+                raise OpenAIError("the model is still loading; retry shortly", status=503, type="server_error")
+            if chat:
+                req = parse_request(ChatCompletionRequest, body)
+                self._check_model(req.model)
+                try:
+                    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                                for m in req.messages]
+                except ValueError as exc:
+                    raise OpenAIError(str(exc), param="messages") from None
+                prompts = [self.engine.tokenizer.encode_chat(
+                    messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {}))]
+                logprobs = (req.top_logprobs or 0) if req.logprobs else None
+            else:
+                req = parse_request(CompletionRequest, body)
+                self._check_model(req.model)
+                prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in req.prompts()]
+                vocab = self.engine.tokenizer.vocab_size
+                if any(not 0 <= t < vocab for p in prompts for t in p):
+                    raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+                logprobs = req.logprobs
+            jobs = []
+            for ids in prompts:
+                max_tokens = self._limits(len(ids), req.output_limit)
+                jobs.append((ids, self._params(req, max_tokens, logprobs)))
+        except OpenAIError as exc:
+            return _error_response(exc)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        call = _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt)
+        if req.stream:
+            return StreamingResponse(call.stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            return JSONResponse(await cancel_on_disconnect(call.collect(), request))
+        except ClientGone:
+            return Response(status_code=499)
+        except OpenAIError as exc:
+            return _error_response(exc)
+
+
+class _Call:
+    """One API call: one or more prompts, each with n choices, merged into one response."""
+
+    def __init__(self, server: OpenAIServer, req: Any, jobs: list[tuple[list[int], SamplingParams]], rid: str,
+                 chat: bool, cache_key: str | None):
+        self.s, self.req, self.jobs, self.rid, self.chat, self.cache_key = server, req, jobs, rid, chat, cache_key
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(ids) for ids, _ in jobs)
+        self.completion_tokens = 0
+
+    async def _merged(self) -> AsyncIterator[list[ChoiceDelta]]:
+        """All prompts' deltas, re-indexed so choice index = prompt_index * n + i."""
+        import asyncio
+
+        n = self.req.n
+        queue: asyncio.Queue[list[ChoiceDelta] | BaseException | None] = asyncio.Queue()
+
+        async def pump(p: int, ids: list[int], params: SamplingParams) -> None:
+            try:
+                async for deltas in self.s.engine.generate(ids, params, cache_key=self.cache_key):
+                    await queue.put([ChoiceDelta(p * n + d.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
+                                     for d in deltas])
+                await queue.put(None)
+            except BaseException as exc:  # reaches the client as an error
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(pump(p, ids, params)) for p, (ids, params) in enumerate(self.jobs)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    self.completion_tokens += sum(len(d.token_ids) for d in item)
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _usage(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    def _head(self) -> dict[str, Any]:
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {"id": self.rid, "object": obj, "created": self.created, "model": self.req.model}
+
+    async def collect(self) -> dict[str, Any]:
+        total = len(self.jobs) * self.req.n
+        texts = [""] * total
+        lps: list[list[TokenLogprob]] = [[] for _ in range(total)]
+        reasons: list[str | None] = [None] * total
+        async for deltas in self._merged():
+            for d in deltas:
+                texts[d.index] += d.text
+                lps[d.index].extend(d.logprobs or [])
+                reasons[d.index] = d.finish_reason or reasons[d.index]
+        want_lp = self.jobs[0][1].logprobs
+        choices = []
+        for i in range(total):
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                                "logprobs": self.s._chat_logprobs(lps[i]) if want_lp else None,
+                                "finish_reason": reasons[i]})
+            else:
+                text = texts[i]
+                if self.req.echo:
+                    text = self.s.engine.tokenizer.decode(self.jobs[i // self.req.n][0]) + text
+                choices.append({"index": i, "text": text,
+                                "logprobs": self.s._completion_logprobs(lps[i], 0) if want_lp else None,
+                                "finish_reason": reasons[i]})
+        return {**self._head(), "choices": choices, "usage": self._usage()}
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        head = {**self._head(), "object": "chat.completion.chunk" if self.chat else "text_completion"}
+        usage_field = {"usage": None} if self.req.include_usage else {}
+        want_lp = self.jobs[0][1].logprobs
+        offsets = [0] * (len(self.jobs) * self.req.n)
+        try:
+            if self.chat:
+                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}
+                                                for i in range(len(offsets))], **usage_field})
+            async for deltas in self._merged():
+                choices = []
+                for d in deltas:
+                    if not d.text and not d.finish_reason:
+                        continue
+                    if self.chat:
+                        choice: dict[str, Any] = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                                                  "logprobs": self.s._chat_logprobs(d.logprobs or []) if want_lp else None}
+                    else:
+                        choice = {"index": d.index, "text": d.text,
+                                  "logprobs": self.s._completion_logprobs(d.logprobs or [], offsets[d.index])
+                                  if want_lp else None}
+                        offsets[d.index] += len(d.text)
+                    choice["finish_reason"] = d.finish_reason
+                    choices.append(choice)
+                if choices:
+                    yield _sse({**head, "choices": choices, **usage_field})
+            if self.req.include_usage:
+                yield _sse({**head, "choices": [], "usage": self._usage()})
+            yield b"data: [DONE]\n\n"
+        except OpenAIError as exc:
+            yield _sse(exc.body())
+        except Exception as exc:  # a stream that dies ends with an error event, never silently
+            yield _sse({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}",
+                                  "type": "server_error", "param": None, "code": None}})

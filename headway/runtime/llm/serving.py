@@ -1,0 +1,80 @@
+"""The LLM runtime inside the replica server: resolves the model, runs the engine, mounts the
+OpenAI API, and reports engine state (KV usage, cached-prefix digest) to the infrastructure."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+
+from headway.package.load import Package
+from headway.package.schema import LLMEngineOptions
+from headway.server.runtime import Runtime
+
+log = logging.getLogger("headway.llm")
+
+
+def model_dir_for(source: str, package_root: Path) -> Path:
+    """A directory in Hugging Face layout for a model source (library name or local path)."""
+    if "://" in source:
+        raise ValueError(f"model source '{source}': remote sources are fetched by the deployment layer; "
+                         "serve a library name or a local model directory here")
+    local = (package_root / source).expanduser()
+    if local.is_dir():
+        return local
+    from headway.library import resolve
+
+    return resolve(source).path
+
+
+class LLMRuntime(Runtime):
+    kind = "llm"
+
+    def __init__(self, package: Package):
+        opts = package.config.engine_options()
+        assert isinstance(opts, LLMEngineOptions)
+        self.options = opts
+        self.package = package
+        name = opts.served_model_name or package.config.name
+        super().__init__(name, opts.max_running)
+        self.aliases = sorted({name, package.config.name, package.config.model.source or name})
+        self.engine: Any = None
+        self._api: Any = None
+
+    async def load(self) -> None:
+        from headway.runtime.llm.engine import LLMEngine
+
+        source = self.package.config.model.source
+        assert source is not None
+        model_dir = await asyncio.to_thread(model_dir_for, source, self.package.root)
+        o = self.options
+        self.engine = await asyncio.to_thread(
+            LLMEngine, model_dir, dtype=o.dtype, max_model_len=o.max_model_len, kv_cache_tokens=o.kv_cache_tokens,
+            max_num_batched_tokens=o.max_num_batched_tokens, max_running=o.max_running,
+            enable_prefix_caching=o.enable_prefix_caching, num_threads=o.num_threads, model_name=self.name)
+        self.engine.start()
+        if self._api is not None:
+            self._api.engine = self.engine
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+
+    def router(self) -> APIRouter:
+        from headway.runtime.llm.openai_api import OpenAIServer
+
+        self._api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None)
+        return self._api.router()
+
+    # The generic predict endpoint takes a completion request body.
+    def parse(self, body: Any) -> Any:
+        return body
+
+    def state(self) -> dict[str, Any]:
+        return self.engine.state() if self.engine is not None else {}
+
+    def metrics_text(self) -> bytes:
+        return self.engine.metrics.render() if self.engine is not None else b""
