@@ -111,3 +111,19 @@ def test_watch_restarts_on_code_change_and_survives_a_bad_edit(tmp_path: Path) -
         assert reloaded()  # the running server was kept
     finally:
         server.stop()
+
+
+def test_stopping_watch_stops_its_server(tmp_path: Path) -> None:
+    pkg = tmp_path / "w2"
+    assert headway("init", str(pkg)).returncode == 0
+    server = ServerProcess(["watch", str(pkg)], tmp_path / "watch2.log")
+    server.wait_ready(60)
+    server.stop()  # SIGTERM to the watcher
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            httpx.get(f"{server.url}/health/live", timeout=1)
+        except httpx.HTTPError:
+            break  # nothing listens any more: the child server is gone too
+        assert time.monotonic() < deadline, "the served child outlived its watcher"
+        time.sleep(0.2)

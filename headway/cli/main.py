@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,8 @@ def watch(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
     proc = start()
+    # SIGTERM must run the cleanup below too, or the child server outlives its watcher.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     typer.echo(f"watching {path} for changes (Ctrl-C to stop)")
     try:
         for changes in watch_changes(path, debounce=300, step=100,
