@@ -121,42 +121,46 @@ class OpenAIServer:
 
         return router
 
+    def _prepare(self, body: Any, *, chat: bool) -> _Call:
+        """Validate a request body and turn it into a call; raises OpenAIError."""
+        if not self.is_ready():
+            raise OpenAIError("the model is still loading; retry shortly", status=503, type="server_error")
+        if chat:
+            req = parse_request(ChatCompletionRequest, body)
+            self._check_model(req.model)
+            try:
+                messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                            for m in req.messages]
+            except ValueError as exc:
+                raise OpenAIError(str(exc), param="messages") from None
+            prompts = [self.engine.tokenizer.encode_chat(
+                messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {}))]
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            req = parse_request(CompletionRequest, body)
+            self._check_model(req.model)
+            prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in req.prompts()]
+            vocab = self.engine.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for p in prompts for t in p):
+                raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+            logprobs = req.logprobs
+        jobs = [(ids, self._params(req, self._limits(len(ids), req.output_limit), logprobs)) for ids in prompts]
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        return _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt)
+
+    def completion_call(self, body: Any) -> _Call:
+        return self._prepare(body, chat=False)
+
     async def _handle(self, request: Request, *, chat: bool) -> Response:
         try:
             try:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise OpenAIError(f"the request body is not valid JSON: {exc}") from None
-            if not self.is_ready():
-                raise OpenAIError("the model is still loading; retry shortly", status=503, type="server_error")
-            if chat:
-                req = parse_request(ChatCompletionRequest, body)
-                self._check_model(req.model)
-                try:
-                    messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                                for m in req.messages]
-                except ValueError as exc:
-                    raise OpenAIError(str(exc), param="messages") from None
-                prompts = [self.engine.tokenizer.encode_chat(
-                    messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {}))]
-                logprobs = (req.top_logprobs or 0) if req.logprobs else None
-            else:
-                req = parse_request(CompletionRequest, body)
-                self._check_model(req.model)
-                prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in req.prompts()]
-                vocab = self.engine.tokenizer.vocab_size
-                if any(not 0 <= t < vocab for p in prompts for t in p):
-                    raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-                logprobs = req.logprobs
-            jobs = []
-            for ids in prompts:
-                max_tokens = self._limits(len(ids), req.output_limit)
-                jobs.append((ids, self._params(req, max_tokens, logprobs)))
+            call = self._prepare(body, chat=chat)
         except OpenAIError as exc:
             return _error_response(exc)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        call = _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt)
-        if req.stream:
+        if call.req.stream:
             return StreamingResponse(call.stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
@@ -177,7 +181,7 @@ class _Call:
         self.prompt_tokens = sum(len(ids) for ids, _ in jobs)
         self.completion_tokens = 0
 
-    async def _merged(self) -> AsyncIterator[list[ChoiceDelta]]:
+    async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
         """All prompts' deltas, re-indexed so choice index = prompt_index * n + i."""
         import asyncio
 
@@ -222,7 +226,7 @@ class _Call:
         texts = [""] * total
         lps: list[list[TokenLogprob]] = [[] for _ in range(total)]
         reasons: list[str | None] = [None] * total
-        async for deltas in self._merged():
+        async for deltas in self.deltas():
             for d in deltas:
                 texts[d.index] += d.text
                 lps[d.index].extend(d.logprobs or [])
@@ -253,7 +257,7 @@ class _Call:
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}
                                                 for i in range(len(offsets))], **usage_field})
-            async for deltas in self._merged():
+            async for deltas in self.deltas():
                 choices = []
                 for d in deltas:
                     if not d.text and not d.finish_reason:

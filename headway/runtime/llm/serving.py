@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
 
 from headway.package.load import Package
 from headway.package.schema import LLMEngineOptions
+from headway.runtime.llm.protocol import OpenAIError
 from headway.server.runtime import Runtime
 
 log = logging.getLogger("headway.llm")
@@ -69,9 +71,30 @@ class LLMRuntime(Runtime):
         self._api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None)
         return self._api.router()
 
-    # The generic predict endpoint takes a completion request body.
+    # The generic predict endpoint takes a /v1/completions body ("model" may be left out) and
+    # answers with the completion object, or streams text deltas when "stream" is true.
     def parse(self, body: Any) -> Any:
-        return body
+        from headway.package.model_file import InputError
+        from headway.runtime.llm.protocol import CompletionRequest
+
+        if not isinstance(body, dict):
+            raise InputError([{"loc": (), "msg": "expected a JSON object like {\"prompt\": \"...\"}"}])
+        try:
+            return self._api.completion_call({**body, "model": self.name})
+        except OpenAIError as exc:
+            raise InputError([{"loc": (exc.param or "body",), "msg": exc.message}]) from None
+
+    def streams(self, inputs: Any) -> bool:
+        return bool(inputs.req.stream)
+
+    async def predict(self, inputs: Any) -> Any:
+        return await inputs.collect()
+
+    async def stream(self, inputs: Any) -> AsyncIterator[str]:
+        async for deltas in inputs.deltas():
+            for d in deltas:
+                if d.text:
+                    yield d.text
 
     def state(self) -> dict[str, Any]:
         return self.engine.state() if self.engine is not None else {}

@@ -1,0 +1,44 @@
+"""Device and dtype choice: `auto` picks the dtype that is faster on this device, measured."""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@functools.lru_cache(maxsize=4)
+def _faster_dtype(device: str) -> torch.dtype:
+    """Time a decode-shaped GEMM in float32 and bfloat16 on `device`; return the faster."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(32, 1024, dtype=dtype, device=device)
+        b = torch.randn(1024, 4096, dtype=dtype, device=device)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(10):
+                a @ b
+            best = min(best, time.perf_counter() - t0)
+        timings[dtype] = best
+    # bfloat16 must be clearly faster to be worth its precision cost
+    return torch.bfloat16 if timings[torch.bfloat16] < 0.8 * timings[torch.float32] else torch.float32
+
+
+def choose_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    if name == "auto":
+        return _faster_dtype(str(device))
+    if name not in DTYPES:
+        raise ValueError(f"dtype '{name}' is not supported; use auto, float32 or bfloat16")
+    return DTYPES[name]

@@ -1,0 +1,282 @@
+"""The LLM engine: one step loop on its own thread, driving scheduler -> runner -> sampler.
+
+Owns the step loop and the bridge between it and asyncio callers: `generate()` queues a
+request and yields `ChoiceDelta` lists as tokens are produced; leaving the iterator early
+(client disconnect, cancellation) aborts the request and frees its KV at once. Everything the
+loop touches (scheduler, cache, runner) is touched only by the loop's thread; other threads
+talk to it through a command queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headway.runtime.llm.detokenizer import IncrementalDetokenizer
+from headway.runtime.llm.device import choose_dtype, default_device
+from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.metrics import EngineMetrics
+from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
+from headway.runtime.llm.protocol import OpenAIError
+from headway.runtime.llm.radix_cache import RadixCache
+from headway.runtime.llm.runner import ModelRunner
+from headway.runtime.llm.sampling import Sampler
+from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
+from headway.runtime.llm.sequence import FinishReason, SamplingParams, Sequence
+from headway.runtime.llm.tokenizer import ModelTokenizer
+
+log = logging.getLogger("headway.llm")
+
+_DONE = object()
+
+
+@dataclass
+class _Request:
+    """The loop thread's view of one request: where its output goes, per-choice decoders."""
+
+    request_id: str
+    n: int
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue[Any]
+    detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
+    last_token_at: dict[int, float] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, *, dtype: str = "auto", device: str | None = None,
+                 max_model_len: int | None = None, kv_cache_tokens: int | None = None,
+                 max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
+                 num_threads: int | None = None, model_name: str = "model"):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device or default_device())
+        self.tokenizer = ModelTokenizer(model_dir)
+        self.dtype = choose_dtype(dtype, self.device)
+        self.runner = ModelRunner(model_dir, dtype=self.dtype, device=str(self.device), num_slots=kv_cache_tokens)
+        cfg = self.runner.config
+        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.runner.num_slots - 1)
+        self.pool = KVPool(self.runner.num_slots)
+        self.cache = RadixCache(self.pool)
+        eos = tuple(sorted(self.tokenizer.eos_token_ids))
+        self.scheduler = Scheduler(self.pool, self.cache, SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens, max_running=max_running, eos_token_ids=eos))
+        self.prefix_caching = enable_prefix_caching
+        self.sampler = Sampler()
+        self.metrics = EngineMetrics(model_name)
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._requests: dict[str, _Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._recent: deque[tuple[float, int]] = deque()
+        self.steps = 0
+        self._snapshot_at = 0.0
+        self._snapshot: dict[str, Any] = self._take_snapshot()
+        log.info("engine ready: %s, dtype=%s, device=%s, %d KV slots, max_model_len=%d",
+                 Path(model_dir).name, str(self.dtype).removeprefix("torch."), self.device,
+                 self.runner.num_slots, self.max_model_len)
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="headway-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._commands.put(("wake",))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ---- the asyncio side -------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
+                       cache_key: Hashable = None) -> AsyncIterator[list[ChoiceDelta]]:
+        """Yield each step's new output for this request until all its n choices finish."""
+        if self._thread is None or not self._thread.is_alive():
+            raise OpenAIError("the engine is not running", status=503, type="server_error")
+        rid = uuid.uuid4().hex
+        req = _Request(rid, params.n, asyncio.get_running_loop(), asyncio.Queue())
+        key = cache_key if self.prefix_caching else ("nocache", rid)
+        self._commands.put(("add", req, list(prompt_ids), params, key))
+        done = False
+        try:
+            while True:
+                item = await req.out.get()
+                if item is _DONE:
+                    done = True
+                    return
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                yield item
+        finally:
+            if not done:
+                self._commands.put(("abort", rid))
+
+    # ---- the loop thread --------------------------------------------------------------------
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, cmd: tuple[Any, ...]) -> None:
+        if cmd[0] == "add":
+            _, req, prompt_ids, params, key = cmd
+            try:
+                self.scheduler.add(req.request_id, prompt_ids, params, cache_key=key)
+            except ValueError as exc:
+                req.send(OpenAIError(str(exc), param="prompt"))
+                return
+            self._requests[req.request_id] = req
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
+        elif cmd[0] == "abort":
+            rid = cmd[1]
+            if self._requests.pop(rid, None) is not None:
+                for seq in self.scheduler.abort(rid):
+                    self._record_finish(seq)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._drain(block=not self.scheduler.has_work())
+            self._refresh_snapshot(force=not self.scheduler.has_work())
+            if not self.scheduler.has_work():
+                continue
+            try:
+                self._step()
+            except Exception as exc:  # a broken step fails its requests loudly, never silently
+                log.exception("engine step failed")
+                for rid, req in list(self._requests.items()):
+                    for seq in self.scheduler.abort(rid):
+                        self._record_finish(seq)
+                    req.send(RuntimeError(f"engine step failed: {type(exc).__name__}: {exc}"))
+                self._requests.clear()
+        for req in self._requests.values():
+            req.send(OpenAIError("the server is shutting down", status=503, type="server_error"))
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        for seq in plan.finished:
+            self._emit(seq, [], None)
+        if plan.preempted:
+            self.metrics.preemptions.inc(len(plan.preempted))
+        if plan.is_empty:
+            if not plan.finished:
+                time.sleep(0.001)  # nothing runnable this instant (waiting for memory)
+            return
+        logits = self.runner.forward(plan.to_forward_batch(self.device))
+        out = self.sampler.sample(logits, plan.sample_seqs) if plan.sample_seqs else None
+        got = self.scheduler.update(plan, out.tokens if out else [])
+        self.steps += 1
+        rows = {id(s): i for i, s in enumerate(plan.sample_seqs)}
+        now = time.monotonic()
+        for seq in got:
+            row = rows[id(seq)]
+            lp = None
+            if out is not None and seq.params.logprobs and out.logprobs[row] is not None:
+                lp = TokenLogprob(seq.output_ids[-1], float(out.logprobs[row]), list(out.top_logprobs[row] or []))
+            self._emit(seq, [seq.output_ids[-1]], lp, now)
+        self._count_tokens(len(got), now)
+        self._gauges()
+
+    def _emit(self, seq: Sequence, token_ids: list[int], lp: TokenLogprob | None, now: float | None = None) -> None:
+        req = self._requests.get(seq.request_id)
+        if req is None:
+            return
+        now = now or time.monotonic()
+        detok = req.detoks.get(seq.index)
+        if detok is None:
+            detok = req.detoks[seq.index] = IncrementalDetokenizer(
+                self.tokenizer.tokenizer, prompt_ids=seq.prompt_ids, stop=seq.params.stop)
+            self.metrics.ttft.observe(now - seq.arrival_time)
+            self.metrics.cache_query_tokens.inc(len(seq.prompt_ids))
+            self.metrics.cache_hit_tokens.inc(seq.num_cached_prompt_tokens)
+            self.metrics.computed_tokens.inc(len(seq.prompt_ids) - seq.num_cached_prompt_tokens)
+        elif token_ids and seq.index in req.last_token_at:
+            self.metrics.itl.observe(now - req.last_token_at[seq.index])
+        if token_ids:
+            req.last_token_at[seq.index] = now
+        text = ""
+        if token_ids:  # special tokens (EOS) decode to no text
+            delta = detok.push(token_ids)
+            text = delta.text
+            if delta.stop is not None:
+                self.scheduler.finish(seq, FinishReason.STOP, delta.stop)
+        if seq.is_finished and seq.finish_reason is not FinishReason.ABORT and detok.stopped is None:
+            text += detok.flush()
+        reason = seq.finish_reason.value if seq.is_finished and seq.finish_reason else None
+        req.send([ChoiceDelta(seq.index, text, token_ids, [lp] if lp else None, reason)])
+        if seq.is_finished:
+            self._record_finish(seq)
+            req.finished.add(seq.index)
+            if len(req.finished) >= req.n:
+                self._requests.pop(req.request_id, None)
+                req.send(_DONE)
+
+    def _record_finish(self, seq: Sequence) -> None:
+        if seq.finish_reason is not None:
+            self.metrics.finished(seq.finish_reason.value)
+        if seq.finish_time is not None and seq.finish_reason is not FinishReason.ABORT:
+            self.metrics.e2e.observe(seq.finish_time - seq.arrival_time)
+
+    def _count_tokens(self, n: int, now: float) -> None:
+        self.metrics.generation_tokens.inc(n)
+        self._recent.append((now, n))
+        while self._recent and self._recent[0][0] < now - 5.0:
+            self._recent.popleft()
+        span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else 1.0
+        self.metrics.tokens_per_s.set(sum(k for _, k in self._recent) / span)
+
+    def _gauges(self) -> None:
+        total = self.pool.total
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_usage.set((total - self.pool.num_free - self.cache.evictable) / total)
+        self.metrics.cache_hit_rate.set(self.cache.hit_rate)
+
+    # ---- the replica-state contract ---------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """The latest snapshot taken by the loop thread (never reads live structures)."""
+        return dict(self._snapshot)
+
+    def _refresh_snapshot(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._snapshot_at < 0.25:
+            return
+        self._snapshot_at = now
+        self._snapshot = self._take_snapshot()
+
+    def _take_snapshot(self) -> dict[str, Any]:
+        total, free, evictable = self.pool.total, self.pool.num_free, self.cache.evictable
+        running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
+        return {
+            "in_flight": running + waiting, "queued": waiting,
+            "kv": {"total_tokens": total, "used_tokens": total - free, "evictable_tokens": evictable},
+            "prefix_cache": {"hit_rate": round(self.cache.hit_rate, 4)},
+            "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64)},
+            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "max_model_len": self.max_model_len,
+        }
