@@ -372,6 +372,10 @@ def test_smollm2_resolves_with_chat_template_and_matches_gguf(tmp_path: Path) ->
           f"(convert {first.timings['convert_s']:.2f}s), second {second.timings['total_s'] * 1e3:.2f} ms")
     tok = AutoTokenizer.from_pretrained(first.path)
     assert tok.chat_template and "im_start" in tok.chat_template
+    from headway.library.convert import gguf_chat_template
+
+    saved = json.loads((first.path / "tokenizer_config.json").read_text())["chat_template"]
+    assert saved == tok.chat_template == gguf_chat_template(first.gguf_file)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)["input_ids"]

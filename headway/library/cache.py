@@ -114,7 +114,15 @@ class EntryCache:
         atomic_write_text(build_dir / MANIFEST, json.dumps(full, indent=2, sort_keys=True))
 
     def publish(self, build_dir: Path) -> None:
-        """Move a finished build into place, replacing an invalid directory (under the lock)."""
+        """Flush a finished build to disk and move it into place, replacing an invalid
+        directory (under the lock). After the rename the entry is complete or absent."""
+        for path in build_dir.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         if self.final_dir.exists():
             trash = self.root / f".tmp-{self.key}-trash-{uuid.uuid4().hex[:12]}"
             os.rename(self.final_dir, trash)

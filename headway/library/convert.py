@@ -9,6 +9,7 @@ inside `convert_gguf_to_hf`, so the cache-hit path never pays for it.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def gguf_chat_template(gguf_path: Path) -> str | None:
         return None
     value = field.contents()
     return value if isinstance(value, str) and value.strip() else None
+
+
+def _template_into_tokenizer_config(out_dir: Path, template: object) -> None:
+    """transformers 5 saves the chat template as chat_template.jinja; also keep it in
+    tokenizer_config.json, where older readers (and transformers 4) look for it."""
+    if not isinstance(template, str) or not template:
+        return
+    path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["chat_template"] = template
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, model_name: str, progress: bool = True) -> None:
@@ -59,7 +71,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, model_name: str, progr
         steps.update(1)
         # The weights are already dequantized to float32 tensors; dropping the GGUF quantizer
         # (which refuses to serialize) saves them as the plain model they now are.
-        model.hf_quantizer = None
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (nn.Module typing of attributes)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.config._name_or_path = model_name
@@ -67,6 +79,7 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, model_name: str, progr
         model.save_pretrained(out_dir)
         steps.update(1)
         tokenizer.save_pretrained(out_dir)
+        _template_into_tokenizer_config(out_dir, getattr(tokenizer, "chat_template", None))
         model.generation_config.save_pretrained(out_dir)
         steps.update(1)
     finally:

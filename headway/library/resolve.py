@@ -100,6 +100,7 @@ def _build(entry: CatalogEntry, cache: EntryCache, *, install: bool, progress: b
         timings["assemble_verify_s"] = time.perf_counter() - t
         gguf_src: str | None = None
         if entry.convert == "gguf-to-hf":
+            assert entry.gguf_file is not None, f"catalog entry {entry.name} converts no GGUF file"
             gguf_src = sources[[a.target for a in entry.files].index(entry.gguf_file)]
             gguf_path = Path(gguf_src) if os.path.isabs(gguf_src) else build_dir / gguf_src
             t = time.perf_counter()
