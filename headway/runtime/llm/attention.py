@@ -1,0 +1,234 @@
+"""Paged attention over token-granular KV slots; owns the KV tensors (``KVCacheTensors``).
+
+Per layer: the new tokens' K/V are written to ``k[layer][out_slots]``; then each new token
+attends causally over its sequence's context slots (GQA: query head ``h`` reads kv head
+``h // (num_heads // num_kv_heads)``, as in HF ``repeat_kv``).
+
+Fast paths: all decoding sequences (query_len == 1) of a batch are one batched gather and one
+SDPA call with the contexts padded to the longest and a key mask; prefill chunks run one SDPA per
+sequence with a causal mask offset by the cached prefix. Sliding-window layers additionally mask
+keys with ``q_pos - k_pos >= window`` (HF's ``kv_idx > q_idx - sliding_window``).
+
+Invariant: padded key columns always point at a slot the same sequence has written (its first
+context slot), so masked entries never read uninitialised memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from headway.runtime.llm.batch import ForwardBatch
+
+
+class KVCacheTensors:
+    """Per layer ``k[layer]``, ``v[layer]`` of shape ``[num_slots, num_kv_heads, head_dim]``."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be positive, got {num_slots}")
+        self.num_slots = num_slots
+        shape = (num_slots, num_kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class _Prefill:
+    row_start: int
+    q_len: int
+    ctx_len: int
+    slots: torch.Tensor  # [ctx_len]
+    fresh: bool  # the context is exactly the new tokens: attend over them without a gather
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per forward from a ``ForwardBatch``; shared by every layer."""
+
+    out_slots: torch.Tensor
+    num_tokens: int
+    all_decode: bool
+    dec_rows: torch.Tensor | None  # [Bd] token rows of decoding sequences
+    dec_slots: torch.Tensor | None  # [Bd, Lmax] padded context slots
+    dec_lens: torch.Tensor | None  # [Bd]
+    prefills: list[_Prefill]
+    _dec_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _pre_masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)
+
+    @classmethod
+    def from_batch(cls, batch: ForwardBatch, device: torch.device) -> AttentionMetadata:
+        dec_rows: list[int] = []
+        dec_ctx: list[torch.Tensor] = []
+        dec_lens: list[int] = []
+        prefills: list[_Prefill] = []
+        row = 0
+        for q_len, ctx_len, slots in zip(batch.query_lens, batch.context_lens, batch.context_slots):
+            if q_len == 1:
+                dec_rows.append(row)
+                dec_ctx.append(slots)
+                dec_lens.append(ctx_len)
+            else:
+                prefills.append(_Prefill(row, q_len, ctx_len, slots.to(device), q_len == ctx_len))
+            row += q_len
+        dec_slots = dec_len_t = dec_rows_t = None
+        if dec_rows:
+            lmax = max(dec_lens)
+            padded = torch.empty(len(dec_rows), lmax, dtype=torch.int64)
+            for i, (s, n) in enumerate(zip(dec_ctx, dec_lens)):
+                padded[i, :n] = s
+                padded[i, n:] = s[0]
+            dec_slots = padded.to(device)
+            dec_len_t = torch.tensor(dec_lens, dtype=torch.int64, device=device)
+            dec_rows_t = torch.tensor(dec_rows, dtype=torch.int64, device=device)
+        return cls(
+            out_slots=batch.out_slots.to(device),
+            num_tokens=row,
+            all_decode=not prefills,
+            dec_rows=dec_rows_t,
+            dec_slots=dec_slots,
+            dec_lens=dec_len_t,
+            prefills=prefills,
+        )
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """``[Bd, 1, 1, Lmax]`` bool, True where the key is attended."""
+        if window not in self._dec_masks:
+            assert self.dec_slots is not None and self.dec_lens is not None
+            j = torch.arange(self.dec_slots.shape[1], device=self.dec_slots.device)
+            lens = self.dec_lens[:, None]
+            mask = j[None, :] < lens
+            if window is not None:
+                mask &= j[None, :] > (lens - 1 - window)
+            self._dec_masks[window] = mask[:, None, None, :]
+        return self._dec_masks[window]
+
+    def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
+        """``[q_len, ctx_len]`` bool, or None when plain ``is_causal`` is exact."""
+        key = (index, window)
+        if key not in self._pre_masks:
+            p = self.prefills[index]
+            if p.fresh and window is None:
+                self._pre_masks[key] = None
+            else:
+                dev = p.slots.device
+                q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=dev)[:, None]
+                k_pos = torch.arange(p.ctx_len, device=dev)[None, :]
+                mask = k_pos <= q_pos
+                if window is not None:
+                    mask &= k_pos > q_pos - window
+                self._pre_masks[key] = mask
+        return self._pre_masks[key]
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+    is_causal: bool = False,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+        )
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k = k.repeat_interleave(rep, dim=-3)
+        v = v.repeat_interleave(rep, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if is_causal:
+        n = scores.shape[-1]
+        mask = torch.ones(scores.shape[-2], n, dtype=torch.bool, device=q.device).tril(n - scores.shape[-2])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (already rotated) -> attention output ``[T, Hq*D]``."""
+    T, n_heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    k_cache.index_copy_(0, meta.out_slots, k)
+    v_cache.index_copy_(0, meta.out_slots, v)
+    if meta.all_decode:
+        out = _decode(q, k_cache, v_cache, meta, scale, window, softcap, group)
+        return out.reshape(T, n_heads * head_dim)
+    out = q.new_empty(T, n_heads, head_dim)
+    if meta.dec_rows is not None:
+        out[meta.dec_rows] = _decode(q[meta.dec_rows], k_cache, v_cache, meta, scale, window, softcap, group)
+    for i, p in enumerate(meta.prefills):
+        rows = slice(p.row_start, p.row_start + p.q_len)
+        if p.fresh:
+            kc, vc = k[rows], v[rows]
+        else:
+            kc, vc = k_cache[p.slots], v_cache[p.slots]
+        mask = meta.prefill_mask(i, window)
+        o = _attend(
+            q[rows].transpose(0, 1).unsqueeze(0),
+            kc.transpose(0, 1).unsqueeze(0),
+            vc.transpose(0, 1).unsqueeze(0),
+            mask,
+            scale,
+            softcap,
+            is_causal=mask is None,
+            enable_gqa=group > 1,
+        )
+        out[rows] = o[0].transpose(0, 1)
+    return out.reshape(T, n_heads * head_dim)
+
+
+def _decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+    group: int,
+) -> torch.Tensor:
+    """q ``[Bd, Hq, D]`` -> ``[Bd, Hq, D]``: one gather + one SDPA for all decoding sequences.
+
+    GQA without copying K/V: the ``group`` query heads sharing a kv head become ``group`` query
+    rows of that kv head (``[Bd, Hkv, group, D]``).
+    """
+    assert meta.dec_slots is not None
+    bd, n_heads, head_dim = q.shape
+    n_kv = n_heads // group
+    kc = k_cache[meta.dec_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
+    vc = v_cache[meta.dec_slots].transpose(1, 2)
+    qg = q.view(bd, n_kv, group, head_dim)
+    o = _attend(qg, kc, vc, meta.decode_mask(window), scale, softcap)
+    return o.reshape(bd, n_heads, head_dim)

@@ -1,0 +1,127 @@
+"""Layers shared by every decoder family: RMSNorm, rotary tables, fused MLP, fused QKV.
+
+Layers are plain classes over tensors (no ``nn.Module``): the forward pass is inference-only and
+module ``__call__`` hooks are per-layer Python overhead we do not want on the decode hot path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from headway.runtime.llm.config import RopeConfig
+
+
+class RMSNorm:
+    """RMSNorm over the last dim.
+
+    ``offset_one`` (Gemma): ``x_f32 * rsqrt(mean(x^2) + eps) * (1 + w)`` in float32, then cast.
+    Otherwise (Llama/Qwen2): normalise in float32, cast to the input dtype, then ``* w``.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, *, offset_one: bool = False) -> None:
+        self.offset_one = offset_one
+        self.eps = eps
+        self.weight = (1.0 + weight.float()) if offset_one else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset_one:
+            return (normed * self.weight).to(x.dtype)
+        return self.weight * normed.to(x.dtype)
+
+
+def _inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv / rope.factor
+    if rope.rope_type == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RotaryTable:
+    """Precomputed cos/sin ``[max_pos, head_dim]`` (HF rotate-half layout), grown on demand.
+
+    ``lookup(positions)`` is called once per forward per distinct rope config; every layer using
+    that config reuses the gathered result.
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_position: int, device: torch.device) -> None:
+        self.inv_freq = _inv_freq(rope, head_dim).to(device)
+        self.max_position = max_position
+        self.device = device
+        self.cos = torch.empty(0, head_dim, device=device)
+        self.sin = torch.empty(0, head_dim, device=device)
+        self._grow(min(max_position, 4096))
+
+    def _grow(self, n: int) -> None:
+        t = torch.arange(n, device=self.device, dtype=torch.int64).float()
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def lookup(self, positions: torch.Tensor, max_pos: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape ``[T, 1, head_dim]`` in ``dtype`` for ``positions`` (max ``max_pos``)."""
+        if max_pos >= self.cos.shape[0]:
+            if max_pos >= self.max_position:
+                raise ValueError(
+                    f"position {max_pos} exceeds the model's max_position_embeddings "
+                    f"({self.max_position})"
+                )
+            self._grow(min(self.max_position, max(2 * self.cos.shape[0], max_pos + 1)))
+        cos = self.cos.index_select(0, positions).to(dtype).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).to(dtype).unsqueeze(1)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: ``[T, H, D]``; cos/sin: ``[T, 1, D]``. HF's ``x*cos + rotate_half(x)*sin``."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+def activation_fn(name: str):  # type: ignore[no-untyped-def]
+    if name == "silu":
+        return F.silu
+    if name == "gelu_pytorch_tanh":
+        return lambda t: F.gelu(t, approximate="tanh")
+    raise ValueError(f"activation {name!r} not supported: allowed are silu, gelu_pytorch_tanh")
+
+
+class GatedMLP:
+    """``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul at load."""
+
+    def __init__(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        activation: str,
+        gate_up_bias: torch.Tensor | None = None,
+        down_bias: torch.Tensor | None = None,
+    ) -> None:
+        self.gate_up = gate_up
+        self.down = down
+        self.gate_up_bias = gate_up_bias
+        self.down_bias = down_bias
+        self.inter = down.shape[1]
+        self.act = activation_fn(activation)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gu = F.linear(x, self.gate_up, self.gate_up_bias)
+        gate, up = gu.split(self.inter, dim=-1)
+        return F.linear(self.act(gate) * up, self.down, self.down_bias)

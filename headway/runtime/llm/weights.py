@@ -1,0 +1,82 @@
+"""Weight loading: owns reading ``*.safetensors`` from a model directory (mmap'd via
+``safe_open``), casting to the run dtype/device, and checking that every tensor is used.
+
+Model code asks for tensors by Hugging Face name with ``WeightStore.take``; ``finish`` raises if
+any checkpoint tensor was never taken (unexpected), ``take`` raises if one is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# buffers some exporters write that carry no learned weights
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype {dtype} not supported: allowed are {', '.join(_DTYPES)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported: allowed are {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class WeightStore:
+    """Lazy view over every tensor in a model directory's safetensors files."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> None:
+        self.model_dir = Path(model_dir)
+        files = sorted(self.model_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(
+                f"no *.safetensors files in {self.model_dir}: a model directory needs its "
+                "weights as safetensors (convert GGUF/bin checkpoints first)"
+            )
+        self.dtype = dtype
+        self.device = device
+        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+        self._where: dict[str, int] = {}
+        for i, h in enumerate(self._handles):
+            for name in h.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name in self._where:
+                    raise ValueError(f"tensor {name!r} appears in more than one safetensors file")
+                self._where[name] = i
+        self._taken: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def take(self, name: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name`` cast to the run dtype (or ``dtype``) on the run device."""
+        if name not in self._where:
+            raise KeyError(
+                f"checkpoint in {self.model_dir} is missing tensor {name!r} "
+                f"(has {len(self._where)} tensors, e.g. {sorted(self._where)[:3]})"
+            )
+        self._taken.add(name)
+        t = self._handles[self._where[name]].get_tensor(name)
+        return t.to(device=self.device, dtype=dtype or self.dtype).contiguous()
+
+    def take_optional(self, name: str) -> torch.Tensor | None:
+        return self.take(name) if name in self._where else None
+
+    def skip(self, name: str) -> None:
+        """Mark ``name`` as deliberately unused (e.g. ``lm_head.weight`` of a tied model)."""
+        self._taken.add(name)
+
+    def finish(self) -> None:
+        """Raise if the checkpoint has tensors the model did not use."""
+        unexpected = sorted(set(self._where) - self._taken)
+        if unexpected:
+            raise ValueError(
+                f"checkpoint in {self.model_dir} has {len(unexpected)} unexpected tensor(s) the "
+                f"model does not use: {unexpected[:8]}"
+            )
