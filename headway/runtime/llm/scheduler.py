@@ -67,7 +67,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_running: int = 64
     priority: Literal["prefill", "decode"] = "prefill"
-    min_prefill_tokens: int = 64  # prefill share guaranteed per step when priority="prefill"
+    # prefill share guaranteed per step when priority="prefill" (None: budget // 8)
+    min_prefill_tokens: int | None = None
     aging_steps: int = 64  # a request waiting this many steps is admitted before cache hits
     max_waiting_scan: int = 256  # waiting requests considered per step (prefix ordering)
     admission_headroom: int = 0  # slots left free for running decodes when admitting
@@ -81,6 +82,8 @@ class SchedulerConfig:
             errs.append(f"max_running must be >= 1, got {self.max_running}")
         if self.priority not in ("prefill", "decode"):
             errs.append(f"priority must be 'prefill' or 'decode', got {self.priority!r}")
+        if self.min_prefill_tokens is None:
+            object.__setattr__(self, "min_prefill_tokens", self.max_num_batched_tokens // 8)
         if not (0 <= self.min_prefill_tokens < self.max_num_batched_tokens):
             errs.append(
                 f"min_prefill_tokens must be in [0, max_num_batched_tokens), got {self.min_prefill_tokens}"
@@ -365,7 +368,7 @@ class Scheduler:
         prefill_work = bool(self.waiting) or n_decodes < len(self.running)
         decode_cap = budget
         if cfg.priority == "prefill" and prefill_work:
-            decode_cap = budget - cfg.min_prefill_tokens
+            decode_cap = budget - (cfg.min_prefill_tokens or 0)
         decode_left = min(n_decodes, decode_cap)
         prefill_left = budget - decode_left
 
@@ -411,7 +414,7 @@ class Scheduler:
 
         # 2) admissions from the waiting queue, while budget and max_running allow
         prefill_left = budget - plan.num_tokens
-        n_running = len(self.running)
+        n_running = sum(s.params.n if s.fork_pending else 1 for s in self.running)  # incl. forks to come
         for seq in self._waiting_order():
             if any(seq is p for p in plan.preempted):
                 continue  # preempted for memory this very step: do not thrash
