@@ -251,3 +251,45 @@ def test_property_random_engine_ops(ops) -> None:
         s.check_invariant()
     assert not s.has_work()
     assert s.cache.locked == 0 and s.pool.num_free + s.cache.evictable == s.pool.total
+
+
+def test_abort_while_plan_in_flight_caches_only_written_tokens() -> None:
+    s = mk(128, max_num_batched_tokens=8)
+    a = s.add("a", list(range(1, 21)), SamplingParams(max_tokens=4))
+    step(s)  # tokens 0..7 written
+    plan = s.schedule()  # tokens 8..15 in flight
+    s.abort("a")
+    s.check_invariant()
+    assert s.cache.match(None, list(range(1, 21)), record=False)[0] == 8
+    assert s.update(plan, []) == [] and a.output_ids == []
+    s.check_invariant()
+
+
+def test_schedule_update_must_alternate() -> None:
+    s = mk(64)
+    s.add("a", [1, 2, 3])
+    plan = s.schedule()
+    with pytest.raises(RuntimeError, match="before update"):
+        s.schedule()
+    with pytest.raises(ValueError, match="1 rows"):
+        s.update(plan, [1, 2])
+    s.update(plan, [4])
+    with pytest.raises(ValueError, match="not the one in flight"):
+        s.update(plan, [4])
+
+
+def test_decodes_round_robin_when_budget_is_short() -> None:
+    s = mk(1024, max_num_batched_tokens=16, min_prefill_tokens=6, max_running=32)
+    decs = [s.add(f"d{i}", [1, 2, i], SamplingParams(max_tokens=100, ignore_eos=True)) for i in range(14)]
+    while any(q.in_prefill or q.status is SeqStatus.WAITING for q in decs):
+        step(s)
+    s.add("long", list(range(300, 500)), SamplingParams(max_tokens=2))
+    seen: dict[str, int] = {}
+    for _ in range(3):
+        plan, _ = step(s)
+        assert plan.num_tokens == 16
+        for it in plan.items:
+            if it.seq.seq_id != "long":
+                seen[it.seq.seq_id] = seen.get(it.seq.seq_id, 0) + 1
+    assert set(seen) == {d.seq_id for d in decs}  # 10 decode slots/step, 14 decodes: all ran
+    assert max(seen.values()) - min(seen.values()) <= 1

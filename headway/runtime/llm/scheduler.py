@@ -45,13 +45,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Sequence as Seq
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from headway.runtime.llm.batch import ForwardBatch
 from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.plan import ScheduledSeq, SchedulePlan, SchedulerConfig
 from headway.runtime.llm.radix_cache import RadixCache
 from headway.runtime.llm.sequence import (
     FinishReason,
@@ -61,94 +59,17 @@ from headway.runtime.llm.sequence import (
     make_generator,
 )
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 512
-    max_running: int = 64
-    priority: Literal["prefill", "decode"] = "prefill"
-    # prefill share guaranteed per step when priority="prefill" (None: budget // 8)
-    min_prefill_tokens: int | None = None
-    aging_steps: int = 64  # a request waiting this many steps is admitted before cache hits
-    max_waiting_scan: int = 256  # waiting requests considered per step (prefix ordering)
-    admission_headroom: int = 0  # slots left free for running decodes when admitting
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        errs = []
-        if self.max_num_batched_tokens < 1:
-            errs.append(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_running < 1:
-            errs.append(f"max_running must be >= 1, got {self.max_running}")
-        if self.priority not in ("prefill", "decode"):
-            errs.append(f"priority must be 'prefill' or 'decode', got {self.priority!r}")
-        if self.min_prefill_tokens is None:
-            object.__setattr__(self, "min_prefill_tokens", self.max_num_batched_tokens // 8)
-        if not (0 <= self.min_prefill_tokens < self.max_num_batched_tokens):
-            errs.append(
-                f"min_prefill_tokens must be in [0, max_num_batched_tokens), got {self.min_prefill_tokens}"
-            )
-        if self.aging_steps < 1 or self.max_waiting_scan < 1 or self.admission_headroom < 0:
-            errs.append("aging_steps and max_waiting_scan must be >= 1, admission_headroom >= 0")
-        if errs:
-            raise ValueError("invalid scheduler config: " + "; ".join(errs))
-
-
-@dataclass
-class ScheduledSeq:
-    """One sequence's share of a step."""
-
-    seq: Sequence
-    token_ids: list[int]  # tokens computed this step
-    positions: list[int]  # their absolute positions
-    out_slots: list[int]  # where their K/V is written
-    context_slots: list[int]  # the full context, position order (ends with out_slots)
-    num_samples: int  # logits rows drawn from the last token: 0 (mid-prefill), 1, or n (fork)
-    children: list[Sequence] = field(default_factory=list)  # forked siblings (n > 1)
-
-
-@dataclass
-class SchedulePlan:
-    step: int
-    items: list[ScheduledSeq] = field(default_factory=list)
-    sample_seqs: list[Sequence] = field(default_factory=list)  # one per logits row, in order
-    preempted: list[Sequence] = field(default_factory=list)
-    finished: list[Sequence] = field(default_factory=list)  # finished while scheduling
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(it.token_ids) for it in self.items)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.items
-
-    def to_forward_batch(self, device: str | torch.device = "cpu") -> ForwardBatch:
-        ids: list[int] = []
-        pos: list[int] = []
-        outs: list[int] = []
-        logit_idx: list[int] = []
-        for it in self.items:
-            ids.extend(it.token_ids)
-            pos.extend(it.positions)
-            outs.extend(it.out_slots)
-            logit_idx.extend([len(ids) - 1] * it.num_samples)
-
-        def t(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=device)
-
-        return ForwardBatch(
-            input_ids=t(ids),
-            positions=t(pos),
-            out_slots=t(outs),
-            query_lens=[len(it.token_ids) for it in self.items],
-            context_lens=[len(it.context_slots) for it in self.items],
-            context_slots=[t(it.context_slots) for it in self.items],
-            logit_indices=t(logit_idx),
-        )
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulePlan", "ScheduledSeq"]
 
 
 class Scheduler:
+    """Continuous batching over a ``KVPool`` and its ``RadixCache`` (see module docstring).
+
+    Calls alternate ``schedule()`` / ``update(plan, tokens)``; ``add``, ``abort`` and
+    ``finish`` may be called at any point, also while a plan is in flight (between schedule
+    and update): tokens whose K/V the in-flight forward has not yet written are never cached.
+    """
+
     def __init__(
         self,
         pool: KVPool,
@@ -166,6 +87,8 @@ class Scheduler:
         self._step = 0
         self._admit_counter = 0
         self.num_preemptions = 0
+        self._inflight: SchedulePlan | None = None
+        self._emit_counter = 0
 
     # ---- requests -------------------------------------------------------------------
     def add(
@@ -267,11 +190,14 @@ class Scheduler:
     def _release(self, seq: Sequence, keep_in_cache: bool) -> None:
         """Give back a running sequence's slots: computed tokens go into the cache (where
         they stay evictable), then the lock is dropped."""
-        if seq.num_computed:
-            if keep_in_cache:
-                self.cache.insert(seq.cache_key, seq.all_ids[: seq.num_computed], seq.slots)
-            else:
-                self.pool.free(seq.slots[seq.cached_len :])
+        valid = seq.num_computed - seq.num_inflight  # tokens whose K/V is really written
+        assert valid >= seq.cached_len
+        if keep_in_cache and valid:
+            self.cache.insert(seq.cache_key, seq.all_ids[:valid], seq.slots[:valid])
+            self.pool.free(seq.slots[valid:])
+        else:
+            self.pool.free(seq.slots[seq.cached_len :])
+        seq.num_inflight = 0
         if seq.lock_node is not None:
             self.cache.unlock(seq.lock_node)
         seq.slots = []
@@ -310,6 +236,7 @@ class Scheduler:
         assert out is not None
         start = seq.num_computed
         seq.slots.extend(out)
+        seq.num_inflight = n
         item = ScheduledSeq(
             seq=seq,
             token_ids=seq.all_ids[start : start + n],
@@ -358,19 +285,28 @@ class Scheduler:
 
     # ---- one step -------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> SchedulePlan:
+        if self._inflight is not None:
+            raise RuntimeError(
+                f"schedule() called again before update() of step {self._inflight.step}'s plan"
+            )
         now = time.monotonic() if now is None else now
         self._step += 1
         cfg = self.config
         plan = SchedulePlan(step=self._step)
         budget = cfg.max_num_batched_tokens
 
-        n_decodes = sum(1 for s in self.running if not s.in_prefill)
+        decodes = [s for s in self.running if not s.in_prefill]
+        n_decodes = len(decodes)
         prefill_work = bool(self.waiting) or n_decodes < len(self.running)
         decode_cap = budget
         if cfg.priority == "prefill" and prefill_work:
             decode_cap = budget - (cfg.min_prefill_tokens or 0)
         decode_left = min(n_decodes, decode_cap)
         prefill_left = budget - decode_left
+        # when the budget cannot take every decode, the least recently scheduled go first
+        # (round-robin), so no running sequence is starved
+        chosen = sorted(decodes, key=lambda s: s.last_scheduled)[:decode_left]
+        allowed = {id(s) for s in chosen}
 
         # 1) running sequences, oldest first; decodes and continuing prefill chunks
         scheduled: set[int] = set()
@@ -378,7 +314,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if not seq.in_prefill:
-                if decode_left == 0:
+                if decode_left == 0 or id(seq) not in allowed:
                     continue
                 need = 1
             else:
@@ -412,6 +348,11 @@ class Scheduler:
             scheduled.add(id(seq))
             self._emit(plan, seq, need, now)
 
+        for rank, s in enumerate(chosen):  # round-robin order for the next short step
+            if id(s) in scheduled:
+                s.last_scheduled = self._emit_counter + rank
+        self._emit_counter += len(chosen)
+
         # 2) admissions from the waiting queue, while budget and max_running allow
         prefill_left = budget - plan.num_tokens
         n_running = sum(s.params.n if s.fork_pending else 1 for s in self.running)  # incl. forks to come
@@ -441,6 +382,8 @@ class Scheduler:
             n_running += cost
             prefill_left -= chunk
             self._emit(plan, seq, chunk, now)
+        if not plan.is_empty:
+            self._inflight = plan
         return plan
 
     def update(
@@ -451,10 +394,17 @@ class Scheduler:
         n > 1 requests. Returns the sequences that received a token, in row order."""
         now = time.monotonic() if now is None else now
         toks = sampled.tolist() if isinstance(sampled, torch.Tensor) else list(sampled)
+        if plan.is_empty and not toks:
+            return []
+        if plan is not self._inflight:
+            raise ValueError("update() got a plan that is not the one in flight (already applied?)")
         if len(toks) != len(plan.sample_seqs):
             raise ValueError(
                 f"update: got {len(toks)} sampled tokens for {len(plan.sample_seqs)} rows"
             )
+        self._inflight = None
+        for it in plan.items:
+            it.seq.num_inflight = 0
         for it in plan.items:
             if not it.children:
                 continue

@@ -151,6 +151,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string / token id that matched
     num_preemptions: int = 0
+    last_scheduled: int = -1  # scheduler's emit counter; decode round-robin when budget is short
+    num_inflight: int = 0  # tokens scheduled in the plan now in flight (K/V not yet written)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the cache at first admission
     arrival_step: int = 0
     admit_order: int = 0  # larger = admitted more recently ("younger")
