@@ -3,8 +3,8 @@
 Each ``schedule()`` forms one engine step. Requests join and leave the running batch at every
 step; prompts are prefilled in chunks under a per-step token budget
 (``max_num_batched_tokens``); at most ``max_running`` sequences run at once. Every running
-sequence that is done prefilling decodes one token each step (decodes are never starved);
-with ``priority="prefill"`` (default) prefill work is admitted every step and is guaranteed at
+sequence that is done prefilling decodes one token each step the budget allows (when it
+cannot take them all they take turns round-robin, so none is starved); with ``priority="prefill"`` (default) prefill work is admitted every step and is guaranteed at
 least ``min_prefill_tokens`` of the budget when decodes would otherwise fill it; with
 ``priority="decode"`` decodes take the budget first and prefill gets what is left.
 
@@ -29,15 +29,19 @@ The engine step loop::
     sched.add("req-1", prompt_ids, SamplingParams(max_tokens=64))
     while sched.has_work():
         plan = sched.schedule()
+        for seq in plan.finished:          # context could not grow (KV pool full): "length"
+            stream(seq, detok(seq).flush(), seq.finish_reason)
         if plan.is_empty:
-            continue                       # nothing runnable this step (e.g. all waiting)
+            continue
         logits = runner.forward(plan.to_forward_batch(device))   # [len(plan.sample_seqs), V]
-        out = sampler.sample(logits, plan.sample_seqs)
+        out = sampler.sample(logits, plan.sample_seqs)           # out.logprobs, out.top_logprobs
         for seq in sched.update(plan, out.tokens):               # seqs that got a token
-            delta = detoks[seq.seq_id].push(seq.output_ids[-1])
+            d = detok(seq)  # IncrementalDetokenizer(tok, seq.prompt_ids, seq.params.stop), per seq_id
+            delta = d.push(seq.output_ids[-1])
             if delta.stop is not None:
                 sched.finish(seq, FinishReason.STOP, delta.stop)
-            stream(seq, delta.text, seq.finish_reason)
+            text = delta.text + (d.flush() if seq.is_finished else "")
+            stream(seq, text, seq.finish_reason)     # n > 1: seq.index is the choice index
     # client disconnect: sched.abort("req-1")
 """
 
@@ -356,9 +360,7 @@ class Scheduler:
         # 2) admissions from the waiting queue, while budget and max_running allow
         prefill_left = budget - plan.num_tokens
         n_running = sum(s.params.n if s.fork_pending else 1 for s in self.running)  # incl. forks to come
-        for seq in self._waiting_order():
-            if any(seq is p for p in plan.preempted):
-                continue  # preempted for memory this very step: do not thrash
+        for seq in [] if plan.preempted else self._waiting_order():  # short of memory: admit none
             cost = seq.params.n if seq.fork_pending else 1
             if prefill_left <= 0 or n_running + cost > cfg.max_running:
                 break
