@@ -1,0 +1,103 @@
+"""The scheduler's configuration and its per-step output (``SchedulePlan``).
+
+A ``SchedulePlan`` says, per scheduled sequence, which tokens to compute this step, their
+positions, the slots their K/V goes to and the full context slot list, plus which sequences
+need a sampled token (``sample_seqs``, one logits row each, in order).
+``to_forward_batch`` turns it into the runner's ``ForwardBatch`` (docs/engine-internals.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from headway.runtime.llm.batch import ForwardBatch
+from headway.runtime.llm.sequence import Sequence
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 512
+    max_running: int = 64
+    priority: Literal["prefill", "decode"] = "prefill"
+    # prefill share guaranteed per step when priority="prefill" (None: budget // 8)
+    min_prefill_tokens: int | None = None
+    aging_steps: int = 64  # a request waiting this many steps is admitted before cache hits
+    max_waiting_scan: int = 256  # waiting requests considered per step (prefix ordering)
+    admission_headroom: int = 0  # slots left free for running decodes when admitting
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        errs = []
+        if self.max_num_batched_tokens < 1:
+            errs.append(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_running < 1:
+            errs.append(f"max_running must be >= 1, got {self.max_running}")
+        if self.priority not in ("prefill", "decode"):
+            errs.append(f"priority must be 'prefill' or 'decode', got {self.priority!r}")
+        if self.min_prefill_tokens is None:
+            object.__setattr__(self, "min_prefill_tokens", self.max_num_batched_tokens // 8)
+        if not (0 <= self.min_prefill_tokens < self.max_num_batched_tokens):
+            errs.append(
+                f"min_prefill_tokens must be in [0, max_num_batched_tokens), got {self.min_prefill_tokens}"
+            )
+        if self.aging_steps < 1 or self.max_waiting_scan < 1 or self.admission_headroom < 0:
+            errs.append("aging_steps and max_waiting_scan must be >= 1, admission_headroom >= 0")
+        if errs:
+            raise ValueError("invalid scheduler config: " + "; ".join(errs))
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq: Sequence
+    token_ids: list[int]  # tokens computed this step
+    positions: list[int]  # their absolute positions
+    out_slots: list[int]  # where their K/V is written
+    context_slots: list[int]  # the full context, position order (ends with out_slots)
+    num_samples: int  # logits rows drawn from the last token: 0 (mid-prefill), 1, or n (fork)
+    children: list[Sequence] = field(default_factory=list)  # forked siblings (n > 1)
+
+
+@dataclass
+class SchedulePlan:
+    step: int
+    items: list[ScheduledSeq] = field(default_factory=list)
+    sample_seqs: list[Sequence] = field(default_factory=list)  # one per logits row, in order
+    preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # finished while scheduling
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(it.token_ids) for it in self.items)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.items
+
+    def to_forward_batch(self, device: str | torch.device = "cpu") -> ForwardBatch:
+        ids: list[int] = []
+        pos: list[int] = []
+        outs: list[int] = []
+        logit_idx: list[int] = []
+        for it in self.items:
+            ids.extend(it.token_ids)
+            pos.extend(it.positions)
+            outs.extend(it.out_slots)
+            logit_idx.extend([len(ids) - 1] * it.num_samples)
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        return ForwardBatch(
+            input_ids=t(ids),
+            positions=t(pos),
+            out_slots=t(outs),
+            query_lens=[len(it.token_ids) for it in self.items],
+            context_lens=[len(it.context_slots) for it in self.items],
+            context_slots=[t(it.context_slots) for it in self.items],
+            logit_indices=t(logit_idx),
+        )

@@ -1,0 +1,349 @@
+"""Radix prefix cache: owns the mapping from token-id prefixes to KV slot indices.
+
+A radix tree over token ids, token-granular (block size 1: one slot per token), with one
+root per *isolation key* (adapter id, cache salt, ...): identical tokens under different keys
+never share slots. Each node holds an edge (a run of token ids) and the slots of those
+tokens. Sequences ``lock`` the node ending their cached prefix while they use it (the lock
+count is raised on the whole path to the root), so it cannot be evicted. ``evict(n)``
+removes least-recently-used *unlocked leaves* first and gives their slots back to the pool.
+
+Slot accounting (kept incrementally, checked by ``check()``):
+    evictable  = slots in nodes with lock count == 0
+    locked     = slots in nodes with lock count  > 0
+    evictable + locked == slots held by the tree
+Engine-wide invariant (asserted by the scheduler and the tests):
+    pool.free + cache.evictable + cache.locked + private == pool.total
+where ``private`` counts slots held by running sequences and not (yet) in the tree.
+
+``digest(block_tokens)`` gives the router a compact summary: for every cached prefix whose
+length is a multiple of ``block_tokens``, a short hex hash chained block by block
+(``prefix_block_hashes`` computes the same chain over a prompt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import struct
+from collections.abc import Hashable, Sequence
+
+from headway.runtime.llm.kv_pool import KVPool
+
+
+def _block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    h = hashlib.blake2b(parent, digest_size=8)
+    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
+    return h.digest()
+
+
+def _root_hash(key: Hashable) -> bytes:
+    return b"" if key is None else hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+
+
+def prefix_block_hashes(
+    tokens: Sequence[int], block_tokens: int = 64, key: Hashable = None
+) -> list[str]:
+    """Hash chain over ``tokens`` in ``block_tokens`` blocks (a partial last block is
+    ignored): entry i identifies the prefix ``tokens[: (i + 1) * block_tokens]`` under
+    ``key``. The same function backs ``RadixCache.digest``."""
+    if block_tokens <= 0:
+        raise ValueError(f"block_tokens must be > 0, got {block_tokens}")
+    out: list[str] = []
+    h = _root_hash(key)
+    for i in range(len(tokens) // block_tokens):
+        h = _block_hash(h, tokens[i * block_tokens : (i + 1) * block_tokens])
+        out.append(h.hex())
+    return out
+
+
+class RadixNode:
+    __slots__ = ("key", "tokens", "slots", "children", "parent", "lock_ref", "last_access")
+
+    def __init__(
+        self,
+        key: Hashable,
+        tokens: list[int],
+        slots: list[int],
+        parent: RadixNode | None,
+        last_access: int,
+    ) -> None:
+        self.key = key
+        self.tokens = tokens  # edge label
+        self.slots = slots  # one slot per token of the edge
+        self.children: dict[int, RadixNode] = {}
+        self.parent = parent
+        self.lock_ref = 0
+        self.last_access = last_access
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+    def __lt__(self, other: RadixNode) -> bool:  # heap tie-break
+        return self.last_access < other.last_access
+
+    def __repr__(self) -> str:
+        return f"RadixNode(len={len(self.tokens)}, lock={self.lock_ref}, kids={len(self.children)})"
+
+
+class RadixCache:
+    """Token-granular radix prefix cache over a ``KVPool``."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self._roots: dict[Hashable, RadixNode] = {}
+        self._clock = 0
+        self._evictable = 0
+        self._locked = 0
+        self.hit_tokens = 0
+        self.queried_tokens = 0
+
+    # ---- counters -------------------------------------------------------------------
+    @property
+    def evictable(self) -> int:
+        """Slots in the tree that no sequence uses (lock count 0)."""
+        return self._evictable
+
+    @property
+    def locked(self) -> int:
+        """Slots in the tree on some locked path."""
+        return self._locked
+
+    @property
+    def size(self) -> int:
+        return self._evictable + self._locked
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def root(self, key: Hashable = None) -> RadixNode:
+        r = self._roots.get(key)
+        if r is None:
+            r = RadixNode(key, [], [], None, 0)
+            r.lock_ref = 1  # the root is never evicted
+            self._roots[key] = r
+        return r
+
+    # ---- lookup ---------------------------------------------------------------------
+    def _split(self, node: RadixNode, at: int) -> RadixNode:
+        """Split ``node``'s edge after ``at`` tokens; returns the new upper node."""
+        assert node.parent is not None and 0 < at < len(node.tokens)
+        upper = RadixNode(node.key, node.tokens[:at], node.slots[:at], node.parent, node.last_access)
+        upper.lock_ref = node.lock_ref  # same path, same locks: totals unchanged
+        node.parent.children[upper.tokens[0]] = upper
+        node.tokens = node.tokens[at:]
+        node.slots = node.slots[at:]
+        node.parent = upper
+        upper.children[node.tokens[0]] = node
+        return upper
+
+    def match(
+        self, key: Hashable, tokens: Sequence[int], *, record: bool = True
+    ) -> tuple[int, list[int], RadixNode]:
+        """Longest cached prefix of ``tokens`` under ``key``.
+
+        Returns ``(num_matched, slots, node)``: ``slots`` are the cached prefix's slots in
+        position order and ``node`` ends exactly at that prefix (an edge is split if the match
+        ends inside it) -- pass it to ``lock``. ``record`` adds to the hit counters."""
+        now = self._tick()
+        node = self.root(key)
+        node.last_access = now
+        slots: list[int] = []
+        i, n = 0, len(tokens)
+        while i < n:
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            edge = child.tokens
+            m = 1
+            lim = min(len(edge), n - i)
+            while m < lim and edge[m] == tokens[i + m]:
+                m += 1
+            if m < len(edge):
+                child = self._split(child, m)
+            child.last_access = now
+            slots.extend(child.slots)
+            node = child
+            i += m
+            if m < len(edge):
+                break
+        if record:
+            self.queried_tokens += n
+            self.hit_tokens += i
+        return i, slots, node
+
+    def peek(self, key: Hashable, tokens: Sequence[int]) -> int:
+        """Length of the longest cached prefix, without touching LRU order, counters or
+        the tree shape (used to order the waiting queue)."""
+        node = self._roots.get(key)
+        if node is None:
+            return 0
+        i, n = 0, len(tokens)
+        while i < n:
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            edge = child.tokens
+            m = 1
+            lim = min(len(edge), n - i)
+            while m < lim and edge[m] == tokens[i + m]:
+                m += 1
+            i += m
+            if m < len(edge):
+                break
+            node = child
+        return i
+
+    # ---- insert ---------------------------------------------------------------------
+    def insert(self, key: Hashable, tokens: Sequence[int], slots: Sequence[int]) -> int:
+        """Cache ``tokens`` -> ``slots`` under ``key``; the tree takes ownership of the slots.
+
+        Where a prefix is already cached, the tree keeps its own slots and any given slot
+        that differs from the cached one goes back to the pool (dedupe). Returns the number
+        of leading tokens that were already cached. Call ``match`` afterwards to get the
+        canonical slots for the whole prefix."""
+        if len(tokens) != len(slots):
+            raise ValueError(f"insert: {len(tokens)} tokens but {len(slots)} slots")
+        now = self._tick()
+        node = self.root(key)
+        node.last_access = now
+        i, n = 0, len(tokens)
+        dup: list[int] = []
+        cached = n
+        while i < n:
+            child = node.children.get(tokens[i])
+            if child is None:
+                new = RadixNode(key, list(tokens[i:]), list(slots[i:]), node, now)
+                node.children[tokens[i]] = new  # a new node is unlocked
+                self._evictable += n - i
+                cached = i
+                break
+            edge = child.tokens
+            m = 1
+            lim = min(len(edge), n - i)
+            while m < lim and edge[m] == tokens[i + m]:
+                m += 1
+            if m < len(edge):
+                child = self._split(child, m)
+            child.last_access = now
+            for a, b in zip(child.slots, slots[i : i + m]):
+                if a != b:
+                    dup.append(b)
+            node = child
+            i += m
+        if dup:
+            self.pool.free(dup)
+        return cached
+
+    # ---- locking --------------------------------------------------------------------
+    def lock(self, node: RadixNode) -> None:
+        """Raise the lock count of ``node`` and its ancestors (protects them from eviction)."""
+        while node.parent is not None:
+            if node.lock_ref == 0:
+                self._evictable -= len(node.slots)
+                self._locked += len(node.slots)
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: RadixNode) -> None:
+        while node.parent is not None:
+            if node.lock_ref <= 0:
+                raise ValueError("unlock of a node that is not locked")
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self._evictable += len(node.slots)
+                self._locked -= len(node.slots)
+            node = node.parent
+
+    # ---- eviction -------------------------------------------------------------------
+    def _leaves(self) -> list[RadixNode]:
+        out: list[RadixNode] = []
+        for r in self._roots.values():
+            stack = list(r.children.values())
+            while stack:
+                nd = stack.pop()
+                if nd.children:
+                    stack.extend(nd.children.values())
+                elif nd.lock_ref == 0:
+                    out.append(nd)
+        return out
+
+    def evict(self, n: int) -> int:
+        """Free at least ``n`` slots (if that many are evictable) by removing LRU unlocked
+        leaves; returns the number of slots given back to the pool."""
+        if n <= 0 or self._evictable == 0:
+            return 0
+        heap = [(nd.last_access, id(nd), nd) for nd in self._leaves()]
+        heapq.heapify(heap)
+        freed = 0
+        while freed < n and heap:
+            _, _, nd = heapq.heappop(heap)
+            parent = nd.parent
+            assert parent is not None and nd.lock_ref == 0 and not nd.children
+            del parent.children[nd.tokens[0]]
+            self.pool.free(nd.slots)
+            freed += len(nd.slots)
+            self._evictable -= len(nd.slots)
+            if parent.is_root:
+                if not parent.children:
+                    del self._roots[parent.key]
+            elif not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    def clear(self) -> int:
+        """Evict everything evictable."""
+        return self.evict(self._evictable)
+
+    # ---- router digest --------------------------------------------------------------
+    def digest(self, block_tokens: int = 64) -> list[str]:
+        """Hashes of every cached prefix whose length is a multiple of ``block_tokens``
+        (see ``prefix_block_hashes``), deepest-first order not guaranteed; no duplicates."""
+        if block_tokens <= 0:
+            raise ValueError(f"block_tokens must be > 0, got {block_tokens}")
+        out: list[str] = []
+        for key, r in self._roots.items():
+            stack: list[tuple[RadixNode, bytes, list[int]]] = [
+                (c, _root_hash(key), []) for c in r.children.values()
+            ]
+            while stack:
+                nd, h, pending = stack.pop()
+                buf = pending + nd.tokens
+                j = 0
+                while len(buf) - j >= block_tokens:
+                    h = _block_hash(h, buf[j : j + block_tokens])
+                    out.append(h.hex())
+                    j += block_tokens
+                rest = buf[j:]
+                for c in nd.children.values():
+                    stack.append((c, h, rest))
+        return out
+
+    # ---- checks ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Recount everything from the tree and assert the incremental counters agree."""
+        ev = lk = 0
+        for r in self._roots.values():
+            stack = list(r.children.values())
+            while stack:
+                nd = stack.pop()
+                assert len(nd.tokens) == len(nd.slots) > 0, nd
+                assert nd.lock_ref >= 0
+                kid_locks = sum(c.lock_ref for c in nd.children.values())
+                assert nd.lock_ref >= kid_locks, "a child holds more locks than its parent"
+                for t, c in nd.children.items():
+                    assert c.tokens[0] == t and c.parent is nd
+                if nd.lock_ref:
+                    lk += len(nd.slots)
+                else:
+                    ev += len(nd.slots)
+                for s in nd.slots:
+                    assert self.pool.is_allocated(s), f"tree slot {s} is free in the pool"
+                stack.extend(nd.children.values())
+        assert ev == self._evictable, (ev, self._evictable)
+        assert lk == self._locked, (lk, self._locked)

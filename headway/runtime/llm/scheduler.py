@@ -1,0 +1,446 @@
+"""Scheduler: owns admission, batch formation and preemption (continuous token-level batching).
+
+Each ``schedule()`` forms one engine step. Requests join and leave the running batch at every
+step; prompts are prefilled in chunks under a per-step token budget
+(``max_num_batched_tokens``); at most ``max_running`` sequences run at once. Every running
+sequence that is done prefilling decodes one token each step the budget allows (when it
+cannot take them all they take turns round-robin, so none is starved); with ``priority="prefill"`` (default) prefill work is admitted every step and is guaranteed at
+least ``min_prefill_tokens`` of the budget when decodes would otherwise fill it; with
+``priority="decode"`` decodes take the budget first and prefill gets what is left.
+
+Memory: on admission the radix cache is matched, the longest cached prefix is reused (and
+locked) and only the rest is allocated; a request that cannot get slots waits (unlocked cache
+is evicted first). A running sequence that cannot get a slot preempts the youngest running
+sequence (recompute: its computed prefix goes into the cache as evictable, its slots are
+released, and it goes back to the front of the waiting queue keeping its generated tokens, so
+it resumes by re-prefilling prompt+output). The waiting queue is ordered
+longest-cached-prefix-first, except that a request waiting ``aging_steps`` steps or more goes
+first (nothing starves). Finished sequences insert prompt+output into the cache and unlock.
+n > 1: the prompt is prefilled once; when its last chunk is scheduled the request forks into
+n sequences whose first tokens are sampled from the same logits row and which share the
+prompt's slots through the cache (one lock each).
+
+Invariant (``check_invariant``, asserted in tests every step):
+    pool.free + cache.evictable + cache.locked + sum(seq.num_private_slots) == pool.total
+
+The engine step loop::
+
+    sched = Scheduler(KVPool(num_slots), config=SchedulerConfig(eos_token_ids=(eos,)))
+    sched.add("req-1", prompt_ids, SamplingParams(max_tokens=64))
+    while sched.has_work():
+        plan = sched.schedule()
+        for seq in plan.finished:          # context could not grow (KV pool full): "length"
+            stream(seq, detok(seq).flush(), seq.finish_reason)
+        if plan.is_empty:
+            continue
+        logits = runner.forward(plan.to_forward_batch(device))   # [len(plan.sample_seqs), V]
+        out = sampler.sample(logits, plan.sample_seqs)           # out.logprobs, out.top_logprobs
+        for seq in sched.update(plan, out.tokens):               # seqs that got a token
+            d = detok(seq)  # IncrementalDetokenizer(tok, seq.prompt_ids, seq.params.stop), per seq_id
+            delta = d.push(seq.output_ids[-1])
+            if delta.stop is not None:
+                sched.finish(seq, FinishReason.STOP, delta.stop)
+            text = delta.text + (d.flush() if seq.is_finished else "")
+            stream(seq, text, seq.finish_reason)     # n > 1: seq.index is the choice index
+    # client disconnect: sched.abort("req-1")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable, Sequence as Seq
+
+import torch
+
+from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.plan import ScheduledSeq, SchedulePlan, SchedulerConfig
+from headway.runtime.llm.radix_cache import RadixCache
+from headway.runtime.llm.sequence import (
+    FinishReason,
+    SamplingParams,
+    Sequence,
+    SeqStatus,
+    make_generator,
+)
+
+__all__ = ["Scheduler", "SchedulerConfig", "SchedulePlan", "ScheduledSeq"]
+
+
+class Scheduler:
+    """Continuous batching over a ``KVPool`` and its ``RadixCache`` (see module docstring).
+
+    Calls alternate ``schedule()`` / ``update(plan, tokens)``; ``add``, ``abort`` and
+    ``finish`` may be called at any point, also while a plan is in flight (between schedule
+    and update): tokens whose K/V the in-flight forward has not yet written are never cached.
+    """
+
+    def __init__(
+        self,
+        pool: KVPool,
+        cache: RadixCache | None = None,
+        config: SchedulerConfig | None = None,
+    ) -> None:
+        self.pool = pool
+        self.cache = cache if cache is not None else RadixCache(pool)
+        if self.cache.pool is not pool:
+            raise ValueError("the radix cache must be built over the same KVPool")
+        self.config = config or SchedulerConfig()
+        self.waiting: list[Sequence] = []  # arrival order (preempted ones re-enter at front)
+        self.running: list[Sequence] = []  # admission order: oldest first
+        self._requests: dict[str, list[Sequence]] = {}
+        self._step = 0
+        self._admit_counter = 0
+        self.num_preemptions = 0
+        self._inflight: SchedulePlan | None = None
+        self._emit_counter = 0
+
+    # ---- requests -------------------------------------------------------------------
+    def add(
+        self,
+        request_id: str,
+        prompt_ids: Seq[int],
+        params: SamplingParams | None = None,
+        *,
+        cache_key: Hashable = None,
+        now: float | None = None,
+    ) -> Sequence:
+        """Queue a request; returns its (first) sequence. Raises ``ValueError`` for input
+        that can never run (empty prompt, prompt the KV pool can never hold, n too big)."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already active")
+        ids = list(prompt_ids)
+        if not ids:
+            raise ValueError("prompt is empty: at least one token id is required")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise ValueError("prompt token ids must be ints >= 0")
+        if len(ids) >= self.pool.total:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but the KV pool holds at most "
+                f"{self.pool.total - 1} prompt tokens (num_slots={self.pool.total}); shorten it"
+            )
+        if params.n > self.config.max_running:
+            raise ValueError(f"n={params.n} exceeds max_running={self.config.max_running}")
+        seq = Sequence(
+            seq_id=request_id,
+            request_id=request_id,
+            prompt_ids=ids,
+            params=params,
+            cache_key=cache_key,
+            fork_pending=params.n > 1,
+            generator=make_generator(params.seed, 0),
+            arrival_time=time.monotonic() if now is None else now,
+            arrival_step=self._step,
+        )
+        self.waiting.append(seq)
+        self._requests[request_id] = [seq]
+        return seq
+
+    def sequences(self, request_id: str) -> list[Sequence]:
+        return list(self._requests.get(request_id, []))
+
+    def abort(self, request_id: str, now: float | None = None) -> list[Sequence]:
+        """Finish every sequence of the request at once (client disconnect)."""
+        seqs = self._requests.get(request_id, [])
+        for s in list(seqs):
+            self.finish(s, FinishReason.ABORT, now=now)
+        return list(seqs)
+
+    def finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        stop_reason: str | int | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Finish ``seq``: cache its computed tokens, unlock, release it (idempotent)."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self._release(seq, keep_in_cache=True)
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        seq.finish_time = time.monotonic() if now is None else now
+        group = self._requests.get(seq.request_id)
+        if group is not None and all(s.status is SeqStatus.FINISHED for s in group):
+            del self._requests[seq.request_id]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- accounting -----------------------------------------------------------------
+    @property
+    def private_slots(self) -> int:
+        return sum(s.num_private_slots for s in self.running)
+
+    def check_invariant(self) -> None:
+        """pool.free + cache.evictable + cache.locked + private == pool.total."""
+        self.cache.check()
+        total = self.pool.num_free + self.cache.evictable + self.cache.locked + self.private_slots
+        assert total == self.pool.total, (
+            f"slot leak: free={self.pool.num_free} evictable={self.cache.evictable} "
+            f"locked={self.cache.locked} private={self.private_slots} total={self.pool.total}"
+        )
+        for s in self.waiting:
+            assert not s.slots and s.lock_node is None
+        for s in self.running:
+            assert s.num_computed <= s.num_tokens
+
+    # ---- internals ------------------------------------------------------------------
+    def _release(self, seq: Sequence, keep_in_cache: bool) -> None:
+        """Give back a running sequence's slots: computed tokens go into the cache (where
+        they stay evictable), then the lock is dropped."""
+        valid = seq.num_computed - seq.num_inflight  # tokens whose K/V is really written
+        assert valid >= seq.cached_len
+        if keep_in_cache and valid:
+            self.cache.insert(seq.cache_key, seq.all_ids[:valid], seq.slots[:valid])
+            self.pool.free(seq.slots[valid:])
+        else:
+            self.pool.free(seq.slots[seq.cached_len :])
+        seq.num_inflight = 0
+        if seq.lock_node is not None:
+            self.cache.unlock(seq.lock_node)
+        seq.slots = []
+        seq.cached_len = 0
+        seq.lock_node = None
+
+    def _cache_prefix(self, seq: Sequence) -> None:
+        """Move the sequence's computed tokens into the cache and hold them by a lock."""
+        k = seq.num_computed
+        toks = seq.all_ids[:k]
+        self.cache.insert(seq.cache_key, toks, seq.slots)
+        m, slots, node = self.cache.match(seq.cache_key, toks, record=False)
+        assert m == k
+        self.cache.lock(node)
+        if seq.lock_node is not None:
+            self.cache.unlock(seq.lock_node)
+        seq.slots, seq.cached_len, seq.lock_node = slots, k, node
+
+    def _preempt(self, seq: Sequence, plan: SchedulePlan) -> None:
+        self._release(seq, keep_in_cache=True)
+        self.running.remove(seq)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.insert(0, seq)
+        plan.preempted.append(seq)
+
+    def _reserve(self, n: int) -> bool:
+        short = n - self.pool.num_free
+        if short > 0:
+            self.cache.evict(short)
+        return self.pool.num_free >= n
+
+    def _emit(self, plan: SchedulePlan, seq: Sequence, n: int, now: float) -> None:
+        out = self.pool.alloc(n)
+        assert out is not None
+        start = seq.num_computed
+        seq.slots.extend(out)
+        seq.num_inflight = n
+        item = ScheduledSeq(
+            seq=seq,
+            token_ids=seq.all_ids[start : start + n],
+            positions=list(range(start, start + n)),
+            out_slots=out,
+            context_slots=list(seq.slots),
+            num_samples=0,
+        )
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = now
+        if seq.num_computed == seq.num_tokens:  # the last known token: sample the next one
+            item.num_samples = 1
+            plan.sample_seqs.append(seq)
+            if seq.fork_pending:
+                p = seq.params
+                for i in range(1, p.n):
+                    item.children.append(
+                        Sequence(
+                            seq_id=f"{seq.request_id}#{i}",
+                            request_id=seq.request_id,
+                            prompt_ids=seq.prompt_ids,
+                            params=p,
+                            index=i,
+                            cache_key=seq.cache_key,
+                            generator=make_generator(p.seed, i),
+                            arrival_time=seq.arrival_time,
+                            arrival_step=seq.arrival_step,
+                            first_scheduled_time=now,
+                            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+                        )
+                    )
+                item.num_samples += len(item.children)
+                plan.sample_seqs.extend(item.children)
+        plan.items.append(item)
+
+    def _waiting_order(self) -> list[Sequence]:
+        cfg = self.config
+        scan = self.waiting[: cfg.max_waiting_scan]
+        resumed = [s for s in scan if s.num_preemptions > 0]
+        fresh = [s for s in scan if s.num_preemptions == 0]
+        aged = [s for s in fresh if self._step - s.arrival_step >= cfg.aging_steps]
+        rest = [s for s in fresh if self._step - s.arrival_step < cfg.aging_steps]
+        order = {id(s): i for i, s in enumerate(rest)}
+        rest.sort(key=lambda s: (-self.cache.peek(s.cache_key, s.prompt_ids[:-1]), order[id(s)]))
+        return resumed + aged + rest
+
+    # ---- one step -------------------------------------------------------------------
+    def schedule(self, now: float | None = None) -> SchedulePlan:
+        if self._inflight is not None:
+            raise RuntimeError(
+                f"schedule() called again before update() of step {self._inflight.step}'s plan"
+            )
+        now = time.monotonic() if now is None else now
+        self._step += 1
+        cfg = self.config
+        plan = SchedulePlan(step=self._step)
+        budget = cfg.max_num_batched_tokens
+
+        decodes = [s for s in self.running if not s.in_prefill]
+        n_decodes = len(decodes)
+        prefill_work = bool(self.waiting) or n_decodes < len(self.running)
+        decode_cap = budget
+        if cfg.priority == "prefill" and prefill_work:
+            decode_cap = budget - (cfg.min_prefill_tokens or 0)
+        decode_left = min(n_decodes, decode_cap)
+        prefill_left = budget - decode_left
+        # when the budget cannot take every decode, the least recently scheduled go first
+        # (round-robin), so no running sequence is starved
+        chosen = sorted(decodes, key=lambda s: s.last_scheduled)[:decode_left]
+        allowed = {id(s) for s in chosen}
+
+        # 1) running sequences, oldest first; decodes and continuing prefill chunks
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if not seq.in_prefill:
+                if decode_left == 0 or id(seq) not in allowed:
+                    continue
+                need = 1
+            else:
+                need = min(seq.num_tokens - seq.num_computed, prefill_left)
+                if need == 0:
+                    continue
+            while not self._reserve(need):
+                if seq.in_prefill:
+                    avail = self.pool.num_free + self.cache.evictable
+                    if avail > 0:
+                        need = min(need, avail)
+                        continue
+                victims = [s for s in self.running if id(s) not in scheduled and s is not seq]
+                if victims:
+                    self._preempt(max(victims, key=lambda s: s.admit_order), plan)
+                elif len(self.running) > 1:
+                    self._preempt(seq, plan)  # it is the youngest: wait for the others
+                    need = 0
+                    break
+                else:  # alone and the pool is full: its context cannot grow
+                    self.finish(seq, FinishReason.LENGTH, now=now)
+                    plan.finished.append(seq)
+                    need = 0
+                    break
+            if need == 0:
+                continue
+            if seq.in_prefill:
+                prefill_left -= need
+            else:
+                decode_left -= 1
+            scheduled.add(id(seq))
+            self._emit(plan, seq, need, now)
+
+        for rank, s in enumerate(chosen):  # round-robin order for the next short step
+            if id(s) in scheduled:
+                s.last_scheduled = self._emit_counter + rank
+        self._emit_counter += len(chosen)
+
+        # 2) admissions from the waiting queue, while budget and max_running allow
+        prefill_left = budget - plan.num_tokens
+        n_running = sum(s.params.n if s.fork_pending else 1 for s in self.running)  # incl. forks to come
+        for seq in [] if plan.preempted else self._waiting_order():  # short of memory: admit none
+            cost = seq.params.n if seq.fork_pending else 1
+            if prefill_left <= 0 or n_running + cost > cfg.max_running:
+                break
+            first = seq.num_preemptions == 0
+            m, slots, node = self.cache.match(
+                seq.cache_key, seq.all_ids[: seq.num_tokens - 1], record=first
+            )
+            self.cache.lock(node)
+            chunk = min(seq.num_tokens - m, prefill_left)
+            if not self._reserve(chunk + cfg.admission_headroom):
+                self.cache.unlock(node)
+                break  # wait for slots (in order: nobody jumps a request that does not fit)
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            seq.slots, seq.cached_len, seq.lock_node = list(slots), m, node
+            if first:
+                seq.num_cached_prompt_tokens = m
+            self._admit_counter += 1
+            seq.admit_order = self._admit_counter
+            self.running.append(seq)
+            n_running += cost
+            prefill_left -= chunk
+            self._emit(plan, seq, chunk, now)
+        if not plan.is_empty:
+            self._inflight = plan
+        return plan
+
+    def update(
+        self, plan: SchedulePlan, sampled: Seq[int] | torch.Tensor, now: float | None = None
+    ) -> list[Sequence]:
+        """Apply one step's sampled tokens (one per ``plan.sample_seqs`` row). Appends them,
+        finishes sequences on EOS / stop token ids / max_tokens / full context, and forks
+        n > 1 requests. Returns the sequences that received a token, in row order."""
+        now = time.monotonic() if now is None else now
+        toks = sampled.tolist() if isinstance(sampled, torch.Tensor) else list(sampled)
+        if plan.is_empty and not toks:
+            return []
+        if plan is not self._inflight:
+            raise ValueError("update() got a plan that is not the one in flight (already applied?)")
+        if len(toks) != len(plan.sample_seqs):
+            raise ValueError(
+                f"update: got {len(toks)} sampled tokens for {len(plan.sample_seqs)} rows"
+            )
+        self._inflight = None
+        for it in plan.items:
+            it.seq.num_inflight = 0
+        for it in plan.items:
+            if not it.children:
+                continue
+            parent = it.seq
+            if parent.status is not SeqStatus.RUNNING:  # aborted between schedule and update
+                for c in it.children:
+                    c.status, c.finish_reason, c.finish_time = SeqStatus.FINISHED, FinishReason.ABORT, now
+                continue
+            self._cache_prefix(parent)
+            parent.fork_pending = False
+            for c in it.children:
+                c.slots, c.cached_len, c.lock_node = list(parent.slots), parent.cached_len, parent.lock_node
+                self.cache.lock(parent.lock_node)
+                c.status = SeqStatus.RUNNING
+                self._admit_counter += 1
+                c.admit_order = self._admit_counter
+                self.running.append(c)
+                self._requests[parent.request_id].append(c)
+        eos = set(self.config.eos_token_ids)
+        got: list[Sequence] = []
+        for seq, tok in zip(plan.sample_seqs, toks):
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.output_ids.append(int(tok))
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            p = seq.params
+            got.append(seq)
+            if tok in eos and not p.ignore_eos:
+                self.finish(seq, FinishReason.STOP, None, now)
+            elif tok in p.stop_token_ids:
+                self.finish(seq, FinishReason.STOP, int(tok), now)
+            elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
+                self.finish(seq, FinishReason.LENGTH, None, now)
+            elif seq.num_tokens >= self.pool.total:
+                self.finish(seq, FinishReason.LENGTH, None, now)
+        return got

@@ -1,0 +1,183 @@
+"""Per-request state of the LLM engine: sampling parameters and the ``Sequence``.
+
+A ``Sequence`` is one generated continuation: the request's prompt token ids, its output
+token ids, its sampling parameters, its status, the KV slots of its computed tokens, how
+many leading slots come from the radix cache (and the locked node that covers them), the
+timestamps the metrics need, and why it finished. A request with ``n > 1`` becomes ``n``
+sequences sharing ``request_id`` (``index`` 0..n-1); they share the prompt's KV.
+
+Slot invariant (kept by the scheduler): ``slots[:cached_len]`` are slots owned by the radix
+cache under ``lock_node`` (which this sequence holds a lock on); ``slots[cached_len:]`` are
+private to this sequence. ``len(slots) == num_computed`` (tokens whose K/V is written).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling parameters (OpenAI / vLLM names and meanings).
+
+    temperature 0 means greedy. top_k <= 0 means off, top_p 1.0 off, min_p 0.0 off.
+    repetition_penalty follows Hugging Face (divide positive logits / multiply negative ones
+    of every token seen in prompt+output; 1.0 off); presence/frequency penalties follow
+    OpenAI (subtract ``presence * [count > 0] + frequency * count`` over the output tokens;
+    0.0 off). max_tokens None = until EOS or the KV pool's limit."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        errors: list[str] = []
+
+        def num(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                errors.append(f"{name} must be a finite number, got {v!r}")
+                return math.nan
+            return float(v)
+
+        t = num("temperature")
+        if t == t and t < 0:
+            errors.append(f"temperature must be >= 0 (0 = greedy), got {t}")
+        p = num("top_p")
+        if p == p and not (0.0 < p <= 1.0):
+            errors.append(f"top_p must be in (0, 1], got {p}")
+        mp = num("min_p")
+        if mp == mp and not (0.0 <= mp <= 1.0):
+            errors.append(f"min_p must be in [0, 1], got {mp}")
+        rp = num("repetition_penalty")
+        if rp == rp and rp <= 0:
+            errors.append(f"repetition_penalty must be > 0 (1.0 = off), got {rp}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = num(name)
+            if v == v and not (-2.0 <= v <= 2.0):
+                errors.append(f"{name} must be in [-2, 2] (OpenAI range), got {v}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            errors.append(f"top_k must be an int (<= 0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            errors.append(f"seed must be an int or None, got {self.seed!r}")
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
+            errors.append(f"max_tokens must be an int >= 1 or None, got {self.max_tokens!r}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            errors.append(f"stop must be non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.stop_token_ids):
+            errors.append(f"stop_token_ids must be ints >= 0, got {self.stop_token_ids!r}")
+        if isinstance(self.top_logprobs, bool) or not isinstance(self.top_logprobs, int) or not (
+            0 <= self.top_logprobs <= 20
+        ):
+            errors.append(f"top_logprobs must be an int in [0, 20], got {self.top_logprobs!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or not (1 <= self.n <= 128):
+            errors.append(f"n must be an int in [1, 128], got {self.n!r}")
+        if errors:
+            raise ValueError("invalid sampling parameters: " + "; ".join(errors))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context cannot grow (KV pool full)
+    ABORT = "abort"  # client went away / aborted
+
+
+def make_generator(seed: int | None, index: int = 0) -> torch.Generator | None:
+    """Per-sequence CPU generator: ``None`` when unseeded (the sampler's shared generator is
+    used); sample ``index`` of an n>1 request gets a distinct but reproducible stream."""
+    if seed is None:
+        return None
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 1_000_003 + index) % (2**63 - 1) if index else seed % (2**63 - 1))
+    return g
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation of a request (see module docstring)."""
+
+    seq_id: str
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    index: int = 0  # which of the request's n samples
+    cache_key: Hashable = None  # radix isolation key (adapter id, cache salt)
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    slots: list[int] = field(default_factory=list)
+    cached_len: int = 0
+    lock_node: Any = None  # RadixNode locked by this sequence, or None
+    fork_pending: bool = False  # n > 1 and the prompt's prefill has not finished yet
+    generator: torch.Generator | None = None
+    # metrics
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string / token id that matched
+    num_preemptions: int = 0
+    last_scheduled: int = -1  # scheduler's emit counter; decode round-robin when budget is short
+    num_inflight: int = 0  # tokens scheduled in the plan now in flight (K/V not yet written)
+    num_cached_prompt_tokens: int = 0  # prompt tokens served from the cache at first admission
+    arrival_step: int = 0
+    admit_order: int = 0  # larger = admitted more recently ("younger")
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_computed(self) -> int:
+        return len(self.slots)
+
+    @property
+    def num_private_slots(self) -> int:
+        return len(self.slots) - self.cached_len
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    @property
+    def in_prefill(self) -> bool:
+        """More than one token left to compute (a decode computes exactly the last one)."""
+        return self.num_tokens - self.num_computed > 1
