@@ -36,13 +36,14 @@ def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None) 
             data["engine"] = {**data.get("engine", {}), **overrides}
             pkg = Package(pkg.root, validate_config(data, pkg.root / "headway.yaml"))
         return pkg
-    from headway.library import catalog
+    from headway.library import UnknownModelError, get_entry
 
-    entry = catalog.find(target)
-    if entry is None:
+    try:
+        entry = get_entry(target)
+    except UnknownModelError as exc:
         raise PackageError(target, [FieldError(
-            "target", f"'{target}' is neither a package directory nor a model-library name "
-            f"(known: {', '.join(catalog.names())})", "headway serve smollm2-135m-instruct")])
+            "target", f"'{target}' is neither a package directory nor a model-library name: {exc}",
+            "headway serve smollm2-135m-instruct")]) from None
     config = validate_config({"name": entry.name, "runtime": entry.runtime,
                               "model": {"source": entry.name}, "engine": overrides}, f"library:{target}")
     return Package(Path.cwd(), config)

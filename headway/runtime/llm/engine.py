@@ -69,7 +69,7 @@ class LLMEngine:
         self.dtype = choose_dtype(dtype, self.device)
         self.runner = ModelRunner(model_dir, dtype=self.dtype, device=str(self.device), num_slots=kv_cache_tokens)
         cfg = self.runner.config
-        self.max_model_len = min(max_model_len or cfg.max_position_embeddings, self.runner.num_slots - 1)
+        self.max_model_len = min(max_model_len or cfg.max_position, self.runner.num_slots - 1)
         self.pool = KVPool(self.runner.num_slots)
         self.cache = RadixCache(self.pool)
         eos = tuple(sorted(self.tokenizer.eos_token_ids))
@@ -160,8 +160,8 @@ class LLMEngine:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._drain(block=not self.scheduler.has_work())
             self._refresh_snapshot(force=not self.scheduler.has_work())
+            self._drain(block=not self.scheduler.has_work())
             if not self.scheduler.has_work():
                 continue
             try:
