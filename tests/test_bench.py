@@ -286,6 +286,14 @@ def test_roofline_shapes_flops_and_fraction() -> None:
     with pytest.raises(ValueError, match="multiple"):
         DecoderShape(hidden=64, intermediate=128, vocab=100, n_heads=4, head_dim=16, n_kv_heads=3, n_layers=1)
 
+    from transformers import LlamaConfig
+
+    smol = LlamaConfig(hidden_size=576, intermediate_size=1536, vocab_size=49152, num_attention_heads=9,
+                       num_key_value_heads=3, num_hidden_layers=30)
+    assert DecoderShape.from_hf_config(smol) == SMOLLM2_135M
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        DecoderShape.from_hf_config(object())
+
     roof = measure_roofline(SMOLLM2_135M, batch=1, repeats=3)
     assert len(roof.timings) == 6 and all(t.seconds > 0 for t in roof.timings)
     assert roof.flops_per_s > 1e6  # any CPU does more than a MFLOP/s

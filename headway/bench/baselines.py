@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import httpx
 import torch
@@ -209,6 +209,7 @@ class LlamaCppServer:
         self.startup_timeout_s = startup_timeout_s
         self.log_path = Path(log_path) if log_path else None
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
         self.parallel_slots = 1
 
     @property
@@ -223,12 +224,17 @@ class LlamaCppServer:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias",
                self.model_alias, "--host", "127.0.0.1", "--port", str(self.port), "--n_threads",
                str(self.threads), "--n_threads_batch", str(self.threads), "--n_ctx", str(self.n_ctx)]
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        if self.proc is not None:
+            raise RuntimeError(f"llama.cpp server already started on {self.base_url}")
+        self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._log or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama.cpp server exited with code {self.proc.returncode} during startup "
+                code = self.proc.returncode
+                self.stop()
+                raise RuntimeError(f"llama.cpp server exited with code {code} during startup "
                                    f"(command: {' '.join(cmd)}; log: {self.log_path or 'not kept'})")
             try:
                 if httpx.get(self.base_url + "/v1/models", timeout=2.0).status_code == 200:
@@ -240,6 +246,10 @@ class LlamaCppServer:
         raise TimeoutError(f"llama.cpp server not ready after {self.startup_timeout_s:g}s on {self.base_url}")
 
     def stop(self) -> None:
+        """Terminate the server (kill after 10 s) and close its log; safe to call twice."""
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self.proc is None:
             return
         if self.proc.poll() is None:

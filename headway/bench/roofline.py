@@ -38,6 +38,22 @@ class DecoderShape:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
 
 
+    @classmethod
+    def from_hf_config(cls, config: object) -> DecoderShape:
+        """From a transformers Llama-style config (``hidden_size``, ``num_attention_heads``, ...)."""
+        def get(name: str, required: bool = True) -> int | None:
+            value = getattr(config, name, None)
+            if value is None and required:
+                raise ValueError(f"config {type(config).__name__} has no {name!r}; a Llama-style decoder config is needed")
+            return None if value is None else int(value)
+
+        n_heads, hidden = get("num_attention_heads"), get("hidden_size")
+        assert n_heads is not None and hidden is not None
+        return cls(hidden=hidden, intermediate=get("intermediate_size") or 0, vocab=get("vocab_size") or 0,
+                   n_heads=n_heads, head_dim=get("head_dim", False) or hidden // n_heads,
+                   n_kv_heads=get("num_key_value_heads", False) or n_heads, n_layers=get("num_hidden_layers") or 0)
+
+
 SMOLLM2_135M = DecoderShape(hidden=576, intermediate=1536, vocab=49152, n_heads=9, head_dim=64,
                             n_kv_heads=3, n_layers=30)
 
