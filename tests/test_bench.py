@@ -231,6 +231,8 @@ def test_bench_end_to_end_llama_cpp_and_transformers(llama_server, tmp_path: Pat
             assert st["count"] >= 1 and 0 < st["p50"] <= st["p95"] <= st["p99"] < 120
         assert t["e2e"]["p50"] >= t["ttft"]["p50"] * 0.999 or t["e2e"]["count"] != t["ttft"]["count"]
     assert report["targets"][2]["meta"]["batch_size"] == 3
+    assert report["targets"][0]["meta"]["warmup_requests"] == 1 and report["targets"][0]["meta"]["warmup_errors"] == []
+    assert report["targets"][1]["meta"]["warmup_s"] > 0
     ratios = report["ratios"]
     assert ratios["transformers-sequential"]["output_token_throughput"] == pytest.approx(1.0)
     assert ratios["llama.cpp"]["output_token_throughput"] > 0

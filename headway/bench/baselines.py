@@ -132,12 +132,21 @@ class TransformersBaseline:
             answers.append(r.text)
         return results, answers
 
+    def warmup(self, batch: int, api: str = "chat") -> float:
+        """One untimed short ``generate`` at ``batch`` rows (the first call pays one-off setup
+        costs, seconds on CPU); returns its duration."""
+        t0 = time.perf_counter()
+        prompt = self._prompt([{"role": "user", "content": "Say hello."}], api)
+        self._generate([prompt] * batch, [4] * batch, api)
+        return time.perf_counter() - t0
+
     def run(self, workload: Workload, *, api: str = "chat", mode: HFMode = "sequential",
-            duration_limit_s: float = 600.0, progress=None) -> RunResult:  # noqa: ANN001
+            duration_limit_s: float = 600.0, progress=None, warmup: bool = True) -> RunResult:  # noqa: ANN001
         """Replay ``workload``: one request at a time, or padded batches of ``workload.concurrency``."""
         if mode not in ("sequential", "batched"):
             raise ValueError(f"mode must be 'sequential' or 'batched', got {mode!r}")
         batch = 1 if mode == "sequential" else workload.concurrency
+        warmup_s = self.warmup(batch, api) if warmup else None
         sessions = list(workload.sessions)
         out: list[RequestResult] = []
         run_start = time.perf_counter()
@@ -163,7 +172,7 @@ class TransformersBaseline:
         out.sort(key=lambda r: order[(r.session, r.turn)])
         return RunResult(target=f"transformers-{mode}", results=out, wall_s=time.perf_counter() - run_start,
                          meta={"engine": "transformers.generate", "mode": mode, "batch_size": batch,
-                               "model": self.source, "device": str(self.device),
+                               "model": self.source, "device": str(self.device), "warmup_s": warmup_s,
                                "schedule": "closed loop (arrival times not honoured)"})
 
 
@@ -260,6 +269,10 @@ class LlamaCppServer:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         self.proc = None
+
+    def exit_code(self) -> int | None:
+        """The server's exit code if it died (e.g. -11 for a segfault), None while it runs."""
+        return None if self.proc is None else self.proc.poll()
 
     def __enter__(self) -> LlamaCppServer:
         return self.start()

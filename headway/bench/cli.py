@@ -55,6 +55,7 @@ class BenchConfig:
     target_name: str = "target"
     ratio_to: str | None = None
     device: str = "cpu"
+    warmup: int = 1
 
     def validate(self) -> None:
         errors: list[str] = []
@@ -71,6 +72,8 @@ class BenchConfig:
             errors.append("--baseline transformers needs --gguf PATH or --model-dir PATH")
         if self.base_url is None and not self.baselines:
             errors.append("nothing to benchmark: give --base-url URL and/or --baseline transformers|llama.cpp")
+        if self.warmup < 0:
+            errors.append(f"--warmup must be >= 0, got {self.warmup}")
         for name in ("num_requests", "concurrency", "groups", "system_tokens", "turns"):
             if getattr(self, name) < 1:
                 errors.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -146,7 +149,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
         if cfg.base_url is not None:
             target = Target(cfg.target_name, cfg.base_url, cfg.model, cfg.api)  # type: ignore[arg-type]
             runs.append(asyncio.run(run_workload(target, workload, duration_limit_s=cfg.duration_limit,
-                                                 request_timeout_s=cfg.request_timeout,
+                                                 request_timeout_s=cfg.request_timeout, warmup=cfg.warmup,
                                                  progress=tracker(cfg.target_name))))
         if "llama.cpp" in cfg.baselines:
             from headway.bench.baselines import LlamaCppServer
@@ -154,8 +157,13 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
             with LlamaCppServer(cfg.gguf, n_ctx=_n_ctx(workload)) as server:  # type: ignore[arg-type]
                 target = Target("llama.cpp", server.base_url, server.model_alias, cfg.api)  # type: ignore[arg-type]
                 run = asyncio.run(run_workload(target, workload, duration_limit_s=cfg.duration_limit,
-                                               request_timeout_s=cfg.request_timeout, progress=tracker("llama.cpp")))
+                                               request_timeout_s=cfg.request_timeout, warmup=cfg.warmup,
+                                               progress=tracker("llama.cpp")))
                 run.meta.update(server.meta())
+                if server.exit_code() is not None:
+                    run.meta["server_exit_code"] = server.exit_code()
+                    console.print(f"[red]llama.cpp server died during the run with exit code {server.exit_code()} "
+                                  f"(negative = killed by that signal, -11 = segfault)[/red]")
                 runs.append(run)
         if "transformers" in cfg.baselines:
             from headway.bench.baselines import TransformersBaseline
@@ -163,7 +171,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
             hf = TransformersBaseline(model_dir=cfg.model_dir, gguf=None if cfg.model_dir else cfg.gguf, device=cfg.device)
             for mode in ("sequential", "batched"):
                 runs.append(hf.run(workload, api=cfg.api, mode=mode, duration_limit_s=cfg.duration_limit,  # type: ignore[arg-type]
-                                   progress=tracker(f"transformers-{mode}")))
+                                   progress=tracker(f"transformers-{mode}"), warmup=cfg.warmup > 0))
     summaries = [summarize(r) for r in runs]
     names = [s.name for s in summaries]
     baseline = cfg.ratio_to
@@ -202,6 +210,7 @@ def bench(
     target_name: Annotated[str, typer.Option(help="label of the --base-url target")] = "target",
     ratio_to: Annotated[Optional[str], typer.Option(help="target name to compute ratios against")] = None,
     device: Annotated[str, typer.Option(help="device for the transformers baseline")] = "cpu",
+    warmup: Annotated[int, typer.Option(help="untimed warm-up requests per target before the run")] = 1,
 ) -> None:
     """Load-test an OpenAI-compatible endpoint and compare it with baselines in the same run."""
     cfg = BenchConfig(base_url=base_url, model=model, api=api, workload=workload, num_requests=num_requests,
@@ -209,7 +218,7 @@ def bench(
                       seed=seed, json_path=json_path, baselines=list(baseline or []), gguf=gguf, model_dir=model_dir,
                       tokenizer=tokenizer, duration_limit=duration_limit, request_timeout=request_timeout,
                       groups=groups, system_tokens=system_tokens, turns=turns, target_name=target_name,
-                      ratio_to=ratio_to, device=device)
+                      ratio_to=ratio_to, device=device, warmup=warmup)
     try:
         run_bench(cfg)
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:

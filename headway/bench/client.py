@@ -175,11 +175,20 @@ def _missing(session: Session, turn: int, why: str, start_s: float) -> RequestRe
     return RequestResult(session=session.id, turn=turn, ok=False, start_s=start_s, error=why)
 
 
+async def warm_up(target: Target, n: int = 1, *, timeout_s: float = 120.0) -> list[RequestResult]:
+    """Send ``n`` short untimed requests one by one (first-request setup costs stay out of the run)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s))) as client:
+        return [await send_request(client, target, [{"role": "user", "content": "Say hello."}], 4) for _ in range(n)]
+
+
 async def run_workload(target: Target, workload: Workload, *, duration_limit_s: float = 600.0,
-                       request_timeout_s: float = 300.0, progress: ProgressFn | None = None) -> RunResult:
-    """Run ``workload`` against ``target``; returns one result per request of the workload."""
+                       request_timeout_s: float = 300.0, progress: ProgressFn | None = None,
+                       warmup: int = 0) -> RunResult:
+    """Run ``workload`` against ``target`` (after ``warmup`` untimed requests); returns one result
+    per request of the workload."""
     if duration_limit_s <= 0:
         raise ValueError(f"duration_limit_s must be > 0, got {duration_limit_s}")
+    warm = await warm_up(target, warmup, timeout_s=request_timeout_s) if warmup > 0 else []
     results: dict[tuple[int, int], RequestResult] = {}
     gate = asyncio.Semaphore(workload.concurrency)
     timeout = httpx.Timeout(request_timeout_s, connect=min(10.0, request_timeout_s))
@@ -227,4 +236,6 @@ async def run_workload(target: Target, workload: Workload, *, duration_limit_s: 
                 record(r)
             ordered.append(r)
     return RunResult(target=target.name, results=ordered, wall_s=wall,
-                     meta={"base_url": target.base_url, "model": target.model, "api": target.api})
+                     meta={"base_url": target.base_url, "model": target.model, "api": target.api,
+                           "warmup_requests": len(warm),
+                           "warmup_errors": [w.error for w in warm if not w.ok]})
