@@ -205,6 +205,16 @@ def test_duration_limit_stops_the_run(llama_server) -> None:  # noqa: ANN001
     assert any(m.startswith("cancelled: duration limit") for m in s.error_messages)
 
 
+def test_poisson_requests_start_at_their_arrival_times(llama_server) -> None:  # noqa: ANN001
+    target = Target("llama.cpp", llama_server.base_url, llama_server.model_alias, "completions")
+    w = poisson_workload(6, 10.0, LengthDist.parse("8"), LengthDist.parse("2"), TextGenerator(), seed=3, concurrency=6)
+    run = asyncio.run(run_workload(target, w, duration_limit_s=60))
+    assert summarize(run).completed == 6
+    for session, r in zip(w.sessions, run.results):
+        assert session.arrival_s is not None
+        assert session.arrival_s - 0.005 <= r.start_s <= session.arrival_s + 0.5  # open loop: not sent early
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
