@@ -220,32 +220,38 @@ def test_poisson_requests_start_at_their_arrival_times(llama_server) -> None:  #
 
 @pytest.mark.slow
 def test_bench_end_to_end_llama_cpp_and_transformers(llama_server, tmp_path: Path) -> None:  # noqa: ANN001
+    """The endpoint under test (a llama.cpp server on tinycoder's GGUF) side by side with both
+    baselines started by the bench itself: a second llama.cpp server and HF transformers."""
     out = tmp_path / "report.json"
     cfg = BenchConfig(base_url=llama_server.base_url, model=llama_server.model_alias, api="completions",
                       workload="fixed", num_requests=6, concurrency=3, prompt_tokens="uniform:16:48",
-                      output_tokens="12", seed=1, json_path=out, baselines=["transformers"], gguf=_tiny_gguf(),
-                      target_name="llama.cpp", duration_limit=120)
-    run_bench(cfg)
+                      output_tokens="12", seed=1, json_path=out, baselines=["llama.cpp", "transformers"],
+                      gguf=_tiny_gguf(), target_name="under-test", duration_limit=120)
+    returned = run_bench(cfg)
     report = json.loads(out.read_text())
-    assert report["baseline"] == "transformers-sequential"
+    assert report == json.loads(json.dumps(returned))
+    assert report["baseline"] == "llama.cpp"
     assert report["workload"]["requests"] == 6 and report["workload"]["exact_tokens"] is True
     assert report["machine"]["cpu_count"] >= 1
     names = [t["name"] for t in report["targets"]]
-    assert names == ["llama.cpp", "transformers-sequential", "transformers-batched"]
+    assert names == ["under-test", "llama.cpp", "transformers-sequential", "transformers-batched"]
     for t in report["targets"]:
         assert t["requests"] == 6 and t["completed"] == 6 and t["errors"] == 0, t["error_messages"]
         assert 0 < t["output_tokens"] <= 6 * 12
         assert t["output_token_throughput"] > 0 and t["request_throughput"] > 0
+        assert t["output_token_throughput"] == pytest.approx(t["output_tokens"] / t["wall_s"])
         for key in ("ttft", "e2e"):
             st = t[key]
             assert st["count"] >= 1 and 0 < st["p50"] <= st["p95"] <= st["p99"] < 120
-        assert t["e2e"]["p50"] >= t["ttft"]["p50"] * 0.999 or t["e2e"]["count"] != t["ttft"]["count"]
-    assert report["targets"][2]["meta"]["batch_size"] == 3
-    assert report["targets"][0]["meta"]["warmup_requests"] == 1 and report["targets"][0]["meta"]["warmup_errors"] == []
-    assert report["targets"][1]["meta"]["warmup_s"] > 0
+        assert t["ttft"]["p50"] <= t["e2e"]["p99"]
+    meta = {t["name"]: t["meta"] for t in report["targets"]}
+    assert meta["llama.cpp"]["parallel_slots"] == 1 and meta["llama.cpp"]["threads"] >= 1
+    assert "server_exit_code" not in meta["llama.cpp"]
+    assert meta["under-test"]["warmup_requests"] == 1 and meta["under-test"]["warmup_errors"] == []
+    assert meta["transformers-batched"]["batch_size"] == 3 and meta["transformers-sequential"]["warmup_s"] > 0
     ratios = report["ratios"]
-    assert ratios["transformers-sequential"]["output_token_throughput"] == pytest.approx(1.0)
-    assert ratios["llama.cpp"]["output_token_throughput"] > 0
+    assert ratios["llama.cpp"]["output_token_throughput"] == pytest.approx(1.0)
+    assert all(ratios[n]["output_token_throughput"] > 0 for n in names)
 
 
 def test_report_ratios_and_cli_validation() -> None:
