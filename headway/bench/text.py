@@ -25,6 +25,7 @@ _WORD_KEYS = (
 # Pieces used to top up a text to an exact token count: short words that are one token in
 # every BPE / SentencePiece vocabulary we have met, tried in this order.
 _FILLERS = (" the", " and", " a", " of", " to", " in", " it", ",", ".")
+_STARTS = ("The", "A", "It", "This", "One")
 _MAX_FIX_STEPS = 256
 
 
@@ -119,6 +120,11 @@ class TextGenerator:
                 return text
             if actual > n_tokens and len(pieces) > 1:
                 pieces.pop()
+            elif actual > n_tokens:  # a single multi-token word: restart from a one-token word
+                starts = [w for w in _STARTS if self.count_tokens(w) <= n_tokens]
+                if not starts or pieces == starts[:1]:
+                    break
+                pieces = starts[:1]
             else:
                 for filler in _FILLERS:
                     candidate = "".join(pieces) + filler
