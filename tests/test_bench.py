@@ -17,7 +17,7 @@ from headway.bench.cli import BenchConfig, bench, run_bench
 from headway.bench.client import RunResult, RequestResult, Target, run_workload, send_request
 from headway.bench.report import Stat, build_report, compare, percentile, summarize
 from headway.bench.roofline import (
-    SMOLLM2_135M, DecoderShape, decoder_gemms, flops_per_token, measure_roofline, roofline_fraction,
+    SMOLLM2_135M, DecoderShape, decode_roofline_report, decoder_gemms, flops_per_token, measure_roofline, roofline_fraction,
 )
 from headway.bench.text import TextGenerator
 from headway.bench.workloads import (
@@ -337,4 +337,8 @@ def test_roofline_shapes_flops_and_fraction() -> None:
     assert roof.flops_per_s > 1e6  # any CPU does more than a MFLOP/s
     # a decode that ran exactly at the GEMM-only speed sits at fraction 1
     assert roofline_fraction(roof.tokens_per_s, flops_per_token(SMOLLM2_135M), roof.flops_per_s) == pytest.approx(1.0)
+    tiny = DecoderShape(hidden=64, intermediate=128, vocab=256, n_heads=4, head_dim=16, n_kv_heads=2, n_layers=2)
+    rep = decode_roofline_report(tiny, 2, 1000.0, context=32)
+    assert rep["flops_per_token"] == flops_per_token(tiny, 32)
+    assert rep["fraction"] == pytest.approx(1000.0 / rep["roofline_tokens_per_s"])
     assert cpu_share() >= 1

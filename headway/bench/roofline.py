@@ -175,3 +175,14 @@ def roofline_fraction(decode_tokens_per_s: float, flops_per_tok: float, roofline
         raise ValueError("need decode_tokens_per_s >= 0, flops_per_tok > 0 and roofline_flops_per_s > 0; got "
                          f"{decode_tokens_per_s}, {flops_per_tok}, {roofline_flops_per_s}")
     return decode_tokens_per_s * flops_per_tok / roofline_flops_per_s
+
+
+def decode_roofline_report(shape: DecoderShape, batch: int, decode_tokens_per_s: float, *, context: int = 0,
+                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Measure the roofline at ``batch`` and place ``decode_tokens_per_s`` on it (JSON-ready)."""
+    roof = measure_roofline(shape, batch, device=device, dtype=dtype)
+    fpt = flops_per_token(shape, context)
+    return {"batch": float(batch), "context": float(context), "flops_per_token": fpt,
+            "roofline_flops_per_s": roof.flops_per_s, "roofline_tokens_per_s": roof.flops_per_s / fpt,
+            "decode_tokens_per_s": decode_tokens_per_s,
+            "fraction": roofline_fraction(decode_tokens_per_s, fpt, roof.flops_per_s)}
