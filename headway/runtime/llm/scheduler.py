@@ -243,7 +243,7 @@ class Scheduler:
         seq.num_inflight = n
         item = ScheduledSeq(
             seq=seq,
-            token_ids=seq.all_ids[start : start + n],
+            token_ids=seq.token_slice(start, start + n),
             positions=list(range(start, start + n)),
             out_slots=out,
             context_slots=list(seq.slots),
