@@ -104,7 +104,7 @@ class Sampler:
         else:
             t = _col([t if t > 0 else 1.0 for t in temps], x)
             z = x / t
-            tokens = self._random(z, rows, params, uniform)
+            tokens = self._random(z, rows, params)
             if any(tt == 0.0 for tt in temps):
                 greedy = torch.tensor([tt == 0.0 for tt in temps], device=x.device)
                 tokens = torch.where(greedy, x.argmax(dim=-1), tokens)
@@ -147,7 +147,6 @@ class Sampler:
         z: torch.Tensor,
         rows: Sequence[SamplingRow],
         params: list[SamplingParams],
-        uniform: bool,
     ) -> torch.Tensor:
         """Sample from softmax(z) truncated by top-k -> top-p -> min-p.
 
