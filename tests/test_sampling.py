@@ -156,3 +156,27 @@ def test_sampling_params_validation() -> None:
     for part in ("temperature", "top_p", "top_logprobs", "n must", "max_tokens"):
         assert part in msg
     assert SamplingParams(stop="###").stop == ("###",)
+
+
+def test_wide_nucleus_and_exact_truncated_distribution() -> None:
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    # a flat-ish 5000-token distribution: the 0.5 nucleus is ~2500 tokens wide (> candidates)
+    logits = torch.linspace(0.0, 0.5, 5000).unsqueeze(0)
+    kept = set(torch.isfinite(TopPLogitsWarper(0.5)(torch.zeros(1, 1, dtype=torch.long), logits.clone()))
+               .nonzero()[:, 1].tolist())
+    got = set(Sampler(4).sample(logits.repeat(3000, 1), rows(3000, top_p=0.5)).tokens)
+    assert got <= kept and len(got) > 1024
+    # top-k then top-p then min-p: sampled frequencies match the exactly truncated distribution
+    base = torch.tensor([[2.0, 1.8, 1.5, 1.0, 0.2, 0.0, -0.5]])
+    n = 20000
+    out = Sampler(5).sample(base.repeat(n, 1), rows(n, temperature=0.7, top_k=5, top_p=0.9, min_p=0.15))
+    freq = torch.bincount(torch.tensor(out.tokens), minlength=7).float() / n
+    z = base[0] / 0.7
+    p = torch.softmax(z[:5], -1)  # top-k 5, renormalized
+    keep = (p.cumsum(0) - p) <= 0.9
+    keep &= torch.softmax(z, -1)[:5] >= 0.15 * torch.softmax(z, -1).max()
+    want = torch.zeros(7)
+    want[:5] = torch.where(keep, p, torch.zeros(5))
+    want /= want.sum()
+    assert torch.allclose(freq, want, atol=0.015), (freq, want)

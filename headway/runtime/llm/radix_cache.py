@@ -56,6 +56,18 @@ def prefix_block_hashes(
     return out
 
 
+def _common(edge: list[int], tokens: Sequence[int], i: int) -> int:
+    """Length of the common prefix of ``edge`` and ``tokens[i:]`` (edge[0] already matches);
+    a whole-edge match is checked with one slice comparison (C speed)."""
+    lim = min(len(edge), len(tokens) - i)
+    if lim == len(edge) and edge == list(tokens[i : i + lim]):
+        return lim
+    m = 1
+    while m < lim and edge[m] == tokens[i + m]:
+        m += 1
+    return m
+
+
 class RadixNode:
     __slots__ = ("key", "tokens", "slots", "children", "parent", "lock_ref", "last_access")
 
@@ -160,10 +172,7 @@ class RadixCache:
             if child is None:
                 break
             edge = child.tokens
-            m = 1
-            lim = min(len(edge), n - i)
-            while m < lim and edge[m] == tokens[i + m]:
-                m += 1
+            m = _common(edge, tokens, i)
             if m < len(edge):
                 child = self._split(child, m)
             child.last_access = now
@@ -189,10 +198,7 @@ class RadixCache:
             if child is None:
                 break
             edge = child.tokens
-            m = 1
-            lim = min(len(edge), n - i)
-            while m < lim and edge[m] == tokens[i + m]:
-                m += 1
+            m = _common(edge, tokens, i)
             i += m
             if m < len(edge):
                 break
@@ -224,10 +230,7 @@ class RadixCache:
                 cached = i
                 break
             edge = child.tokens
-            m = 1
-            lim = min(len(edge), n - i)
-            while m < lim and edge[m] == tokens[i + m]:
-                m += 1
+            m = _common(edge, tokens, i)
             if m < len(edge):
                 child = self._split(child, m)
             child.last_access = now

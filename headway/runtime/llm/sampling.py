@@ -9,11 +9,12 @@ Reported logprobs (``logprobs`` / ``top_logprobs``) are ``log_softmax`` of the l
 penalties and temperature, before top-k/top-p/min-p truncation* (vLLM v0's behaviour, v1's
 ``processed_logprobs``); for greedy rows temperature is taken as 1.
 
-Randomness: sampling uses the exponential-race form ``argmax(p / q), q ~ Exp(1)`` (exactly a
-draw from ``p``). A row with a ``generator`` (seeded request) draws its V noise values from its
-own CPU generator, so a seeded request's output does not depend on what else is in the batch
-or on the device; unseeded rows share the sampler's generator. The all-greedy and
-same-parameters cases are fully vectorized (no per-row tensor work).
+Randomness: a draw is an inverse-CDF lookup with one uniform per row. A row with a
+``generator`` (seeded request) takes its uniform from its own CPU generator, so a seeded
+request's output does not depend on what else is in the batch or on the device; unseeded rows
+share the sampler's generator. top-k/top-p look only at the ``topk`` candidates (widened until
+the nucleus fits), never a full-vocabulary sort. The all-greedy and same-parameters cases are
+vectorized over the batch (no per-row tensor work; seeded rows cost one scalar draw each).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ class Sampler:
         else:
             t = _col([t if t > 0 else 1.0 for t in temps], x)
             z = x / t
-            tokens = self._random(z, rows, params, uniform)
+            tokens = self._random(z, rows, params)
             if any(tt == 0.0 for tt in temps):
                 greedy = torch.tensor([tt == 0.0 for tt in temps], device=x.device)
                 tokens = torch.where(greedy, x.argmax(dim=-1), tokens)
@@ -125,40 +126,81 @@ class Sampler:
                     tops[i] = list(zip(ti_l[i][: p.top_logprobs], tv_l[i][: p.top_logprobs]))
         return SampleOutput(tokens.tolist(), lps, tops)
 
+    def _uniforms(self, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """One U[0,1) per row, on CPU: seeded rows from their own generator."""
+        u = torch.rand(len(rows), dtype=torch.float64, generator=self._gen)
+        for i, r in enumerate(rows):
+            if r.generator is not None:
+                u[i] = torch.rand(1, dtype=torch.float64, generator=r.generator)[0]
+        return u
+
+    @staticmethod
+    def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Index drawn from each row of non-negative ``weights`` with uniforms ``u``."""
+        cdf = weights.double().cumsum(dim=-1)
+        target = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+        idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+        return idx.clamp_(max=weights.shape[1] - 1)
+
     def _random(
         self,
         z: torch.Tensor,
         rows: Sequence[SamplingRow],
         params: list[SamplingParams],
-        uniform: bool,
     ) -> torch.Tensor:
+        """Sample from softmax(z) truncated by top-k -> top-p -> min-p.
+
+        min-p keeps tokens with p >= min_p * p_max; that ratio does not change when top-k /
+        top-p renormalize, so its mask is taken on the full distribution and intersected.
+        top-k / top-p work on the top candidates only (``topk``, not a full-vocabulary sort);
+        a top-p row whose nucleus is not inside the candidates falls back to all of them.
+        The draw is an inverse-CDF lookup with one uniform per row (seeded rows: from their
+        own generator), so a seeded row is reproducible whatever the batch or device."""
         n, vocab = z.shape
-        top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-        top_p = [p.top_p for p in params]
-        if any(k < vocab for k in top_k) or any(tp < 1.0 for tp in top_p):
-            sz, idx = z.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=z.device).unsqueeze(0)
-            drop = ranks >= torch.tensor(top_k, device=z.device).unsqueeze(1)
-            if any(tp < 1.0 for tp in top_p):
-                ps = torch.softmax(sz, dim=-1)
-                before = ps.cumsum(dim=-1) - ps  # mass strictly above this token
-                drop |= before > _col(top_p, ps)
-            drop[:, 0] = False  # always keep the best token
-            sz = sz.masked_fill(drop, float("-inf"))
-            z = torch.empty_like(z).scatter_(1, idx, sz)
+        raw = probs = torch.softmax(z, dim=-1)
         min_p = [p.min_p for p in params]
         if any(min_p):
-            probs = torch.softmax(z, dim=-1)
-            thresh = _col(min_p, probs) * probs.max(dim=-1, keepdim=True).values
-            z = z.masked_fill(probs < thresh, float("-inf"))
-        probs = torch.softmax(z, dim=-1)
-
-        # exponential race; noise drawn on CPU so seeded rows reproduce on any device
-        q = torch.empty(n, vocab, dtype=torch.float32)
-        seeded = [i for i, r in enumerate(rows) if r.generator is not None]
-        if len(seeded) < n:
-            q.exponential_(generator=self._gen)
-        for i in seeded:
-            q[i].exponential_(generator=rows[i].generator)
-        q = q.to(z.device)
-        return (probs / q).argmax(dim=-1)
+            keep = probs >= _col(min_p, probs) * probs.max(dim=-1, keepdim=True).values
+            probs = probs * keep
+        u = self._uniforms(rows)
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        top_p = [p.top_p for p in params]
+        trunc = [i for i in range(n) if top_k[i] or top_p[i] < 1.0]
+        if len(trunc) < n:
+            tokens = self._inverse_cdf(probs, u)
+        else:
+            tokens = torch.empty(n, dtype=torch.int64, device=z.device)
+        if not trunc:
+            return tokens
+        ti = torch.tensor(trunc, device=z.device)
+        zt, pt, rt = (z, probs, raw) if len(trunc) == n else (z[ti], probs[ti], raw[ti])
+        ks = [top_k[i] for i in trunc]
+        ps = [top_p[i] for i in trunc]
+        k0 = vocab if any(k == 0 for k in ks) and any(p < 1.0 for p in ps) else max(ks)
+        k0 = min(vocab, max(k0 if k0 < vocab else 1024, 1))
+        while True:
+            _, ids = zt.topk(k0, dim=-1)  # sorted, best first
+            cand = zt.gather(1, ids)
+            rank = torch.arange(k0, device=z.device).unsqueeze(0)
+            kcol = torch.tensor([k if k else vocab for k in ks], device=z.device).unsqueeze(1)
+            drop = rank >= kcol
+            # top-p over the top-k-renormalized distribution (rows without top-k: the full one)
+            full = rt.gather(1, ids)
+            renorm = torch.softmax(cand.masked_fill(drop, float("-inf")), dim=-1)
+            has_k = torch.tensor([k > 0 for k in ks], device=z.device).unsqueeze(1)
+            pc = torch.where(has_k, renorm, full)
+            pcol = _col(ps, pc)
+            before = pc.cumsum(dim=-1) - pc
+            covered = has_k.squeeze(1) | (pc.sum(dim=-1) > pcol.squeeze(1))
+            if k0 == vocab or bool(covered.all()):
+                break
+            k0 = min(vocab, k0 * 8)  # some nucleus reaches past the candidates: widen
+        drop |= before > pcol
+        drop[:, 0] = False  # always keep the best token
+        w = pt.gather(1, ids).masked_fill(drop, 0.0)
+        empty = w.sum(dim=-1) <= 0  # min-p and top-k/p disagree only if rounding: keep best
+        if bool(empty.any()):
+            w[empty, 0] = 1.0
+        pick = self._inverse_cdf(w, u[torch.tensor(trunc)])
+        tokens[ti] = ids.gather(1, pick.unsqueeze(1)).squeeze(1)
+        return tokens

@@ -1,24 +1,20 @@
 """Scheduler: owns admission, batch formation and preemption (continuous token-level batching).
 
-Each ``schedule()`` forms one engine step. Requests join and leave the running batch at every
-step; prompts are prefilled in chunks under a per-step token budget
-(``max_num_batched_tokens``); at most ``max_running`` sequences run at once. Every running
-sequence that is done prefilling decodes one token each step the budget allows (when it
-cannot take them all they take turns round-robin, so none is starved); with ``priority="prefill"`` (default) prefill work is admitted every step and is guaranteed at
-least ``min_prefill_tokens`` of the budget when decodes would otherwise fill it; with
-``priority="decode"`` decodes take the budget first and prefill gets what is left.
+Each ``schedule()`` forms one step: requests join and leave the running batch at every step;
+prompts prefill in chunks under ``max_num_batched_tokens``; at most ``max_running`` run. Every
+decoding sequence gets one token per step the budget allows (round-robin when it cannot take
+them all: none starves). ``priority="prefill"`` (default) guarantees prefill work
+``min_prefill_tokens`` of the budget; ``priority="decode"`` gives prefill only what is left.
 
-Memory: on admission the radix cache is matched, the longest cached prefix is reused (and
-locked) and only the rest is allocated; a request that cannot get slots waits (unlocked cache
-is evicted first). A running sequence that cannot get a slot preempts the youngest running
-sequence (recompute: its computed prefix goes into the cache as evictable, its slots are
-released, and it goes back to the front of the waiting queue keeping its generated tokens, so
-it resumes by re-prefilling prompt+output). The waiting queue is ordered
-longest-cached-prefix-first, except that a request waiting ``aging_steps`` steps or more goes
-first (nothing starves). Finished sequences insert prompt+output into the cache and unlock.
-n > 1: the prompt is prefilled once; when its last chunk is scheduled the request forks into
-n sequences whose first tokens are sampled from the same logits row and which share the
-prompt's slots through the cache (one lock each).
+Memory: admission matches the radix cache, reuses (locks) the longest cached prefix and
+allocates only the rest; short of slots, a request waits (unlocked cache is evicted first). A
+running sequence that cannot get a slot preempts the youngest running one (recompute: its
+computed prefix goes into the cache as evictable, and it re-enters the front of the waiting
+queue keeping its output, to resume by re-prefilling prompt+output). Waiting requests go
+longest-cached-prefix-first, but one waiting ``aging_steps`` steps goes first. Finished
+sequences insert prompt+output into the cache and unlock. n > 1: the prompt prefills once,
+then forks into n sequences sampled from the same logits row, sharing the prompt's slots
+through the cache (one lock each).
 
 Invariant (``check_invariant``, asserted in tests every step):
     pool.free + cache.evictable + cache.locked + sum(seq.num_private_slots) == pool.total
@@ -61,6 +57,7 @@ from headway.runtime.llm.sequence import (
     Sequence,
     SeqStatus,
     make_generator,
+    validate_prompt,
 )
 
 __all__ = ["Scheduler", "SchedulerConfig", "SchedulePlan", "ScheduledSeq"]
@@ -109,16 +106,7 @@ class Scheduler:
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already active")
-        ids = list(prompt_ids)
-        if not ids:
-            raise ValueError("prompt is empty: at least one token id is required")
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
-            raise ValueError("prompt token ids must be ints >= 0")
-        if len(ids) >= self.pool.total:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but the KV pool holds at most "
-                f"{self.pool.total - 1} prompt tokens (num_slots={self.pool.total}); shorten it"
-            )
+        ids = validate_prompt(prompt_ids, self.pool.total)
         if params.n > self.config.max_running:
             raise ValueError(f"n={params.n} exceeds max_running={self.config.max_running}")
         seq = Sequence(
@@ -243,7 +231,7 @@ class Scheduler:
         seq.num_inflight = n
         item = ScheduledSeq(
             seq=seq,
-            token_ids=seq.all_ids[start : start + n],
+            token_ids=seq.token_slice(start, start + n),
             positions=list(range(start, start + n)),
             out_slots=out,
             context_slots=list(seq.slots),
@@ -255,23 +243,7 @@ class Scheduler:
             item.num_samples = 1
             plan.sample_seqs.append(seq)
             if seq.fork_pending:
-                p = seq.params
-                for i in range(1, p.n):
-                    item.children.append(
-                        Sequence(
-                            seq_id=f"{seq.request_id}#{i}",
-                            request_id=seq.request_id,
-                            prompt_ids=seq.prompt_ids,
-                            params=p,
-                            index=i,
-                            cache_key=seq.cache_key,
-                            generator=make_generator(p.seed, i),
-                            arrival_time=seq.arrival_time,
-                            arrival_step=seq.arrival_step,
-                            first_scheduled_time=now,
-                            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-                        )
-                    )
+                item.children = [seq.fork(i, now) for i in range(1, seq.params.n)]
                 item.num_samples += len(item.children)
                 plan.sample_seqs.extend(item.children)
         plan.items.append(item)

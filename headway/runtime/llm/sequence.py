@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,6 +104,21 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+def validate_prompt(prompt_ids: Iterable[int], num_slots: int) -> list[int]:
+    """The prompt as a list, or ``ValueError`` if it can never run on a pool of ``num_slots``."""
+    ids = list(prompt_ids)
+    if not ids:
+        raise ValueError("prompt is empty: at least one token id is required")
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise ValueError("prompt token ids must be ints >= 0")
+    if len(ids) >= num_slots:
+        raise ValueError(
+            f"prompt has {len(ids)} tokens but the KV pool holds at most {num_slots - 1} "
+            f"prompt tokens (num_slots={num_slots}); shorten it"
+        )
+    return ids
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -161,6 +176,15 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` without building ``all_ids``."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
@@ -181,3 +205,20 @@ class Sequence:
     def in_prefill(self) -> bool:
         """More than one token left to compute (a decode computes exactly the last one)."""
         return self.num_tokens - self.num_computed > 1
+
+    def fork(self, index: int, now: float) -> Sequence:
+        """Sample ``index`` of this n > 1 request: same prompt and params, its own seed
+        stream; it gets its slots (the shared prompt prefix) when the scheduler forks it."""
+        return Sequence(
+            seq_id=f"{self.request_id}#{index}",
+            request_id=self.request_id,
+            prompt_ids=self.prompt_ids,
+            params=self.params,
+            index=index,
+            cache_key=self.cache_key,
+            generator=make_generator(self.params.seed, index),
+            arrival_time=self.arrival_time,
+            arrival_step=self.arrival_step,
+            first_scheduled_time=now,
+            num_cached_prompt_tokens=self.num_cached_prompt_tokens,
+        )
