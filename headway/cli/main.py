@@ -11,6 +11,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from headway.bench.cli import bench
+from headway.library.cli import app as library_app
 from headway.package.load import PackageError, load_package
 
 app = typer.Typer(help="Headway: package a model once, serve it anywhere.", no_args_is_help=True,
@@ -183,23 +185,8 @@ def _print_stream(resp: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _mount_optional() -> None:
-    """Sub-commands whose modules may be absent in a partial install are mounted if present."""
-    try:
-        from headway.library.cli import app as library_app
-
-        app.add_typer(library_app, name="library", help="The model library: list and pull models.")
-    except ImportError:
-        pass
-    try:
-        from headway.bench.cli import bench
-
-        app.command("bench", help="Benchmark an OpenAI-compatible endpoint.")(bench)
-    except ImportError:
-        pass
-
-
-_mount_optional()
+app.add_typer(library_app, name="library", help="The model library: list and pull models.")
+app.command("bench", help="Benchmark an OpenAI-compatible endpoint, with baselines side by side.")(bench)
 
 if __name__ == "__main__":
     app()
