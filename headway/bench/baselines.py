@@ -87,6 +87,7 @@ class TransformersBaseline:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
         self.eos_ids = self._eos_ids()
+        self.ignore_eos = False  # set by the caller for fixed-length outputs
         self.source = str(gguf or model_dir)
 
     def _eos_ids(self) -> set[int]:
@@ -109,14 +110,16 @@ class TransformersBaseline:
         clock = _StepClock()
         with torch.inference_mode():
             self.model.generate(**enc, max_new_tokens=max(max_tokens), do_sample=False, streamer=clock,
+                                min_new_tokens=max(max_tokens) if self.ignore_eos else None,
                                 pad_token_id=self.tokenizer.pad_token_id)
         results, answers = [], []
         for row, limit in enumerate(max_tokens):
             ids: list[int] = []
             times: list[float] = []
             for step_time, step_tokens in zip(clock.times, clock.tokens):
-                if len(ids) >= limit or step_tokens[row] in self.eos_ids:
-                    if step_tokens[row] in self.eos_ids and len(ids) < limit:
+                eos = step_tokens[row] in self.eos_ids and not self.ignore_eos
+                if len(ids) >= limit or eos:
+                    if eos and len(ids) < limit:
                         times.append(step_time)  # the EOS step ends the request
                     break
                 ids.append(step_tokens[row])

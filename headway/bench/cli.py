@@ -56,6 +56,7 @@ class BenchConfig:
     ratio_to: str | None = None
     device: str = "cpu"
     warmup: int = 1
+    ignore_eos: bool = False
 
     def validate(self) -> None:
         errors: list[str] = []
@@ -147,7 +148,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
             return on_result
 
         if cfg.base_url is not None:
-            target = Target(cfg.target_name, cfg.base_url, cfg.model, cfg.api)  # type: ignore[arg-type]
+            target = Target(cfg.target_name, cfg.base_url, cfg.model, cfg.api, cfg.ignore_eos)  # type: ignore[arg-type]
             runs.append(asyncio.run(run_workload(target, workload, duration_limit_s=cfg.duration_limit,
                                                  request_timeout_s=cfg.request_timeout, warmup=cfg.warmup,
                                                  progress=tracker(cfg.target_name))))
@@ -155,7 +156,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
             from headway.bench.baselines import LlamaCppServer
 
             with LlamaCppServer(cfg.gguf, n_ctx=_n_ctx(workload)) as server:  # type: ignore[arg-type]
-                target = Target("llama.cpp", server.base_url, server.model_alias, cfg.api)  # type: ignore[arg-type]
+                target = Target("llama.cpp", server.base_url, server.model_alias, cfg.api, cfg.ignore_eos)  # type: ignore[arg-type]
                 run = asyncio.run(run_workload(target, workload, duration_limit_s=cfg.duration_limit,
                                                request_timeout_s=cfg.request_timeout, warmup=cfg.warmup,
                                                progress=tracker("llama.cpp")))
@@ -169,6 +170,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
             from headway.bench.baselines import TransformersBaseline
 
             hf = TransformersBaseline(model_dir=cfg.model_dir, gguf=None if cfg.model_dir else cfg.gguf, device=cfg.device)
+            hf.ignore_eos = cfg.ignore_eos
             for mode in ("sequential", "batched"):
                 runs.append(hf.run(workload, api=cfg.api, mode=mode, duration_limit_s=cfg.duration_limit,  # type: ignore[arg-type]
                                    progress=tracker(f"transformers-{mode}"), warmup=cfg.warmup > 0))
@@ -211,6 +213,7 @@ def bench(
     ratio_to: Annotated[Optional[str], typer.Option(help="target name to compute ratios against")] = None,
     device: Annotated[str, typer.Option(help="device for the transformers baseline")] = "cpu",
     warmup: Annotated[int, typer.Option(help="untimed warm-up requests per target before the run")] = 1,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="generate exactly the output length (no early EOS), everywhere")] = False,
 ) -> None:
     """Load-test an OpenAI-compatible endpoint and compare it with baselines in the same run."""
     cfg = BenchConfig(base_url=base_url, model=model, api=api, workload=workload, num_requests=num_requests,
@@ -218,7 +221,7 @@ def bench(
                       seed=seed, json_path=json_path, baselines=list(baseline or []), gguf=gguf, model_dir=model_dir,
                       tokenizer=tokenizer, duration_limit=duration_limit, request_timeout=request_timeout,
                       groups=groups, system_tokens=system_tokens, turns=turns, target_name=target_name,
-                      ratio_to=ratio_to, device=device, warmup=warmup)
+                      ratio_to=ratio_to, device=device, warmup=warmup, ignore_eos=ignore_eos)
     try:
         run_bench(cfg)
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:

@@ -39,6 +39,7 @@ class Target:
     base_url: str
     model: str
     api: Api = "chat"
+    ignore_eos: bool = False  # fixed-length outputs (sends vLLM's ignore_eos and min_tokens)
 
     def url(self) -> str:
         path = "/v1/chat/completions" if self.api == "chat" else "/v1/completions"
@@ -80,6 +81,9 @@ ProgressFn = Callable[[RequestResult], None]
 def _request_body(target: Target, messages: list[dict[str, str]], max_tokens: int) -> dict[str, object]:
     body: dict[str, object] = {"model": target.model, "max_tokens": max_tokens, "stream": True,
                                "stream_options": {"include_usage": True}, "temperature": 0.0}
+    if target.ignore_eos:
+        body["ignore_eos"] = True
+        body["min_tokens"] = max_tokens
     if target.api == "chat":
         body["messages"] = messages
     else:
