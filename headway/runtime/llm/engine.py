@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from headway.runtime.llm.chunking import PrefillChunker
 from headway.runtime.llm.detokenizer import IncrementalDetokenizer
 from headway.runtime.llm.device import choose_dtype, default_device
 from headway.runtime.llm.kv_pool import KVPool
@@ -61,7 +62,7 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", device: str | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
-                 num_threads: int | None = None, model_name: str = "model"):
+                 num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or default_device())
@@ -75,6 +76,7 @@ class LLMEngine:
         eos = tuple(sorted(self.tokenizer.eos_token_ids))
         self.scheduler = Scheduler(self.pool, self.cache, SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens, max_running=max_running, eos_token_ids=eos))
+        self.chunker = PrefillChunker(budget=max_num_batched_tokens, itl_factor=itl_factor)
         self.prefix_caching = enable_prefix_caching
         self.sampler = Sampler()
         self.metrics = EngineMetrics(model_name)
@@ -177,7 +179,9 @@ class LLMEngine:
             req.send(OpenAIError("the server is shutting down", status=503, type="server_error"))
 
     def _step(self) -> None:
-        plan = self.scheduler.schedule()
+        started = time.perf_counter()
+        decodes = sum(1 for s in self.scheduler.running if not s.in_prefill)
+        plan = self.scheduler.schedule(prefill_cap=self.chunker.prefill_cap(decodes))
         for seq in plan.finished:
             self._emit(seq, [], None)
         if plan.preempted:
@@ -189,6 +193,7 @@ class LLMEngine:
         logits = self.runner.forward(plan.to_forward_batch(self.device))
         out = self.sampler.sample(logits, plan.sample_seqs) if plan.sample_seqs else None
         got = self.scheduler.update(plan, out.tokens if out else [])
+        self.chunker.observe(plan.num_tokens, time.perf_counter() - started)
         self.steps += 1
         rows = {id(s): i for i, s in enumerate(plan.sample_seqs)}
         now = time.monotonic()

@@ -260,7 +260,9 @@ class Scheduler:
         return resumed + aged + rest
 
     # ---- one step -------------------------------------------------------------------
-    def schedule(self, now: float | None = None) -> SchedulePlan:
+    def schedule(self, now: float | None = None, prefill_cap: int | None = None) -> SchedulePlan:
+        """Form one step. ``prefill_cap`` (optional) bounds this step's prefill tokens, so a
+        step that carries running decodes stays short (the engine's ``PrefillChunker``)."""
         if self._inflight is not None:
             raise RuntimeError(
                 f"schedule() called again before update() of step {self._inflight.step}'s plan"
@@ -278,13 +280,15 @@ class Scheduler:
         if cfg.priority == "prefill" and prefill_work:
             decode_cap = budget - (cfg.min_prefill_tokens or 0)
         decode_left = min(n_decodes, decode_cap)
-        prefill_left = budget - decode_left
+        cap = budget if prefill_cap is None else max(1, prefill_cap)
+        prefill_left = min(budget - decode_left, cap)
         # when the budget cannot take every decode, the least recently scheduled go first
         # (round-robin), so no running sequence is starved
         chosen = sorted(decodes, key=lambda s: s.last_scheduled)[:decode_left]
         allowed = {id(s) for s in chosen}
 
         # 1) running sequences, oldest first; decodes and continuing prefill chunks
+        prefill_start = prefill_left
         scheduled: set[int] = set()
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
@@ -330,7 +334,7 @@ class Scheduler:
         self._emit_counter += len(chosen)
 
         # 2) admissions from the waiting queue, while budget and max_running allow
-        prefill_left = budget - plan.num_tokens
+        prefill_left = min(budget - plan.num_tokens, cap - (prefill_start - prefill_left))
         n_running = sum(s.params.n if s.fork_pending else 1 for s in self.running)  # incl. forks to come
         for seq in [] if plan.preempted else self._waiting_order():  # short of memory: admit none
             cost = seq.params.n if seq.fork_pending else 1
