@@ -40,9 +40,10 @@ class DecoderShape:
 
     @classmethod
     def from_hf_config(cls, config: object) -> DecoderShape:
-        """From a transformers Llama-style config (``hidden_size``, ``num_attention_heads``, ...)."""
+        """From a Llama-style config (``hidden_size``, ``num_attention_heads``, ...): a transformers
+        config object or the dict of a config.json."""
         def get(name: str, required: bool = True) -> int | None:
-            value = getattr(config, name, None)
+            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
             if value is None and required:
                 raise ValueError(f"config {type(config).__name__} has no {name!r}; a Llama-style decoder config is needed")
             return None if value is None else int(value)

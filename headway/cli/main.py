@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from headway.bench.cli import bench
+from headway.bench.targets import app as targets_app
 from headway.library.cli import app as library_app
 from headway.package.load import PackageError, load_package
 
@@ -187,6 +188,7 @@ def _print_stream(resp: Any) -> None:
 
 app.add_typer(library_app, name="library", help="The model library: list and pull models.")
 app.command("bench", help="Benchmark an OpenAI-compatible endpoint, with baselines side by side.")(bench)
+app.add_typer(targets_app, name="bench-target")
 
 if __name__ == "__main__":
     app()

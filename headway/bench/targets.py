@@ -1,0 +1,191 @@
+"""Engine benchmarks that need a purpose-built workload, each with its baseline in the same run.
+
+- `prefix-cache`: TTFT of requests whose ~1,000-token system prompt is already cached (hit)
+  against requests with a system prompt never seen before (miss), interleaved, one at a time.
+- `prefill-stall`: streams decoding while a long prompt arrives; the ITL of those streams
+  while the long prompt is being prefilled, against their ITL outside that window.
+- `roofline`: the engine's steady-state decode throughput at a batch size, in process, as a
+  fraction of the machine's measured matmul FLOP/s at the engine's own GEMM shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import httpx
+import typer
+from rich.console import Console
+
+from headway.bench.report import machine_info, percentile
+from headway.bench.text import TextGenerator
+
+app = typer.Typer(help="Purpose-built engine benchmarks (prefix cache, prefill stall, roofline).",
+                  no_args_is_help=True)
+console = Console()
+
+
+def _tokenizer(path: Path | None) -> Any:
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One streamed completion: arrival times of its content chunks."""
+    t0 = time.perf_counter()
+    times: list[float] = []
+    async with client.stream("POST", url, json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            choices = chunk.get("choices") or []
+            if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
+                times.append(time.perf_counter())
+    return {"start": t0, "times": times, "ttft": times[0] - t0 if times else None}
+
+
+def _write(report: dict[str, Any], path: Path | None) -> None:
+    report["machine"] = machine_info()
+    if path is not None:
+        path.write_text(json.dumps(report, indent=2))
+        console.print(f"wrote {path}")
+
+
+@app.command("prefix-cache")
+def prefix_cache(
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible server")] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="model name")] = "smollm2-135m-instruct",
+    system_tokens: Annotated[int, typer.Option(help="shared system prompt length")] = 1000,
+    pairs: Annotated[int, typer.Option(help="hit/miss pairs measured")] = 10,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json for exact lengths")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json")] = None,
+) -> None:
+    """TTFT with the system prompt cached (hit) vs never seen (miss), interleaved."""
+    gen = TextGenerator(_tokenizer(tokenizer))
+    rng = random.Random(seed)
+    shared = gen.text(system_tokens, rng)
+    url = base_url.rstrip("/") + "/v1/chat/completions"
+
+    def body(system: str) -> dict[str, Any]:
+        return {"model": model, "max_tokens": 1, "temperature": 0, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": gen.text(12, rng)}]}
+
+    async def run() -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {"hit": [], "miss": []}
+        async with httpx.AsyncClient(timeout=300) as client:
+            await _stream(client, url, body(shared))  # put the shared prefix in the cache
+            for _ in range(pairs):
+                miss = await _stream(client, url, body(gen.text(system_tokens, rng)))
+                hit = await _stream(client, url, body(shared))
+                out["miss"].append(miss["ttft"])
+                out["hit"].append(hit["ttft"])
+        return out
+
+    ttft = asyncio.run(run())
+    p50 = {k: percentile(v, 50) for k, v in ttft.items()}
+    ratio = p50["miss"] / p50["hit"]
+    console.print(f"TTFT p50  miss {p50['miss'] * 1000:.1f} ms   hit {p50['hit'] * 1000:.1f} ms   "
+                  f"miss/hit = {ratio:.2f}x  ({pairs} pairs, {system_tokens}-token system prompt)")
+    _write({"benchmark": "prefix-cache", "system_tokens": system_tokens, "pairs": pairs,
+            "ttft_s": ttft, "p50_s": p50, "miss_over_hit": ratio}, json_path)
+
+
+@app.command("prefill-stall")
+def prefill_stall(
+    base_url: Annotated[str, typer.Option(help="OpenAI-compatible server")] = "http://127.0.0.1:8000",
+    model: Annotated[str, typer.Option(help="model name")] = "smollm2-135m-instruct",
+    streams: Annotated[int, typer.Option(help="streams decoding while the long prompt arrives")] = 8,
+    long_tokens: Annotated[int, typer.Option(help="length of the long prompt")] = 2000,
+    output_tokens: Annotated[int, typer.Option(help="output length of each stream")] = 160,
+    tokenizer: Annotated[Optional[Path], typer.Option(help="tokenizer.json for exact lengths")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_path: Annotated[Optional[Path], typer.Option("--json")] = None,
+) -> None:
+    """ITL of running streams while a long prompt is prefilled, against their ITL otherwise."""
+    gen = TextGenerator(_tokenizer(tokenizer))
+    rng = random.Random(seed)
+    url = base_url.rstrip("/") + "/v1/completions"
+
+    async def run() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + 4)) as client:
+            bodies = [{"model": model, "prompt": gen.text(64, rng), "max_tokens": output_tokens, "temperature": 0,
+                       "ignore_eos": True} for _ in range(streams)]
+            tasks = [asyncio.create_task(_stream(client, url, b)) for b in bodies]
+            await asyncio.sleep(0)
+            # let every stream reach steady decoding before the long prompt arrives
+            deadline = time.perf_counter() + 120
+            while time.perf_counter() < deadline:
+                await asyncio.sleep(0.5)
+                state = (await client.get(base_url.rstrip("/") + "/headway/state")).json()
+                if state.get("queued", 0) == 0 and state.get("in_flight", 0) >= streams:
+                    break
+            await asyncio.sleep(1.0)
+            long = await _stream(client, url, {"model": model, "prompt": gen.text(long_tokens, rng),
+                                               "max_tokens": 1, "temperature": 0})
+            return list(await asyncio.gather(*tasks)), long
+
+    results, long = asyncio.run(run())
+    window = (long["start"], long["times"][0] if long["times"] else long["start"])
+    inside, outside = [], []
+    for r in results:
+        for a, b in zip(r["times"], r["times"][1:]):
+            (inside if a < window[1] and b > window[0] else outside).append(b - a)
+    stats = {name: {"p50_ms": percentile(v, 50) * 1000, "p99_ms": percentile(v, 99) * 1000, "n": len(v)}
+             for name, v in (("during_prefill", inside), ("outside", outside), ("all", inside + outside))}
+    p99_over_p50 = stats["all"]["p99_ms"] / stats["all"]["p50_ms"]
+    console.print(f"long prompt: {long_tokens} tokens, TTFT {long['ttft']:.2f} s; {streams} streams")
+    for name, s in stats.items():
+        console.print(f"  ITL {name:15s} p50 {s['p50_ms']:7.1f} ms  p99 {s['p99_ms']:7.1f} ms  (n={s['n']})")
+    console.print(f"  p99/p50 of all stream ITLs = {p99_over_p50:.2f}")
+    _write({"benchmark": "prefill-stall", "streams": streams, "long_tokens": long_tokens,
+            "long_ttft_s": long["ttft"], "itl": stats, "p99_over_p50": p99_over_p50}, json_path)
+
+
+@app.command("roofline")
+def roofline(
+    model_dir: Annotated[Path, typer.Option(help="converted model directory (headway library pull)")],
+    batch: Annotated[int, typer.Option(help="sequences decoding at once")] = 32,
+    context: Annotated[int, typer.Option(help="prompt tokens per sequence")] = 250,
+    steps: Annotated[int, typer.Option(help="decode steps timed")] = 64,
+    dtype: Annotated[str, typer.Option()] = "float32",
+    json_path: Annotated[Optional[Path], typer.Option("--json")] = None,
+) -> None:
+    """Steady-state decode tokens/s of the engine vs the matmul roofline at its GEMM shapes."""
+    import torch
+
+    from headway.bench.roofline import DecoderShape, decode_roofline_report
+    from headway.runtime.llm.engine import LLMEngine
+    from headway.runtime.llm.sequence import SamplingParams
+
+    engine = LLMEngine(model_dir, dtype=dtype, max_running=batch, max_num_batched_tokens=max(512, batch))
+    rng = random.Random(0)
+    for i in range(batch):
+        prompt = [rng.randrange(100, engine.tokenizer.vocab_size - 1) for _ in range(context)]
+        engine.scheduler.add(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine._step()  # prefill everything (not timed)
+    engine._step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine._step()
+    elapsed = time.perf_counter() - t0
+    tok_s = batch * steps / elapsed
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    report = decode_roofline_report(DecoderShape.from_hf_config(cfg), batch, tok_s, context=context + steps // 2,
+                                    dtype=getattr(torch, dtype))
+    console.print(f"decode: {tok_s:.0f} tokens/s at batch {batch} ({elapsed / steps * 1000:.1f} ms/step)")
+    console.print(json.dumps(report, indent=2, default=str))
+    _write({"benchmark": "roofline", "batch": batch, "decode_tokens_per_s": tok_s, **report}, json_path)
