@@ -53,6 +53,12 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"
     await send({"type": "http.response.body", "body": body})
 
 
+async def _close_on_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    resp.close()
+
+
 class RouterApp:
     def __init__(self, replicas: ReplicaSet, config: RouterConfig | None = None,
                  on_startup: Callable[[RouterApp], Awaitable[None]] | None = None,
@@ -202,21 +208,27 @@ class RouterApp:
         self.metrics.requests.labels(req.deployment, str(resp.status) if ok else "stream_error").inc()
 
     async def _pump(self, opened: Any, receive: Receive, send: Send, is_sse: bool) -> bool:
-        """Copy the rest of the replica's body to the client as it arrives; False if it broke."""
+        """Copy the rest of the replica's body to the client as it arrives; False if it broke.
+
+        For event streams, a client that goes away closes the upstream connection at once (the
+        replica sees the disconnect and cancels the request) and frees the lease.
+        """
         content = opened.resp.content
-        gone: asyncio.Future[dict[str, Any]] | None = None
+        gone: asyncio.Task[None] | None = None
+        if is_sse:
+            gone = asyncio.ensure_future(_close_on_disconnect(receive, opened.resp))
         try:
             while True:
                 chunk = await content.readany()
+                if gone is not None and gone.done():
+                    return False
                 if not chunk:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                     return True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if is_sse:
-                    gone = gone or asyncio.ensure_future(receive())
-                    if gone.done():   # the client went away: stop reading, close the upstream connection
-                        return False
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            if gone is not None and gone.done():
+                return False
             dep = opened.req.deployment
             self.metrics.stream_errors.labels(dep).inc()
             self.replicas.failed(opened.replica, f"stream broke: {type(exc).__name__}: {exc}", down=False)
