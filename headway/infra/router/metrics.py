@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from headway.infra.router.replicas import ReplicaSet
@@ -34,6 +36,23 @@ class RouterMetrics:
         self.affinity_rate = Gauge("headway_router_cache_affinity_rate", "Share of cache-aware decisions "
                                    "sent to a replica holding the prompt's prefix", ["deployment", "policy"],
                                    registry=r)
+
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def count_decision(self, deployment: str, policy: str, reason: str) -> None:
+        """decisions{...}.inc() with the labelled child cached (the hot path calls this per request)."""
+        key = ("d", deployment, policy, reason)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.decisions.labels(deployment, policy, reason)
+        child.inc()
+
+    def count_request(self, deployment: str, code: str) -> None:
+        key = ("r", deployment, code)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(deployment, code)
+        child.inc()
 
     def render(self, replicas: ReplicaSet, policies: dict[str, RoutingPolicy]) -> bytes:
         for rep in replicas.replicas:

@@ -192,7 +192,7 @@ class RouterApp:
         try:
             opened = await self.forwarder.open(req, method, path_qs, headers, body)
         except NoCapacity as exc:
-            self.metrics.requests.labels(req.deployment, "503").inc()
+            self.metrics.count_request(req.deployment, "503")
             retry = str(self.config.retry_after_s).encode()
             await respond(send, 503, error_body("no_replica_available", str(exc), 503), headers=[(b"retry-after", retry)])
             return
@@ -201,11 +201,12 @@ class RouterApp:
         out_headers.append((b"x-headway-replica", opened.replica.url.encode()))
         is_sse = resp.content_type == "text/event-stream"
         await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-        await send({"type": "http.response.body", "body": opened.first, "more_body": True})
+        complete = resp.content.at_eof()   # small answers arrive whole: one write, no pump
+        await send({"type": "http.response.body", "body": opened.first, "more_body": not complete})
         self.metrics.added.observe(max(0.0, time.perf_counter() - arrived - opened.upstream_s))
-        ok = await self._pump(opened, receive, send, is_sse)
+        ok = True if complete else await self._pump(opened, receive, send, is_sse)
         self.forwarder.finish(opened, ok)
-        self.metrics.requests.labels(req.deployment, str(resp.status) if ok else "stream_error").inc()
+        self.metrics.count_request(req.deployment, str(resp.status) if ok else "stream_error")
 
     async def _pump(self, opened: Any, receive: Receive, send: Send, is_sse: bool) -> bool:
         """Copy the rest of the replica's body to the client as it arrives; False if it broke.

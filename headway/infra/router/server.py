@@ -37,5 +37,5 @@ def build_app(replica_urls: list[str], config: RouterConfig, *, regions: dict[st
 
 def serve(app: RouterApp, host: str, port: int, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", ws="websockets-sansio", server_header=False, date_header=False,
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", ws="websockets-sansio", server_header=False, date_header=False, proxy_headers=False,
                 log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30)

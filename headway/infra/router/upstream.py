@@ -99,7 +99,7 @@ class Forwarder:
                 break
             now = time.monotonic()
             rid = policy.choose(req, [r.view() for r in eligible], now)
-            self.metrics.decisions.labels(dep, policy.name, policy.stats.last_reason).inc()
+            self.metrics.count_decision(dep, policy.name, policy.stats.last_reason)
             rep = self.replicas.acquire(rid)
             tried.add(rid)
             policy.observe(RouteEvent("started", rid, now, req))

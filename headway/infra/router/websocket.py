@@ -56,7 +56,7 @@ async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: 
             break
         now = time.monotonic()
         rid = policy.choose(req, [r.view() for r in eligible], now)
-        app.metrics.decisions.labels(deployment, policy.name, policy.stats.last_reason).inc()
+        app.metrics.count_decision(deployment, policy.name, policy.stats.last_reason)
         rep = app.replicas.acquire(rid)
         tried.add(rid)
         policy.observe(RouteEvent("started", rid, now, req))
