@@ -147,3 +147,19 @@ def test_503_with_retry_after_at_the_concurrency_limit(fleet: dict[str, Proc], t
         assert code == 200
     finally:
         limited.stop()
+
+
+def test_cache_aware_keeps_a_shared_prefix_on_one_replica(fleet: dict[str, Proc], tmp_path: Path) -> None:
+    front = router([fleet["story1"], fleet["story2"]], tmp_path, "--policy", "cache-aware")
+    try:
+        front.wait()
+        url = front.url + "/v1/models/streaming-story:predict"
+        system = "You are the support bot of a bakery; answer briefly and kindly. " * 8
+        owners = {httpx.post(url, json={"prompt": system + f"question {i}", "words": 1, "delay_ms": 0})
+                  .headers["x-headway-replica"] for i in range(8)}
+        assert len(owners) == 1
+        text = httpx.get(front.url + "/metrics").text
+        assert 'headway_router_decisions_total{deployment="streaming-story",policy="cache-aware",reason="affinity"} 7.0' in text
+        assert 'headway_router_cache_affinity_rate{deployment="streaming-story",policy="cache-aware"} 0.875' in text
+    finally:
+        front.stop()

@@ -1,0 +1,48 @@
+"""`headway route` argument checks and how requests are read (no processes)."""
+
+from __future__ import annotations
+
+import typer
+from typer.testing import CliRunner
+
+from headway.infra.router.cli import route
+from headway.infra.router.extract import model_from_path, parse_body, prompt_of
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    app = typer.Typer()
+    app.command()(route)
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_route_rejects_bad_arguments_with_what_is_allowed() -> None:
+    code, out = invoke("--replica", "http://127.0.0.1:1", "--policy", "fastest")
+    assert code == 2 and "unknown policy 'fastest'" in out and "predicted-latency" in out
+    code, out = invoke("--replica", "127.0.0.1:1")
+    assert code == 2 and "must start with http://" in out
+    code, out = invoke("--replica", "http://a:1", "--region", "eu-west")
+    assert code == 2 and "URL=REGION" in out
+    code, out = invoke("--replica", "http://a:1", "--max-in-flight", "0")
+    assert code == 2 and "--max-in-flight must be >= 1" in out
+    code, out = invoke("--replica", "http://a:1", "--replica", "http://a:1/")
+    assert code == 2 and "once" in out
+    code, out = invoke()
+    assert code == 2 and "--replica" in out
+
+
+def test_deployment_from_path() -> None:
+    assert model_from_path("/v1/models/text-classifier:predict") == "text-classifier"
+    assert model_from_path("/v1/models/story/schema") == "story"
+    assert model_from_path("/v1/models/") is None
+    assert model_from_path("/v1/chat/completions") is None
+
+
+def test_prompt_extraction() -> None:
+    chat = parse_body(b'{"model": "m", "messages": [{"role": "system", "content": "Be brief."}, '
+                      b'{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}')
+    assert prompt_of(chat) == ("system:Be brief.\nuser:Hi\n", None)
+    assert prompt_of(parse_body(b'{"prompt": "Once upon"}')) == ("Once upon", None)
+    assert prompt_of(parse_body(b'{"prompt": [1, 2, 3]}')) == ("", (1, 2, 3))
+    assert prompt_of(parse_body(b'{"prompt": ["a", "b"]}')) == ("a", None)
+    assert parse_body(b"not json") is None and parse_body(b"[1]") is None and parse_body(b"") is None
