@@ -197,16 +197,19 @@ class RouterApp:
             await respond(send, 503, error_body("no_replica_available", str(exc), 503), headers=[(b"retry-after", retry)])
             return
         resp = opened.resp
-        out_headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in HOP_RESPONSE]
-        out_headers.append((b"x-headway-replica", opened.replica.url.encode()))
-        is_sse = resp.content_type == "text/event-stream"
-        await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-        complete = resp.content.at_eof()   # small answers arrive whole: one write, no pump
-        await send({"type": "http.response.body", "body": opened.first, "more_body": not complete})
-        self.metrics.added.observe(max(0.0, time.perf_counter() - arrived - opened.upstream_s))
-        ok = True if complete else await self._pump(opened, receive, send, is_sse)
-        self.forwarder.finish(opened, ok)
-        self.metrics.count_request(req.deployment, str(resp.status) if ok else "stream_error")
+        ok = False
+        try:   # whatever happens from here on, the lease is released exactly once
+            out_headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in HOP_RESPONSE]
+            out_headers.append((b"x-headway-replica", opened.replica.url.encode()))
+            is_sse = resp.content_type == "text/event-stream"
+            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            complete = resp.content.at_eof()   # small answers arrive whole: one write, no pump
+            await send({"type": "http.response.body", "body": opened.first, "more_body": not complete})
+            self.metrics.added.observe(max(0.0, time.perf_counter() - arrived - opened.upstream_s))
+            ok = True if complete else await self._pump(opened, receive, send, is_sse)
+        finally:
+            self.forwarder.finish(opened, ok)
+            self.metrics.count_request(req.deployment, str(resp.status) if ok else "stream_error")
 
     async def _pump(self, opened: Any, receive: Receive, send: Send, is_sse: bool) -> bool:
         """Copy the rest of the replica's body to the client as it arrives; False if it broke.

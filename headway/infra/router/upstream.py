@@ -92,6 +92,8 @@ class Forwarder:
         assert self.session is not None, "Forwarder.start() was not called"
         policy = self.policy_for(dep)
         tried: set[str] = set()
+        same_again = False
+        attempts = 0
         last_error = ""
         for attempt in range(self.config.max_attempts):
             eligible = self.replicas.eligible(dep, tried)
@@ -102,16 +104,23 @@ class Forwarder:
             self.metrics.count_decision(dep, policy.name, policy.stats.last_reason)
             rep = self.replicas.acquire(rid)
             tried.add(rid)
+            attempts += 1
             policy.observe(RouteEvent("started", rid, now, req))
             sent = time.perf_counter()
             try:
                 resp = await self.session.request(method, rep.url + path_qs, headers=headers, data=body)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
                 last_error = f"{rep.url}: {type(exc).__name__}: {exc}"
-                self.replicas.failed(rep, last_error, down=isinstance(exc, aiohttp.ClientConnectorError))
-                self._failed(rep, req, policy, now, "connect" if isinstance(exc, aiohttp.ClientConnectorError)
-                             else "disconnect")
+                self.replicas.failed(rep, last_error, down=refused)
+                self._failed(rep, req, policy, now, "connect" if refused else "disconnect")
+                if not refused and not same_again and not self.replicas.eligible(dep, tried):
+                    same_again = True      # a pooled connection may have gone stale: one fresh try on it
+                    tried.discard(rid)
                 continue
+            except BaseException:
+                self.replicas.release(rep, ok=False)
+                raise
             if (resp.status in RETRYABLE_STATUS and attempt + 1 < self.config.max_attempts
                     and self.replicas.eligible(dep, tried)):
                 last_error = f"{rep.url} answered {resp.status}"
@@ -128,12 +137,16 @@ class Forwarder:
                 resp.close()
                 self._failed(rep, req, policy, now, "disconnect")
                 continue
+            except BaseException:
+                resp.close()
+                self.replicas.release(rep, ok=False)
+                raise
             upstream_s = time.perf_counter() - sent
             policy.observe(RouteEvent("first_byte", rid, time.monotonic(), req, time.monotonic() - now))
             return Opened(rep, resp, first, req, now, upstream_s, policy)
         self.metrics.rejected.labels(dep).inc()
         if last_error:
-            raise NoCapacity(f"no replica of '{dep}' could take the request after {len(tried)} attempt(s); "
+            raise NoCapacity(f"no replica of '{dep}' could take the request after {attempts} attempt(s); "
                              f"last error: {last_error}")
         raise NoCapacity(f"every replica of '{dep}' is at its concurrency limit")
 
