@@ -46,3 +46,30 @@ def test_prompt_extraction() -> None:
     assert prompt_of(parse_body(b'{"prompt": [1, 2, 3]}')) == ("", (1, 2, 3))
     assert prompt_of(parse_body(b'{"prompt": ["a", "b"]}')) == ("a", None)
     assert parse_body(b"not json") is None and parse_body(b"[1]") is None and parse_body(b"") is None
+
+
+def test_replica_state_resolution_and_leases() -> None:
+    import pytest
+
+    from headway.infra.router.replicas import Replica, ReplicaSet
+
+    a, b = Replica("http://a:1"), Replica("http://b:1", limit_override=1)
+    rs = ReplicaSet([a, b])
+    a.apply_state({"ready": True, "runtime": "llm", "model": "smol", "max_concurrency": 2, "queued": 1,
+                   "adapters": ["sql"], "aliases": ["smollm2"], "kv": {"total_tokens": 100, "used_tokens": 60,
+                   "evictable_tokens": 10}, "prefix_digest": {"block_tokens": 64, "hashes": ["ab", "cd"]}}, 0.002)
+    b.apply_state({"ready": True, "model": "smol", "max_concurrency": 8}, 0.004)
+    a.healthy = b.healthy = True
+    assert rs.resolve("smol") == ("smol", None) and rs.resolve("smollm2") == ("smol", None)
+    assert rs.resolve("sql") == ("smol", "sql") and rs.resolve("gpt") is None
+    v = a.view()
+    assert (v.queued, v.max_concurrency, v.kv_free_tokens, v.digest) == (1, 2, 50, frozenset({"ab", "cd"}))
+    assert b.limit == 1                                  # --max-in-flight overrides the published 8
+    lease = rs.acquire(b.url)
+    assert [r.url for r in rs.eligible("smol", set())] == [a.url]   # b is at its limit
+    rs.release(lease, ok=True)
+    rs.check()
+    with pytest.raises(AssertionError, match="negative"):
+        rs.release(lease, ok=True)
+    rs.failed(a, "connection refused", down=True)
+    assert a.ejected and not a.usable()

@@ -258,3 +258,17 @@ def test_predicted_latency_breaks_ties_randomly() -> None:
     p = PredictedLatency(seed=11)
     picks = Counter(p.choose(RouteRequest("d", prompt=f"new {i}"), views(1, 1, 1, 1), 0) for i in range(200))
     assert set(picks) == {"r0", "r1", "r2", "r3"} and min(picks.values()) > 25
+
+
+def test_token_prompts_keep_affinity_when_digests_hash_differently() -> None:
+    # a replica whose digest uses another hash recipe matches nothing exactly; the tree still holds
+    foreign = frozenset({"00000000deadbeef"})
+    rs = [ReplicaView("r0", max_concurrency=8, digest=foreign), ReplicaView("r1", max_concurrency=8, digest=foreign)]
+    p = PredictedLatency(seed=2)
+    shared = tuple(range(5000, 5600))
+    owner = send(p, RouteRequest("d", token_ids=shared + (1, 2)), rs)
+    for i in range(6):
+        assert send(p, RouteRequest("d", token_ids=shared + (10 + i,)), rs) == owner
+    assert p.affinity.matched_tokens(RouteRequest("d", token_ids=shared), rs)[owner] == 600
+    # text and token prompts never match each other
+    assert p.affinity.matched_tokens(RouteRequest("d", prompt="".join(map(chr, shared))), rs)[owner] == 0

@@ -126,7 +126,7 @@ class RouterApp:
                                  for d, p in self.forwarder.policies.items()}}
             await respond(send, 200, json.dumps(body).encode())
         elif path == "/v1/models":
-            names = sorted({n for r in self.replicas.replicas if r.model for n in (r.model, *r.adapters)})
+            names = sorted({n for r in self.replicas.replicas if r.model for n in (r.model, *r.aliases, *r.adapters)})
             data = [{"id": n, "object": "model", "created": 0, "owned_by": "headway"} for n in names]
             await respond(send, 200, json.dumps({"object": "list", "data": data}).encode())
         else:

@@ -32,6 +32,7 @@ class Replica:
     max_concurrency: int = 1
     queued: int = 0
     adapters: frozenset[str] = frozenset()
+    aliases: frozenset[str] = frozenset()   # other names the replica answers to (optional state field)
     digest: frozenset[str] | None = None
     digest_block_tokens: int = 64
     kv_free_tokens: int | None = None
@@ -69,6 +70,7 @@ class Replica:
         self.max_concurrency = int(body.get("max_concurrency") or 1)
         self.queued = int(body.get("queued") or 0)
         self.adapters = frozenset(str(a) for a in body.get("adapters") or ())
+        self.aliases = frozenset(str(a) for a in body.get("aliases") or ())
         digest = body.get("prefix_digest")
         if isinstance(digest, dict) and isinstance(digest.get("hashes"), list):
             self.digest = frozenset(str(h) for h in digest["hashes"])
@@ -110,6 +112,9 @@ class ReplicaSet:
         for r in self.replicas:
             if r.model == name:
                 return name, None
+        for r in self.replicas:
+            if r.model and name in r.aliases:
+                return r.model, None
         for r in self.replicas:
             if r.model and name in r.adapters:
                 return r.model, name

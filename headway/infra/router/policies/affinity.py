@@ -1,9 +1,10 @@
 """Prefix affinity shared by the cache-aware and predicted-latency policies.
 
-Owns the approximate prefix tree. How many prompt tokens a replica holds is, per replica:
-exact when the request carries token ids and the replica publishes a prefix digest (the same
-chain hash, `digest.chain_hashes`); otherwise estimated from the character tree at
-`chars_per_token`. Published digests also correct the tree: a replica that reports a smaller cache
+Owns the approximate prefix tree. How many prompt tokens a replica holds is, per replica,
+estimated from the tree of what the router sent it: prompt text by characters (at
+`chars_per_token`), prompts sent as token ids one character per token. When the request carries
+token ids and the replica publishes a prefix digest computed with `digest.chain_hashes`, the
+exact count from the digest is used where it is larger. Published digests also correct the tree: a replica that reports a smaller cache
 than the tree credits it with loses its least recently used entries down to what it reports.
 """
 
@@ -33,18 +34,28 @@ class PrefixAffinity:
     def matched_tokens(self, req: RouteRequest, replicas: Sequence[ReplicaView]) -> dict[str, int]:
         """Per replica, how many leading prompt tokens it likely holds in its cache."""
         self._correct(replicas)
-        chars = self.tree.match(req.prompt) if req.prompt else {}
+        key, per_token = self._key(req)
+        chars = self.tree.match(key) if key else {}
+        skip = 1 if req.token_ids is not None else 0   # the marker character of token keys
         out: dict[str, int] = {}
         for r in replicas:
+            approx = int(max(0, chars.get(r.id, 0) - skip) / per_token)
             if req.token_ids is not None and r.digest is not None:
-                out[r.id] = cached_prefix_tokens(req.token_ids, r.digest, r.digest_block_tokens)
-            else:
-                out[r.id] = int(chars.get(r.id, 0) / self.chars_per_token)
+                # exact when both sides hash alike; the tree still counts if they do not
+                approx = max(approx, cached_prefix_tokens(req.token_ids, r.digest, r.digest_block_tokens))
+            out[r.id] = approx
         return out
 
     def record(self, req: RouteRequest, replica: str, now: float) -> None:
-        if req.prompt:
-            self.tree.insert(req.prompt, replica, now)
+        key, _ = self._key(req)
+        if key:
+            self.tree.insert(key, replica, now)
+
+    def _key(self, req: RouteRequest) -> tuple[str, float]:
+        """The tree key of a prompt and its characters per token: text as is, token ids one char each."""
+        if req.token_ids is not None:
+            return "\x00" + "".join(chr(t) if 0 <= t < 0x110000 else "\ufffd" for t in req.token_ids), 1.0
+        return req.prompt, self.chars_per_token
 
     def _correct(self, replicas: Sequence[ReplicaView]) -> None:
         for r in replicas:
