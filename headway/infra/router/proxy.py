@@ -237,9 +237,11 @@ class RouterApp:
             self.metrics.stream_errors.labels(dep).inc()
             self.replicas.failed(opened.replica, f"stream broke: {type(exc).__name__}: {exc}", down=False)
             log.warning("stream from %s broke after its first byte: %s", opened.replica.url, exc or type(exc).__name__)
-            tail = sse_error("replica_stream_broken", f"the replica serving '{dep}' failed mid-stream "
-                             f"({type(exc).__name__}); the response is incomplete", 502) if is_sse else b""
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            if is_sse:
+                tail = sse_error("replica_stream_broken", f"the replica serving '{dep}' failed mid-stream "
+                                 f"({type(exc).__name__}); the response is incomplete", 502)
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            # any other body is left incomplete: the server closes the connection, so the client sees the cut
             return False
         finally:
             if gone is not None and not gone.done():
