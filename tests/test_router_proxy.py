@@ -100,6 +100,13 @@ def test_websocket_pass_through(fleet: dict[str, Proc]) -> None:
 
     assert asyncio.run(talk()) == ["echo:hello", b"echo:\x00\x01"]
 
+    async def unknown() -> None:
+        async with websockets.connect(fleet["router"].url.replace("http", "ws") + "/v1/models/nope/ws"):
+            pass
+
+    with pytest.raises(websockets.InvalidStatus):   # refused before the handshake completes
+        asyncio.run(unknown())
+
 
 def test_grpc_unary_and_streaming(fleet: dict[str, Proc]) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{fleet['router'].grpc_port}") as channel:  # type: ignore[attr-defined]

@@ -8,8 +8,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
+
+from headway.infra.router.proto import router_pb2, router_pb2_grpc
+from tests.conftest import free_port
 
 from tests.router_helpers import Proc, replica, router, sse_events
 
@@ -151,7 +155,8 @@ def test_passive_ejection_then_recovery_through_health_checks(replicas: list[Pro
 
 def test_503_with_retry_after_when_every_replica_is_down(replicas: list[Proc], tmp_path: Path) -> None:
     revive(replicas)
-    front = router(replicas, tmp_path)
+    grpc_port = free_port()
+    front = router(replicas, tmp_path, grpc_port=grpc_port)
     try:
         front.wait()
         for p in replicas:
@@ -162,5 +167,9 @@ def test_503_with_retry_after_when_every_replica_is_down(replicas: list[Proc], t
         wait_until(lambda: httpx.get(front.url + "/health/ready").status_code == 503)
         r = httpx.post(front.url + STORY, json={"words": 1})
         assert r.status_code == 503 and "healthy" in r.json()["error"]["message"]
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                router_pb2_grpc.RouterStub(channel).Predict(router_pb2.PredictRequest(model="streaming-story"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "streaming-story" in err.value.details()
     finally:
         front.stop()
