@@ -8,6 +8,7 @@ replica can take gets 503 with Retry-After.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
@@ -78,6 +79,8 @@ class RouterApp:
         self._checks = asyncio.create_task(self.replicas.run_checks(session))
         if self._on_startup is not None:
             await self._on_startup(self)
+        gc.collect()
+        gc.freeze()   # startup objects leave the collector's view: full collections stay short (tail latency)
 
     async def shutdown(self) -> None:
         if self._on_shutdown is not None:
