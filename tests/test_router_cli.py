@@ -73,3 +73,19 @@ def test_replica_state_resolution_and_leases() -> None:
         rs.release(lease, ok=True)
     rs.failed(a, "connection refused", down=True)
     assert a.ejected and not a.usable()
+
+
+def test_default_policy_per_deployment() -> None:
+    from headway.infra.router.metrics import RouterMetrics
+    from headway.infra.router.replicas import Replica, ReplicaSet
+    from headway.infra.router.upstream import Forwarder, RouterConfig
+
+    llm, clf = Replica("http://llm:1"), Replica("http://clf:1")
+    llm.apply_state({"ready": True, "runtime": "llm", "model": "smol", "region": "eu"}, 0.001)
+    clf.apply_state({"ready": True, "runtime": "custom", "model": "clf"}, 0.001)
+    replicas = ReplicaSet([llm, clf])
+    fwd = Forwarder(replicas, RouterMetrics(), RouterConfig())
+    assert fwd.policy_for("smol").name == "predicted-latency" and fwd.policy_for("clf").name == "least-load"
+    assert fwd.policy_for("smol") is fwd.policy_for("smol")          # one policy object per deployment
+    assert Forwarder(replicas, RouterMetrics(), RouterConfig(policy="geo")).policy_for("smol").name == "geo"
+    assert llm.view().region == "eu"

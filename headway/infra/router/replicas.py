@@ -71,6 +71,8 @@ class Replica:
         self.queued = int(body.get("queued") or 0)
         self.adapters = frozenset(str(a) for a in body.get("adapters") or ())
         self.aliases = frozenset(str(a) for a in body.get("aliases") or ())
+        if self.region is None and body.get("region"):
+            self.region = str(body["region"])   # a region given on the command line wins
         digest = body.get("prefix_digest")
         if isinstance(digest, dict) and isinstance(digest.get("hashes"), list):
             self.digest = frozenset(str(h) for h in digest["hashes"])
