@@ -15,7 +15,7 @@ import websockets
 
 from headway.infra.router.proto import router_pb2, router_pb2_grpc
 from tests.conftest import free_port
-from tests.router_helpers import Proc, replica, router, sse_events, ws_replica
+from tests.test_router_support import Proc, replica, router, sse_events, ws_replica
 
 pytestmark = pytest.mark.slow
 

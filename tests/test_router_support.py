@@ -1,4 +1,4 @@
-"""Helpers for router tests: real replica and router processes on 127.0.0.1, on chosen ports."""
+"""Support for router tests (no tests here): real replica and router processes on 127.0.0.1, on chosen ports."""
 
 from __future__ import annotations
 
