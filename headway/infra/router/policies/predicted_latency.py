@@ -34,7 +34,9 @@ class PredictedLatency(PolicyBase):
 
     def scores(self, req: RouteRequest, replicas: Sequence[ReplicaView]) -> dict[str, float]:
         """Predicted seconds to first token on each replica."""
-        matched = self.affinity.matched_tokens(req, replicas)
+        return self._scores(req, replicas, self.affinity.matched_tokens(req, replicas))
+
+    def _scores(self, req: RouteRequest, replicas: Sequence[ReplicaView], matched: dict[str, int]) -> dict[str, float]:
         total = self.affinity.prompt_tokens(req)
         service = self.service_s.get(req.deployment, self.default_service_s)
         return {r.id: r.load / max(1, r.max_concurrency) * service
@@ -42,11 +44,11 @@ class PredictedLatency(PolicyBase):
 
     def choose(self, req: RouteRequest, replicas: Sequence[ReplicaView], now: float) -> ReplicaId:
         require(replicas)
-        scores = self.scores(req, replicas)
+        matched = self.affinity.matched_tokens(req, replicas)
+        scores = self._scores(req, replicas, matched)
         best = min(scores.values())
         chosen = self.pick_min(replicas, lambda r: scores[r.id], tolerance=max(1e-9, best * self.tie_fraction))
-        matched = self.affinity.matched_tokens(req, [chosen])[chosen.id] if req.prompt or req.token_ids else 0
-        self.stats.note("affinity" if matched > 0 else "load")
+        self.stats.note("affinity" if matched[chosen.id] > 0 else "load")
         return chosen.id
 
     def observe(self, event: RouteEvent) -> None:
