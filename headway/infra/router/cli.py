@@ -1,0 +1,65 @@
+"""`headway route`: one address in front of many replicas."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from headway.infra.router.policies import POLICIES
+
+
+def route(
+    replica: Annotated[list[str], typer.Option("--replica", help="A replica URL (http://host:port); repeat for more.")],
+    policy: Annotated[Optional[str], typer.Option(help=f"Routing policy: {', '.join(POLICIES)}. Default: "
+                                                  "predicted-latency for LLM deployments, least-load for others.")] = None,
+    port: Annotated[int, typer.Option(help="HTTP port to listen on.")] = 8080,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the gRPC API on this port.")] = None,
+    region: Annotated[Optional[list[str]], typer.Option(help="A replica's region as URL=REGION, for the geo policy; "
+                                                        "repeatable.")] = None,
+    max_in_flight: Annotated[Optional[int], typer.Option(help="Per-replica concurrency limit (default: each replica's "
+                                                         "published max_concurrency).")] = None,
+    health_interval: Annotated[float, typer.Option(help="Seconds between active health checks.")] = 1.0,
+    eject_after: Annotated[int, typer.Option(help="Consecutive failed answers that eject a replica.")] = 3,
+    max_attempts: Annotated[int, typer.Option(help="Replicas tried for one request before the first byte.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the policies' random tie-breaking.")] = 0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Route requests for one or more deployments over their replicas."""
+    from headway.infra.router.server import build_app, serve
+    from headway.infra.router.upstream import RouterConfig
+
+    def fail(message: str) -> None:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
+
+    if policy is not None and policy not in POLICIES:
+        fail(f"unknown policy '{policy}'; choose one of: {', '.join(POLICIES)}")
+    regions: dict[str, str] = {}
+    for item in region or []:
+        url, sep, name = item.rpartition("=")
+        if not sep or not url or not name:
+            fail(f"--region takes URL=REGION (e.g. http://10.0.0.5:8000=eu-west), got {item!r}")
+        regions[url.rstrip("/")] = name
+    if max_attempts < 1 or eject_after < 1 or health_interval <= 0:
+        fail("--max-attempts and --eject-after must be >= 1 and --health-interval > 0")
+    if max_in_flight is not None and max_in_flight < 1:
+        fail(f"--max-in-flight must be >= 1, got {max_in_flight}")
+    try:
+        app = build_app(replica, RouterConfig(policy=policy, seed=seed, max_attempts=max_attempts), regions=regions,
+                        max_in_flight=max_in_flight, check_interval_s=health_interval, eject_after=eject_after,
+                        grpc_host=host, grpc_port=grpc_port)
+    except ValueError as exc:
+        fail(str(exc))
+        return
+    serve(app, host, port, log_level)
+
+
+def main() -> None:
+    """`python -m headway.infra.router.cli --replica ...` until `headway route` is registered."""
+    typer.run(route)
+
+
+if __name__ == "__main__":
+    main()

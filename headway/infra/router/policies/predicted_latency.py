@@ -1,0 +1,60 @@
+"""Predicted latency (the default for LLMs): one score trading cache affinity against load.
+
+For each replica, predicted time to first token = queueing delay expected + prefill time needed:
+    queue_s   = load / max_concurrency * service_s
+    prefill_s = (prompt tokens - tokens it likely caches) / prefill_tokens_per_s
+`service_s` is an EWMA of observed request durations for the deployment (`default_service_s`
+until one finishes). The lowest score wins; scores within `tie_fraction` of the best tie and
+one of them is drawn at random, so a burst does not herd onto one replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from headway.infra.router.policies.affinity import PrefixAffinity
+from headway.infra.router.policies.base import PolicyBase
+from headway.infra.router.types import ReplicaId, ReplicaView, RouteEvent, RouteRequest, require
+
+
+class PredictedLatency(PolicyBase):
+    name = "predicted-latency"
+
+    def __init__(self, seed: int = 0, prefill_tokens_per_s: float = 2000.0, default_service_s: float = 1.0,
+                 ewma_alpha: float = 0.2, tie_fraction: float = 0.02, chars_per_token: float = 4.0):
+        super().__init__(seed)
+        if prefill_tokens_per_s <= 0 or default_service_s <= 0 or not 0 < ewma_alpha <= 1:
+            raise ValueError("prefill_tokens_per_s and default_service_s must be > 0 and ewma_alpha in (0, 1]")
+        self.prefill_tokens_per_s = prefill_tokens_per_s
+        self.default_service_s = default_service_s
+        self.alpha = ewma_alpha
+        self.tie_fraction = tie_fraction
+        self.affinity = PrefixAffinity(chars_per_token)
+        self.service_s: dict[str, float] = {}
+
+    def scores(self, req: RouteRequest, replicas: Sequence[ReplicaView]) -> dict[str, float]:
+        """Predicted seconds to first token on each replica."""
+        return self._scores(req, replicas, self.affinity.matched_tokens(req, replicas))
+
+    def _scores(self, req: RouteRequest, replicas: Sequence[ReplicaView], matched: dict[str, int]) -> dict[str, float]:
+        total = self.affinity.prompt_tokens(req)
+        service = self.service_s.get(req.deployment, self.default_service_s)
+        return {r.id: r.load / max(1, r.max_concurrency) * service
+                + max(0, total - matched[r.id]) / self.prefill_tokens_per_s for r in replicas}
+
+    def choose(self, req: RouteRequest, replicas: Sequence[ReplicaView], now: float) -> ReplicaId:
+        require(replicas)
+        matched = self.affinity.matched_tokens(req, replicas)
+        scores = self._scores(req, replicas, matched)
+        best = min(scores.values())
+        chosen = self.pick_min(replicas, lambda r: scores[r.id], tolerance=max(1e-9, best * self.tie_fraction))
+        self.stats.note("affinity" if matched[chosen.id] > 0 else "load")
+        return chosen.id
+
+    def observe(self, event: RouteEvent) -> None:
+        if event.kind == "started":
+            self.affinity.record(event.request, event.replica, event.at)
+        elif event.kind == "finished" and event.duration_s > 0:
+            dep = event.request.deployment
+            old = self.service_s.get(dep)
+            self.service_s[dep] = event.duration_s if old is None else old + self.alpha * (event.duration_s - old)

@@ -1,0 +1,168 @@
+"""Forwarding one request to a replica: choose, take a lease, send, retry before the first byte.
+
+Owns the policies (one per deployment) and the pooled HTTP client. A request that fails before
+its first byte (connection refused or reset, a 429/502/503/504 answer while another replica is
+eligible) is retried on a replica not yet tried, up to `max_attempts`; once `open()` returns, the
+first body chunk is in hand and nothing has been sent to the client yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from headway.infra.router.metrics import RouterMetrics
+from headway.infra.router.policies import LLM_DEFAULT, OTHER_DEFAULT, make_policy
+from headway.infra.router.replicas import Replica, ReplicaSet
+from headway.infra.router.types import RouteEvent, RouteRequest, RoutingPolicy
+
+RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+
+
+@dataclass
+class RouterConfig:
+    policy: str | None = None            # None: predicted-latency for LLM deployments, least-load otherwise
+    seed: int = 0
+    max_attempts: int = 3
+    retry_after_s: int = 1
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 300.0        # longest silence from a replica mid-response
+    policy_options: dict[str, Any] | None = None
+
+
+class NoCapacity(Exception):
+    """No replica can take the request (all down, ejected, or at their concurrency limit)."""
+
+
+@dataclass
+class Opened:
+    replica: Replica
+    resp: aiohttp.ClientResponse
+    first: bytes
+    req: RouteRequest
+    started: float                        # monotonic time the lease was taken
+    upstream_s: float                     # request sent -> first chunk, on the attempt that succeeded
+    policy: RoutingPolicy
+
+
+class Forwarder:
+    def __init__(self, replicas: ReplicaSet, metrics: RouterMetrics, config: RouterConfig):
+        self.replicas = replicas
+        self.metrics = metrics
+        self.config = config
+        self.policies: dict[str, RoutingPolicy] = {}
+        self.session: aiohttp.ClientSession | None = None
+        self._ids = itertools.count(1)
+
+    def start(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s,
+                                        sock_read=self.config.read_timeout_s)
+        self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                             skip_auto_headers=("User-Agent",))
+        return self.session
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def policy_for(self, deployment: str) -> RoutingPolicy:
+        policy = self.policies.get(deployment)
+        if policy is None:
+            name = self.config.policy
+            if name is None:
+                llm = any(r.runtime == "llm" for r in self.replicas.replicas if r.model == deployment)
+                name = LLM_DEFAULT if llm else OTHER_DEFAULT
+            policy = make_policy(name, seed=self.config.seed + len(self.policies), **(self.config.policy_options or {}))
+            self.policies[deployment] = policy
+        return policy
+
+    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: Any, body: bytes) -> Opened:
+        dep = req.deployment
+        if not self.replicas.candidates(dep):
+            raise NoCapacity(f"no replica of '{dep}' is healthy and ready")
+        assert self.session is not None, "Forwarder.start() was not called"
+        policy = self.policy_for(dep)
+        tried: set[str] = set()
+        same_again = False
+        attempts = 0
+        last_error = ""
+        for attempt in range(self.config.max_attempts):
+            eligible = self.replicas.eligible(dep, tried)
+            if not eligible:
+                break
+            now = time.monotonic()
+            rid = policy.choose(req, [r.view() for r in eligible], now)
+            self.metrics.count_decision(dep, policy.name, policy.stats.last_reason)
+            rep = self.replicas.acquire(rid)
+            tried.add(rid)
+            attempts += 1
+            policy.observe(RouteEvent("started", rid, now, req))
+            sent = time.perf_counter()
+            try:
+                resp = await self.session.request(method, rep.url + path_qs, headers=headers, data=body)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                refused = isinstance(exc, aiohttp.ClientConnectorError)
+                last_error = f"{rep.url}: {type(exc).__name__}: {exc}"
+                self.replicas.failed(rep, last_error, down=refused)
+                self._failed(rep, req, policy, now, "connect" if refused else "disconnect")
+                if not refused and not same_again and not self.replicas.eligible(dep, tried):
+                    same_again = True      # a pooled connection may have gone stale: one fresh try on it
+                    tried.discard(rid)
+                continue
+            except BaseException:
+                self.replicas.release(rep, ok=False)
+                raise
+            if (resp.status in RETRYABLE_STATUS and attempt + 1 < self.config.max_attempts
+                    and self.replicas.eligible(dep, tried)):
+                last_error = f"{rep.url} answered {resp.status}"
+                if resp.status != 429:
+                    self.replicas.failed(rep, last_error, down=False)
+                resp.release()
+                self._failed(rep, req, policy, now, f"status_{resp.status}")
+                continue
+            try:
+                first = await resp.content.readany()
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                last_error = f"{rep.url}: {type(exc).__name__} before the first byte: {exc}"
+                self.replicas.failed(rep, last_error, down=False)
+                resp.close()
+                self._failed(rep, req, policy, now, "disconnect")
+                continue
+            except BaseException:
+                resp.close()
+                self.replicas.release(rep, ok=False)
+                raise
+            upstream_s = time.perf_counter() - sent
+            policy.observe(RouteEvent("first_byte", rid, time.monotonic(), req, time.monotonic() - now))
+            return Opened(rep, resp, first, req, now, upstream_s, policy)
+        self.metrics.rejected.labels(dep).inc()
+        if last_error:
+            raise NoCapacity(f"no replica of '{dep}' could take the request after {attempts} attempt(s); "
+                             f"last error: {last_error}")
+        raise NoCapacity(f"every replica of '{dep}' is at its concurrency limit")
+
+    def _failed(self, rep: Replica, req: RouteRequest, policy: RoutingPolicy, started: float, reason: str) -> None:
+        self.replicas.release(rep, ok=False)
+        now = time.monotonic()
+        policy.observe(RouteEvent("failed", rep.url, now, req, now - started))
+        self.metrics.retries.labels(req.deployment, reason).inc()
+
+    def finish(self, opened: Opened, ok: bool) -> None:
+        """Release the lease of an opened request and tell its policy how it ended."""
+        self.replicas.release(opened.replica, ok)
+        now = time.monotonic()
+        kind = "finished" if ok else "failed"
+        opened.policy.observe(RouteEvent(kind, opened.replica.url, now, opened.req, now - opened.started))
+        if ok:
+            opened.resp.release()
+        else:
+            opened.resp.close()

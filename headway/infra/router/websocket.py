@@ -1,0 +1,127 @@
+"""WebSocket pass-through: the client's socket joined to a socket on a chosen replica.
+
+The deployment comes from the path (`/v1/models/NAME/...`), a `model` query parameter, or the
+router's only deployment. The upstream socket is opened first (retried on another replica if it
+fails), then the client's is accepted; frames are copied both ways until either side closes.
+Refused before acceptance (close code 1013, "try again later") when no replica can take it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import aiohttp
+
+from headway.infra.router.extract import model_from_path
+from headway.infra.router.types import RouteEvent, RouteRequest
+
+if TYPE_CHECKING:
+    from headway.infra.router.proxy import Receive, RouterApp, Scope, Send
+
+
+def _deployment(app: RouterApp, scope: Scope) -> tuple[str, str | None] | None:
+    name = model_from_path(scope["path"])
+    if name is None:
+        values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("model")
+        name = values[0] if values else None
+    if name is None:
+        deployments = app.replicas.deployments()
+        name = next(iter(deployments)) if len(deployments) == 1 else None
+    return app.replicas.resolve(name) if name else None
+
+
+async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: Send) -> None:
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    resolved = _deployment(app, scope)
+    if resolved is None:
+        await send({"type": "websocket.close", "code": 1008, "reason": "unknown model"})
+        return
+    deployment, adapter = resolved
+    req = RouteRequest(deployment, app.forwarder.next_id(), adapter=adapter)
+    policy = app.forwarder.policy_for(deployment)
+    qs = scope.get("query_string", b"").decode("latin-1")
+    path_qs = scope["path"] + ("?" + qs if qs else "")
+    protocols = list(scope.get("subprotocols") or ())
+    session = app.forwarder.session
+    assert session is not None
+    tried: set[str] = set()
+    for _ in range(app.config.max_attempts):
+        eligible = app.replicas.eligible(deployment, tried)
+        if not eligible:
+            break
+        now = time.monotonic()
+        rid = policy.choose(req, [r.view() for r in eligible], now)
+        app.metrics.count_decision(deployment, policy.name, policy.stats.last_reason)
+        rep = app.replicas.acquire(rid)
+        tried.add(rid)
+        policy.observe(RouteEvent("started", rid, now, req))
+        try:
+            upstream = await session.ws_connect(rep.url.replace("http", "ws", 1) + path_qs, protocols=protocols,
+                                                autoclose=False, autoping=True)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            app.replicas.release(rep, ok=False)
+            app.replicas.failed(rep, f"websocket: {type(exc).__name__}: {exc}",
+                                down=isinstance(exc, aiohttp.ClientConnectorError))
+            policy.observe(RouteEvent("failed", rid, time.monotonic(), req))
+            app.metrics.retries.labels(deployment, "websocket_connect").inc()
+            continue
+        ok = False
+        try:
+            await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
+            ok = await _join(upstream, receive, send)
+        finally:
+            app.replicas.release(rep, ok=ok)
+            policy.observe(RouteEvent("finished" if ok else "failed", rid, time.monotonic(), req,
+                                      time.monotonic() - now))
+            if not upstream.closed:
+                await upstream.close()
+        return
+    app.metrics.rejected.labels(deployment).inc()
+    await send({"type": "websocket.close", "code": 1013, "reason": "no replica available"})
+
+
+async def _join(upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send) -> bool:
+    async def client_to_upstream() -> None:
+        while True:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "websocket.disconnect":
+                await upstream.close(code=message.get("code", 1000))
+                return
+            if message.get("text") is not None:
+                await upstream.send_str(message["text"])
+            elif message.get("bytes") is not None:
+                await upstream.send_bytes(message["bytes"])
+
+    async def upstream_to_client() -> bool:
+        async for msg in upstream:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await send({"type": "websocket.send", "text": msg.data})
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await send({"type": "websocket.send", "bytes": msg.data})
+            elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED):
+                break
+            elif msg.type == aiohttp.WSMsgType.ERROR:
+                await send({"type": "websocket.close", "code": 1011, "reason": "replica failed"})
+                return False
+        code = upstream.close_code or 1000
+        await send({"type": "websocket.close", "code": code if code < 5000 else 1011})
+        return code in (1000, 1001)
+
+    down = asyncio.ensure_future(upstream_to_client())
+    up = asyncio.ensure_future(client_to_upstream())
+    done, _ = await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+    if up in done:
+        try:
+            return bool(await asyncio.wait_for(down, 5))
+        except (asyncio.TimeoutError, Exception):
+            return True
+    up.cancel()
+    try:
+        return bool(down.result())
+    except Exception:
+        return False

@@ -1,0 +1,91 @@
+"""`headway route` argument checks and how requests are read (no processes)."""
+
+from __future__ import annotations
+
+import typer
+from typer.testing import CliRunner
+
+from headway.infra.router.cli import route
+from headway.infra.router.extract import model_from_path, parse_body, prompt_of
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    app = typer.Typer()
+    app.command()(route)
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_route_rejects_bad_arguments_with_what_is_allowed() -> None:
+    code, out = invoke("--replica", "http://127.0.0.1:1", "--policy", "fastest")
+    assert code == 2 and "unknown policy 'fastest'" in out and "predicted-latency" in out
+    code, out = invoke("--replica", "127.0.0.1:1")
+    assert code == 2 and "must start with http://" in out
+    code, out = invoke("--replica", "http://a:1", "--region", "eu-west")
+    assert code == 2 and "URL=REGION" in out
+    code, out = invoke("--replica", "http://a:1", "--max-in-flight", "0")
+    assert code == 2 and "--max-in-flight must be >= 1" in out
+    code, out = invoke("--replica", "http://a:1", "--replica", "http://a:1/")
+    assert code == 2 and "once" in out
+    code, out = invoke()
+    assert code == 2 and "--replica" in out
+
+
+def test_deployment_from_path() -> None:
+    assert model_from_path("/v1/models/text-classifier:predict") == "text-classifier"
+    assert model_from_path("/v1/models/story/schema") == "story"
+    assert model_from_path("/v1/models/") is None
+    assert model_from_path("/v1/chat/completions") is None
+
+
+def test_prompt_extraction() -> None:
+    chat = parse_body(b'{"model": "m", "messages": [{"role": "system", "content": "Be brief."}, '
+                      b'{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]}')
+    assert prompt_of(chat) == ("system:Be brief.\nuser:Hi\n", None)
+    assert prompt_of(parse_body(b'{"prompt": "Once upon"}')) == ("Once upon", None)
+    assert prompt_of(parse_body(b'{"prompt": [1, 2, 3]}')) == ("", (1, 2, 3))
+    assert prompt_of(parse_body(b'{"prompt": ["a", "b"]}')) == ("a", None)
+    assert parse_body(b"not json") is None and parse_body(b"[1]") is None and parse_body(b"") is None
+
+
+def test_replica_state_resolution_and_leases() -> None:
+    import pytest
+
+    from headway.infra.router.replicas import Replica, ReplicaSet
+
+    a, b = Replica("http://a:1"), Replica("http://b:1", limit_override=1)
+    rs = ReplicaSet([a, b])
+    a.apply_state({"ready": True, "runtime": "llm", "model": "smol", "max_concurrency": 2, "queued": 1,
+                   "adapters": ["sql"], "aliases": ["smollm2"], "kv": {"total_tokens": 100, "used_tokens": 60,
+                   "evictable_tokens": 10}, "prefix_digest": {"block_tokens": 64, "hashes": ["ab", "cd"]}}, 0.002)
+    b.apply_state({"ready": True, "model": "smol", "max_concurrency": 8}, 0.004)
+    a.healthy = b.healthy = True
+    assert rs.resolve("smol") == ("smol", None) and rs.resolve("smollm2") == ("smol", None)
+    assert rs.resolve("sql") == ("smol", "sql") and rs.resolve("gpt") is None
+    v = a.view()
+    assert (v.queued, v.max_concurrency, v.kv_free_tokens, v.digest) == (1, 2, 50, frozenset({"ab", "cd"}))
+    assert b.limit == 1                                  # --max-in-flight overrides the published 8
+    lease = rs.acquire(b.url)
+    assert [r.url for r in rs.eligible("smol", set())] == [a.url]   # b is at its limit
+    rs.release(lease, ok=True)
+    rs.check()
+    with pytest.raises(AssertionError, match="negative"):
+        rs.release(lease, ok=True)
+    rs.failed(a, "connection refused", down=True)
+    assert a.ejected and not a.usable()
+
+
+def test_default_policy_per_deployment() -> None:
+    from headway.infra.router.metrics import RouterMetrics
+    from headway.infra.router.replicas import Replica, ReplicaSet
+    from headway.infra.router.upstream import Forwarder, RouterConfig
+
+    llm, clf = Replica("http://llm:1"), Replica("http://clf:1")
+    llm.apply_state({"ready": True, "runtime": "llm", "model": "smol", "region": "eu"}, 0.001)
+    clf.apply_state({"ready": True, "runtime": "custom", "model": "clf"}, 0.001)
+    replicas = ReplicaSet([llm, clf])
+    fwd = Forwarder(replicas, RouterMetrics(), RouterConfig())
+    assert fwd.policy_for("smol").name == "predicted-latency" and fwd.policy_for("clf").name == "least-load"
+    assert fwd.policy_for("smol") is fwd.policy_for("smol")          # one policy object per deployment
+    assert Forwarder(replicas, RouterMetrics(), RouterConfig(policy="geo")).policy_for("smol").name == "geo"
+    assert llm.view().region == "eu"

