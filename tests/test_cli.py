@@ -22,7 +22,7 @@ def headway(*args: str, timeout: float = 60, stdin: str | None = None) -> subpro
 def test_every_command_has_help() -> None:
     top = headway("--help")
     assert top.returncode == 0
-    for cmd in ("init", "validate", "serve", "watch", "predict", "library", "bench"):
+    for cmd in ("init", "validate", "serve", "watch", "predict", "library", "bench", "bench-target", "route"):
         assert cmd in top.stdout, cmd
         out = headway(cmd, "--help")
         assert out.returncode == 0 and "Usage" in out.stdout, (cmd, out.stderr)

@@ -150,3 +150,16 @@ def test_property_random_workload(workload) -> None:
     cache.clear()
     _inv(cache)
     assert pool.num_free == pool.total and cache.size == 0
+
+
+def test_digest_is_the_routers_chain() -> None:
+    """The replica publishes exactly the chain the router computes (one recipe: headway.digest)."""
+    from headway.infra.router.digest import cached_prefix_tokens
+
+    pool = KVPool(1024)
+    cache = RadixCache(pool)
+    prompt = list(range(1000, 1200))
+    cache.insert(None, prompt, pool.alloc(len(prompt)))
+    published = cache.digest(64)
+    assert cached_prefix_tokens(prompt + [7, 8, 9], published, 64) == 192
+    assert cached_prefix_tokens([1] + prompt, published, 64) == 0

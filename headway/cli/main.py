@@ -13,6 +13,7 @@ import typer
 
 from headway.bench.cli import bench
 from headway.bench.targets import app as targets_app
+from headway.infra.router.cli import route
 from headway.library.cli import app as library_app
 from headway.package.load import PackageError, load_package
 
@@ -189,6 +190,7 @@ def _print_stream(resp: Any) -> None:
 app.add_typer(library_app, name="library", help="The model library: list and pull models.")
 app.command("bench", help="Benchmark an OpenAI-compatible endpoint, with baselines side by side.")(bench)
 app.add_typer(targets_app, name="bench-target")
+app.command("route", help="Run a router in front of replicas.")(route)
 
 if __name__ == "__main__":
     app()

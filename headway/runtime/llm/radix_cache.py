@@ -22,38 +22,14 @@ length is a multiple of ``block_tokens``, a short hex hash chained block by bloc
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import struct
 from collections.abc import Hashable, Sequence
 
+from headway.digest import chain_hashes, chain_step, root_hash
 from headway.runtime.llm.kv_pool import KVPool
 
 
-def _block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
-    h = hashlib.blake2b(parent, digest_size=8)
-    h.update(struct.pack(f"<{len(tokens)}q", *tokens))
-    return h.digest()
-
-
-def _root_hash(key: Hashable) -> bytes:
-    return b"" if key is None else hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-
-
-def prefix_block_hashes(
-    tokens: Sequence[int], block_tokens: int = 64, key: Hashable = None
-) -> list[str]:
-    """Hash chain over ``tokens`` in ``block_tokens`` blocks (a partial last block is
-    ignored): entry i identifies the prefix ``tokens[: (i + 1) * block_tokens]`` under
-    ``key``. The same function backs ``RadixCache.digest``."""
-    if block_tokens <= 0:
-        raise ValueError(f"block_tokens must be > 0, got {block_tokens}")
-    out: list[str] = []
-    h = _root_hash(key)
-    for i in range(len(tokens) // block_tokens):
-        h = _block_hash(h, tokens[i * block_tokens : (i + 1) * block_tokens])
-        out.append(h.hex())
-    return out
+prefix_block_hashes = chain_hashes  # the chain RadixCache.digest publishes (headway.digest)
 
 
 def _common(edge: list[int], tokens: Sequence[int], i: int) -> int:
@@ -311,16 +287,16 @@ class RadixCache:
             raise ValueError(f"block_tokens must be > 0, got {block_tokens}")
         out: list[str] = []
         for key, r in self._roots.items():
-            stack: list[tuple[RadixNode, bytes, list[int]]] = [
-                (c, _root_hash(key), []) for c in r.children.values()
+            stack: list[tuple[RadixNode, str, list[int]]] = [
+                (c, root_hash(key), []) for c in r.children.values()
             ]
             while stack:
                 nd, h, pending = stack.pop()
                 buf = pending + nd.tokens
                 j = 0
                 while len(buf) - j >= block_tokens:
-                    h = _block_hash(h, buf[j : j + block_tokens])
-                    out.append(h.hex())
+                    h = chain_step(h, buf[j : j + block_tokens])
+                    out.append(h)
                     j += block_tokens
                 rest = buf[j:]
                 for c in nd.children.values():
