@@ -185,15 +185,15 @@ def test_attention_logit_softcap_matches_hf_eager() -> None:
         causal[None, None], scaling=0.3, softcap=5.0,
     )
     ref = ref[0].reshape(n, hq * d)
-    k_cache, v_cache = torch.zeros(32, hkv, d), torch.zeros(32, hkv, d)
+    kv_cache = torch.zeros(32, 2, hkv, d)
     slots = [30, 2, 17, 5, 9, 11, 20, 1, 4]
     # the same sequence twice: as a cached prefix of 4 + a 5-token chunk, the decode of its last token
-    k_cache[slots[:4]], v_cache[slots[:4]] = k[:4], v[:4]
+    kv_cache[slots[:4]] = torch.stack((k[:4], v[:4]), dim=1)
     batch = ForwardBatch.build([[0] * 5], [slots])
     meta = AttentionMetadata.from_batch(batch, torch.device("cpu"))
-    out = paged_attention(q[4:], k[4:], v[4:], k_cache, v_cache, meta, scale=0.3, softcap=5.0)
+    out = paged_attention(q[4:], k[4:], v[4:], kv_cache, meta, scale=0.3, softcap=5.0)
     torch.testing.assert_close(out, ref[4:], atol=1e-5, rtol=1e-5)
     batch = ForwardBatch.build([[0]], [slots])
     meta = AttentionMetadata.from_batch(batch, torch.device("cpu"))
-    out = paged_attention(q[8:], k[8:], v[8:], k_cache, v_cache, meta, scale=0.3, softcap=5.0)
+    out = paged_attention(q[8:], k[8:], v[8:], kv_cache, meta, scale=0.3, softcap=5.0)
     torch.testing.assert_close(out, ref[8:], atol=1e-5, rtol=1e-5)

@@ -24,7 +24,11 @@ from headway.runtime.llm.batch import ForwardBatch
 
 
 class KVCacheTensors:
-    """Per layer ``k[layer]``, ``v[layer]`` of shape ``[num_slots, num_kv_heads, head_dim]``."""
+    """Per layer ``k[layer]``, ``v[layer]`` of shape ``[num_slots, num_kv_heads, head_dim]``.
+
+    Both are views into one ``kv[layer]`` of shape ``[num_slots, 2, num_kv_heads, head_dim]`` so
+    one write and one gather per layer move a token's K and V together.
+    """
 
     def __init__(
         self,
@@ -38,13 +42,14 @@ class KVCacheTensors:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
         self.num_slots = num_slots
-        shape = (num_slots, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_slots, 2, num_kv_heads, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [t[:, 0] for t in self.kv]
+        self.v = [t[:, 1] for t in self.kv]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.kv)
 
 
 @dataclass
@@ -168,32 +173,32 @@ def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     *,
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (already rotated) -> attention output ``[T, Hq*D]``."""
+    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (already rotated), ``kv_cache`` one layer's
+    ``[num_slots, 2, Hkv, D]`` -> attention output ``[T, Hq*D]``."""
     T, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     group = n_heads // n_kv
-    k_cache.index_copy_(0, meta.out_slots, k)
-    v_cache.index_copy_(0, meta.out_slots, v)
+    kv_cache.index_copy_(0, meta.out_slots, torch.stack((k, v), dim=1))
     if meta.all_decode:
-        out = _decode(q, k_cache, v_cache, meta, scale, window, softcap, group)
+        out = _decode(q, kv_cache, meta, scale, window, softcap, group)
         return out.reshape(T, n_heads * head_dim)
     out = q.new_empty(T, n_heads, head_dim)
     if meta.dec_rows is not None:
-        out[meta.dec_rows] = _decode(q[meta.dec_rows], k_cache, v_cache, meta, scale, window, softcap, group)
+        out[meta.dec_rows] = _decode(q[meta.dec_rows], kv_cache, meta, scale, window, softcap, group)
     for i, p in enumerate(meta.prefills):
         rows = slice(p.row_start, p.row_start + p.q_len)
         if p.fresh:
             kc, vc = k[rows], v[rows]
         else:
-            kc, vc = k_cache[p.slots], v_cache[p.slots]
+            ctx = kv_cache.index_select(0, p.slots)
+            kc, vc = ctx[:, 0], ctx[:, 1]
         mask = meta.prefill_mask(i, window)
         o = _attend(
             q[rows].transpose(0, 1).unsqueeze(0),
@@ -211,8 +216,7 @@ def paged_attention(
 
 def _decode(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
@@ -227,8 +231,10 @@ def _decode(
     assert meta.dec_slots is not None
     bd, n_heads, head_dim = q.shape
     n_kv = n_heads // group
-    kc = k_cache[meta.dec_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
-    vc = v_cache[meta.dec_slots].transpose(1, 2)
+    lmax = meta.dec_slots.shape[1]
+    ctx = kv_cache.index_select(0, meta.dec_slots.view(-1)).view(bd, lmax, 2, n_kv, head_dim)
+    kc = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D] (a strided view; SDPA reads it as is)
+    vc = ctx[:, :, 1].transpose(1, 2)
     qg = q.view(bd, n_kv, group, head_dim)
     o = _attend(qg, kc, vc, meta.decode_mask(window), scale, softcap)
     return o.reshape(bd, n_heads, head_dim)

@@ -70,7 +70,7 @@ class DecoderLayer:
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = paged_attention(
-            q, k, v, kv.k[self.index], kv.v[self.index], meta,
+            q, k, v, kv.kv[self.index], meta,
             scale=cfg.attn_scale, window=self.window, softcap=cfg.attn_logit_softcap,
         )
         return F.linear(out, self.o, self.o_bias)
