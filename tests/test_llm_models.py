@@ -30,8 +30,12 @@ COMMON = dict(
 
 def _configs() -> dict[str, object]:
     return {
-        "llama": LlamaConfig(**COMMON, head_dim=16, rope_theta=10000.0, tie_word_embeddings=False,
-                             architectures=["LlamaForCausalLM"]),
+        "llama": LlamaConfig(  # Llama 3.x style rope scaling, active within the test's lengths
+            **COMMON, head_dim=16, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16},
+        ),
         "qwen2": Qwen2Config(**COMMON, rope_theta=1000000.0, tie_word_embeddings=True,
                              architectures=["Qwen2ForCausalLM"]),
         "gemma3": Gemma3TextConfig(
@@ -81,14 +85,19 @@ def test_config_reads_family_specifics(arch) -> None:
         assert cfg.attention_bias and cfg.tie_word_embeddings
     if name == "llama":
         assert not cfg.tie_word_embeddings and cfg.head_dim == 16
+        assert cfg.layer_ropes[0].rope_type == "llama3" and cfg.layer_ropes[0].factor == 8.0
 
 
-def test_prefill_chunked_prefill_and_decode_match_hf(arch) -> None:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_chunked_prefill_and_decode_match_hf(arch, device: str) -> None:
     """Two sequences, shuffled non-contiguous slots; step 1 prefills A's first chunk and all of
     B, step 2 prefills A's second chunk while B decodes, then both decode. Sequence length 19
-    exceeds Gemma's sliding window (5)."""
+    exceeds Gemma's sliding window (5). Same code on CUDA when one is present."""
     name, path, hf = arch
-    runner = ModelRunner(path, num_slots=97)
+    runner = ModelRunner(path, num_slots=97, device=device)
     rng = random.Random(1)
     slots = list(range(97))
     rng.shuffle(slots)
@@ -100,16 +109,18 @@ def test_prefill_chunked_prefill_and_decode_match_hf(arch) -> None:
 
     out = runner.forward(ForwardBatch.build([seq_a[:6], seq_b[:12]], [slots_a[:6], slots_b[:12]], all_logits=True))
     assert out.dtype == torch.float32 and out.shape == (18, VOCAB)
+    assert out.device.type == device
+    out = out.cpu()
     torch.testing.assert_close(out[:6], ref_a[:6], **tol)
     torch.testing.assert_close(out[6:], ref_b[:12], **tol)
 
-    out = runner.forward(ForwardBatch.build([seq_a[6:15], seq_b[12:13]], [slots_a[:15], slots_b[:13]], all_logits=True))
+    out = runner.forward(ForwardBatch.build([seq_a[6:15], seq_b[12:13]], [slots_a[:15], slots_b[:13]], all_logits=True)).cpu()
     torch.testing.assert_close(out[:9], ref_a[6:15], **tol)
     torch.testing.assert_close(out[9], ref_b[12], **tol)
 
     for t in range(4):
         pa, pb = 15 + t, 13 + t
-        out = runner.forward(ForwardBatch.build([[seq_a[pa]], [seq_b[pb]]], [slots_a[: pa + 1], slots_b[: pb + 1]]))
+        out = runner.forward(ForwardBatch.build([[seq_a[pa]], [seq_b[pb]]], [slots_a[: pa + 1], slots_b[: pb + 1]])).cpu()
         assert out.shape == (2, VOCAB)
         torch.testing.assert_close(out[0], ref_a[pa], **tol)
         torch.testing.assert_close(out[1], ref_b[pb], **tol)
@@ -197,3 +208,29 @@ def test_attention_logit_softcap_matches_hf_eager() -> None:
     meta = AttentionMetadata.from_batch(batch, torch.device("cpu"))
     out = paged_attention(q[8:], k[8:], v[8:], kv_cache, meta, scale=0.3, softcap=5.0)
     torch.testing.assert_close(out, ref[8:], atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_legacy_config_keys() -> None:
+    """Older Gemma 3 config.json files: sliding_window_pattern + rope_local_base_freq."""
+    cfg = ModelConfig.from_dict({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 10,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 7, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4, "sliding_window_pattern": 6,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 8,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    })
+    assert cfg.layer_windows == (4, 4, 4, 4, 4, None, 4)
+    assert cfg.layer_ropes[5].theta == 1e6 and cfg.layer_ropes[5].rope_type == "linear"
+    assert cfg.layer_ropes[0].theta == 1e4 and cfg.layer_ropes[0].rope_type == "default"
+
+
+def test_kv_capacity_from_memory_budget(arch) -> None:
+    name, path, _ = arch
+    if name != "qwen2":
+        pytest.skip("capacity arithmetic is architecture independent")
+    runner = ModelRunner(path, kv_memory_gb=0.001)
+    per_slot = runner.config.kv_bytes_per_token * 4
+    assert runner.num_slots == int(0.001 * (1 << 30)) // per_slot
+    assert runner.kv.nbytes == runner.num_slots * per_slot <= 0.001 * (1 << 30)
+    with pytest.raises(ValueError, match="num_slots must be >= 1"):
+        ModelRunner(path, num_slots=0)
