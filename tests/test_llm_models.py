@@ -234,3 +234,40 @@ def test_kv_capacity_from_memory_budget(arch) -> None:
     assert runner.kv.nbytes == runner.num_slots * per_slot <= 0.001 * (1 << 30)
     with pytest.raises(ValueError, match="num_slots must be >= 1"):
         ModelRunner(path, num_slots=0)
+
+
+def test_sliding_window_mixed_lengths_match_dense_reference() -> None:
+    """Decodes shorter and longer than the window plus a prefill chunk over a cached prefix,
+    in one call: equal to dense masked attention per sequence (keys with q - k < window)."""
+    from headway.runtime.llm.attention import AttentionMetadata, paged_attention
+
+    torch.manual_seed(4)
+    hq, hkv, d, window = 4, 1, 8, 4
+    lens = {"a": 2, "b": 7, "c": 12}  # decodes: context lengths
+    chunk_ctx, chunk_q = 11, 5  # prefill chunk: 6 cached + 5 new
+    rng = random.Random(5)
+    free = list(range(64))
+    rng.shuffle(free)
+    kv_cache = torch.zeros(64, 2, hkv, d)
+    seqs = []
+    for n in [*lens.values(), chunk_ctx]:
+        slots = [free.pop() for _ in range(n)]
+        k, v, q = torch.randn(n, hkv, d), torch.randn(n, hkv, d), torch.randn(n, hq, d)
+        seqs.append((slots, k, v, q))
+    new_q = [1, 1, 1, chunk_q]
+    for (slots, k, v, _), nq in zip(seqs, new_q):  # the cached prefix is already written
+        kv_cache[slots[: len(slots) - nq]] = torch.stack((k, v), 1)[: len(slots) - nq]
+    batch = ForwardBatch.build([[0] * nq for nq in new_q], [s[0] for s in seqs])
+    meta = AttentionMetadata.from_batch(batch, torch.device("cpu"))
+    cat = lambda i: torch.cat([s[i][len(s[0]) - nq :] for s, nq in zip(seqs, new_q)])  # noqa: E731
+    out = paged_attention(cat(3), cat(1), cat(2), kv_cache, meta, scale=0.35, window=window)
+    refs = []
+    for (slots, k, v, q), nq in zip(seqs, new_q):
+        n = len(slots)
+        qp = torch.arange(n - nq, n)[:, None]
+        kp = torch.arange(n)[None, :]
+        mask = (kp <= qp) & (kp > qp - window)
+        scores = torch.einsum("qhd,khd->hqk", q[n - nq :], k.expand(n, hq, d)) * 0.35
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        refs.append(torch.einsum("hqk,khd->qhd", probs, v.expand(n, hq, d)).reshape(nq, hq * d))
+    torch.testing.assert_close(out, torch.cat(refs), atol=1e-5, rtol=1e-5)
