@@ -30,8 +30,12 @@ COMMON = dict(
 
 def _configs() -> dict[str, object]:
     return {
-        "llama": LlamaConfig(**COMMON, head_dim=16, rope_theta=10000.0, tie_word_embeddings=False,
-                             architectures=["LlamaForCausalLM"]),
+        "llama": LlamaConfig(  # Llama 3.x style rope scaling, active within the test's lengths
+            **COMMON, head_dim=16, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
+            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16},
+        ),
         "qwen2": Qwen2Config(**COMMON, rope_theta=1000000.0, tie_word_embeddings=True,
                              architectures=["Qwen2ForCausalLM"]),
         "gemma3": Gemma3TextConfig(
@@ -81,14 +85,19 @@ def test_config_reads_family_specifics(arch) -> None:
         assert cfg.attention_bias and cfg.tie_word_embeddings
     if name == "llama":
         assert not cfg.tie_word_embeddings and cfg.head_dim == 16
+        assert cfg.layer_ropes[0].rope_type == "llama3" and cfg.layer_ropes[0].factor == 8.0
 
 
-def test_prefill_chunked_prefill_and_decode_match_hf(arch) -> None:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_prefill_chunked_prefill_and_decode_match_hf(arch, device: str) -> None:
     """Two sequences, shuffled non-contiguous slots; step 1 prefills A's first chunk and all of
     B, step 2 prefills A's second chunk while B decodes, then both decode. Sequence length 19
-    exceeds Gemma's sliding window (5)."""
+    exceeds Gemma's sliding window (5). Same code on CUDA when one is present."""
     name, path, hf = arch
-    runner = ModelRunner(path, num_slots=97)
+    runner = ModelRunner(path, num_slots=97, device=device)
     rng = random.Random(1)
     slots = list(range(97))
     rng.shuffle(slots)
@@ -100,16 +109,18 @@ def test_prefill_chunked_prefill_and_decode_match_hf(arch) -> None:
 
     out = runner.forward(ForwardBatch.build([seq_a[:6], seq_b[:12]], [slots_a[:6], slots_b[:12]], all_logits=True))
     assert out.dtype == torch.float32 and out.shape == (18, VOCAB)
+    assert out.device.type == device
+    out = out.cpu()
     torch.testing.assert_close(out[:6], ref_a[:6], **tol)
     torch.testing.assert_close(out[6:], ref_b[:12], **tol)
 
-    out = runner.forward(ForwardBatch.build([seq_a[6:15], seq_b[12:13]], [slots_a[:15], slots_b[:13]], all_logits=True))
+    out = runner.forward(ForwardBatch.build([seq_a[6:15], seq_b[12:13]], [slots_a[:15], slots_b[:13]], all_logits=True)).cpu()
     torch.testing.assert_close(out[:9], ref_a[6:15], **tol)
     torch.testing.assert_close(out[9], ref_b[12], **tol)
 
     for t in range(4):
         pa, pb = 15 + t, 13 + t
-        out = runner.forward(ForwardBatch.build([[seq_a[pa]], [seq_b[pb]]], [slots_a[: pa + 1], slots_b[: pb + 1]]))
+        out = runner.forward(ForwardBatch.build([[seq_a[pa]], [seq_b[pb]]], [slots_a[: pa + 1], slots_b[: pb + 1]])).cpu()
         assert out.shape == (2, VOCAB)
         torch.testing.assert_close(out[0], ref_a[pa], **tol)
         torch.testing.assert_close(out[1], ref_b[pb], **tol)
@@ -185,15 +196,78 @@ def test_attention_logit_softcap_matches_hf_eager() -> None:
         causal[None, None], scaling=0.3, softcap=5.0,
     )
     ref = ref[0].reshape(n, hq * d)
-    k_cache, v_cache = torch.zeros(32, hkv, d), torch.zeros(32, hkv, d)
+    kv_cache = torch.zeros(32, 2, hkv, d)
     slots = [30, 2, 17, 5, 9, 11, 20, 1, 4]
     # the same sequence twice: as a cached prefix of 4 + a 5-token chunk, the decode of its last token
-    k_cache[slots[:4]], v_cache[slots[:4]] = k[:4], v[:4]
+    kv_cache[slots[:4]] = torch.stack((k[:4], v[:4]), dim=1)
     batch = ForwardBatch.build([[0] * 5], [slots])
     meta = AttentionMetadata.from_batch(batch, torch.device("cpu"))
-    out = paged_attention(q[4:], k[4:], v[4:], k_cache, v_cache, meta, scale=0.3, softcap=5.0)
+    out = paged_attention(q[4:], k[4:], v[4:], kv_cache, meta, scale=0.3, softcap=5.0)
     torch.testing.assert_close(out, ref[4:], atol=1e-5, rtol=1e-5)
     batch = ForwardBatch.build([[0]], [slots])
     meta = AttentionMetadata.from_batch(batch, torch.device("cpu"))
-    out = paged_attention(q[8:], k[8:], v[8:], k_cache, v_cache, meta, scale=0.3, softcap=5.0)
+    out = paged_attention(q[8:], k[8:], v[8:], kv_cache, meta, scale=0.3, softcap=5.0)
     torch.testing.assert_close(out, ref[8:], atol=1e-5, rtol=1e-5)
+
+
+def test_gemma3_legacy_config_keys() -> None:
+    """Older Gemma 3 config.json files: sliding_window_pattern + rope_local_base_freq."""
+    cfg = ModelConfig.from_dict({
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 10,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 7, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 8, "sliding_window": 4, "sliding_window_pattern": 6,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 8,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    })
+    assert cfg.layer_windows == (4, 4, 4, 4, 4, None, 4)
+    assert cfg.layer_ropes[5].theta == 1e6 and cfg.layer_ropes[5].rope_type == "linear"
+    assert cfg.layer_ropes[0].theta == 1e4 and cfg.layer_ropes[0].rope_type == "default"
+
+
+def test_kv_capacity_from_memory_budget(arch) -> None:
+    name, path, _ = arch
+    if name != "qwen2":
+        pytest.skip("capacity arithmetic is architecture independent")
+    runner = ModelRunner(path, kv_memory_gb=0.001)
+    per_slot = runner.config.kv_bytes_per_token * 4
+    assert runner.num_slots == int(0.001 * (1 << 30)) // per_slot
+    assert runner.kv.nbytes == runner.num_slots * per_slot <= 0.001 * (1 << 30)
+    with pytest.raises(ValueError, match="num_slots must be >= 1"):
+        ModelRunner(path, num_slots=0)
+
+
+def test_sliding_window_mixed_lengths_match_dense_reference() -> None:
+    """Decodes shorter and longer than the window plus a prefill chunk over a cached prefix,
+    in one call: equal to dense masked attention per sequence (keys with q - k < window)."""
+    from headway.runtime.llm.attention import AttentionMetadata, paged_attention
+
+    torch.manual_seed(4)
+    hq, hkv, d, window = 4, 1, 8, 4
+    lens = {"a": 2, "b": 7, "c": 12}  # decodes: context lengths
+    chunk_ctx, chunk_q = 11, 5  # prefill chunk: 6 cached + 5 new
+    rng = random.Random(5)
+    free = list(range(64))
+    rng.shuffle(free)
+    kv_cache = torch.zeros(64, 2, hkv, d)
+    seqs = []
+    for n in [*lens.values(), chunk_ctx]:
+        slots = [free.pop() for _ in range(n)]
+        k, v, q = torch.randn(n, hkv, d), torch.randn(n, hkv, d), torch.randn(n, hq, d)
+        seqs.append((slots, k, v, q))
+    new_q = [1, 1, 1, chunk_q]
+    for (slots, k, v, _), nq in zip(seqs, new_q):  # the cached prefix is already written
+        kv_cache[slots[: len(slots) - nq]] = torch.stack((k, v), 1)[: len(slots) - nq]
+    batch = ForwardBatch.build([[0] * nq for nq in new_q], [s[0] for s in seqs])
+    meta = AttentionMetadata.from_batch(batch, torch.device("cpu"))
+    cat = lambda i: torch.cat([s[i][len(s[0]) - nq :] for s, nq in zip(seqs, new_q)])  # noqa: E731
+    out = paged_attention(cat(3), cat(1), cat(2), kv_cache, meta, scale=0.35, window=window)
+    refs = []
+    for (slots, k, v, q), nq in zip(seqs, new_q):
+        n = len(slots)
+        qp = torch.arange(n - nq, n)[:, None]
+        kp = torch.arange(n)[None, :]
+        mask = (kp <= qp) & (kp > qp - window)
+        scores = torch.einsum("qhd,khd->hqk", q[n - nq :], k.expand(n, hq, d)) * 0.35
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        refs.append(torch.einsum("hqk,khd->qhd", probs, v.expand(n, hq, d)).reshape(nq, hq * d))
+    torch.testing.assert_close(out, torch.cat(refs), atol=1e-5, rtol=1e-5)

@@ -60,7 +60,8 @@ def _prompts(tok) -> list[list[int]]:  # type: ignore[no-untyped-def]
         "hill to watch the sky change colour and wrote down what it saw. "
     )
     texts = [f"Write one sentence about {t}." for t in topics]
-    texts += [f"{story * (2 + i)}Question {i}: what did the fox do next? Answer:" for i in range(10)]
+    reps = [1, 1, 2, 2, 3, 3, 4, 4, 5, 7]  # ~60 to ~370 tokens
+    texts += [f"{story * r}Question {i}: what did the fox do next? Answer:" for i, r in enumerate(reps)]
     return [tok(t)["input_ids"] for t in texts]
 
 
@@ -120,7 +121,7 @@ def test_greedy_continuous_batch_matches_hf_generate(smollm2) -> None:
     model_dir, hf, tok = smollm2
     prompts = _prompts(tok)
     lens = sorted(len(p) for p in prompts)
-    assert len(prompts) == 20 and lens[0] < 20 and lens[-1] > 300
+    assert len(prompts) == 20 and lens[0] < 20 and lens[-1] > 300, lens
     runner = ModelRunner(model_dir, num_slots=8192)
     ours = _continuous_batch(runner, prompts)
     for i, ids in enumerate(prompts):

@@ -7,10 +7,11 @@ attends causally over its sequence's context slots (GQA: query head ``h`` reads 
 Fast paths: all decoding sequences (query_len == 1) of a batch are one batched gather and one
 SDPA call with the contexts padded to the longest and a key mask; prefill chunks run one SDPA per
 sequence with a causal mask offset by the cached prefix. Sliding-window layers additionally mask
-keys with ``q_pos - k_pos >= window`` (HF's ``kv_idx > q_idx - sliding_window``).
+keys with ``q_pos - k_pos >= window`` (HF's ``kv_idx > q_idx - sliding_window``) and gather only
+the keys inside the window.
 
 Invariant: padded key columns always point at a slot the same sequence has written (its first
-context slot), so masked entries never read uninitialised memory.
+or last context slot), so masked entries never read uninitialised memory.
 """
 
 from __future__ import annotations
@@ -24,7 +25,11 @@ from headway.runtime.llm.batch import ForwardBatch
 
 
 class KVCacheTensors:
-    """Per layer ``k[layer]``, ``v[layer]`` of shape ``[num_slots, num_kv_heads, head_dim]``."""
+    """Per layer ``k[layer]``, ``v[layer]`` of shape ``[num_slots, num_kv_heads, head_dim]``.
+
+    Both are views into one ``kv[layer]`` of shape ``[num_slots, 2, num_kv_heads, head_dim]`` so
+    one write and one gather per layer move a token's K and V together.
+    """
 
     def __init__(
         self,
@@ -38,13 +43,14 @@ class KVCacheTensors:
         if num_slots <= 0:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
         self.num_slots = num_slots
-        shape = (num_slots, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (num_slots, 2, num_kv_heads, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [t[:, 0] for t in self.kv]
+        self.v = [t[:, 1] for t in self.kv]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.kv)
 
 
 @dataclass
@@ -67,8 +73,8 @@ class AttentionMetadata:
     dec_slots: torch.Tensor | None  # [Bd, Lmax] padded context slots
     dec_lens: torch.Tensor | None  # [Bd]
     prefills: list[_Prefill]
-    _dec_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    _pre_masks: dict[tuple[int, int | None], torch.Tensor | None] = field(default_factory=dict)
+    _dec_views: dict[int | None, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _pre_views: dict[tuple[int, int | None], tuple[int, torch.Tensor | None]] = field(default_factory=dict)
 
     @classmethod
     def from_batch(cls, batch: ForwardBatch, device: torch.device) -> AttentionMetadata:
@@ -105,34 +111,50 @@ class AttentionMetadata:
             prefills=prefills,
         )
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """``[Bd, 1, 1, Lmax]`` bool, True where the key is attended."""
-        if window not in self._dec_masks:
-            assert self.dec_slots is not None and self.dec_lens is not None
-            j = torch.arange(self.dec_slots.shape[1], device=self.dec_slots.device)
-            lens = self.dec_lens[:, None]
-            mask = j[None, :] < lens
-            if window is not None:
-                mask &= j[None, :] > (lens - 1 - window)
-            self._dec_masks[window] = mask[:, None, None, :]
-        return self._dec_masks[window]
+    def decode_view(self, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``[Bd, W]`` and key mask ``[Bd, 1, 1, W]`` (True = attended) for decoding.
 
-    def prefill_mask(self, index: int, window: int | None) -> torch.Tensor | None:
-        """``[q_len, ctx_len]`` bool, or None when plain ``is_causal`` is exact."""
+        Global layers: ``W = Lmax``, the whole padded context. Sliding layers with
+        ``window < Lmax``: only each sequence's last ``window`` slots are gathered (``W =
+        window``), so a sliding layer's cost does not grow with the context.
+        """
+        if window not in self._dec_views:
+            assert self.dec_slots is not None and self.dec_lens is not None
+            lmax = self.dec_slots.shape[1]
+            lens = self.dec_lens[:, None]
+            if window is None or window >= lmax:
+                j = torch.arange(lmax, device=self.dec_slots.device)[None, :]
+                mask = j < lens
+                if window is not None:
+                    mask &= j > (lens - 1 - window)
+                slots = self.dec_slots
+            else:
+                j = torch.arange(window, device=self.dec_slots.device)[None, :]
+                start = (lens - window).clamp(min=0)
+                idx = torch.minimum(start + j, lens - 1)  # past the end: repeat the last slot
+                slots = torch.gather(self.dec_slots, 1, idx)
+                mask = j < lens.clamp(max=window)
+            self._dec_views[window] = (slots, mask[:, None, None, :])
+        return self._dec_views[window]
+
+    def prefill_view(self, index: int, window: int | None) -> tuple[int, torch.Tensor | None]:
+        """First context index any query of prefill ``index`` attends, and the ``[q_len,
+        ctx_len - start]`` bool mask (None when plain ``is_causal`` is exact)."""
         key = (index, window)
-        if key not in self._pre_masks:
+        if key not in self._pre_views:
             p = self.prefills[index]
             if p.fresh and window is None:
-                self._pre_masks[key] = None
+                self._pre_views[key] = (0, None)
             else:
+                start = 0 if window is None else max(0, p.ctx_len - p.q_len - window + 1)
                 dev = p.slots.device
                 q_pos = torch.arange(p.ctx_len - p.q_len, p.ctx_len, device=dev)[:, None]
-                k_pos = torch.arange(p.ctx_len, device=dev)[None, :]
+                k_pos = torch.arange(start, p.ctx_len, device=dev)[None, :]
                 mask = k_pos <= q_pos
                 if window is not None:
                     mask &= k_pos > q_pos - window
-                self._pre_masks[key] = mask
-        return self._pre_masks[key]
+                self._pre_views[key] = (start, mask)
+        return self._pre_views[key]
 
 
 def _attend(
@@ -168,33 +190,33 @@ def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     *,
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (already rotated) -> attention output ``[T, Hq*D]``."""
+    """q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` (already rotated), ``kv_cache`` one layer's
+    ``[num_slots, 2, Hkv, D]`` -> attention output ``[T, Hq*D]``."""
     T, n_heads, head_dim = q.shape
     n_kv = k.shape[1]
     group = n_heads // n_kv
-    k_cache.index_copy_(0, meta.out_slots, k)
-    v_cache.index_copy_(0, meta.out_slots, v)
+    kv_cache.index_copy_(0, meta.out_slots, torch.stack((k, v), dim=1))
     if meta.all_decode:
-        out = _decode(q, k_cache, v_cache, meta, scale, window, softcap, group)
+        out = _decode(q, kv_cache, meta, scale, window, softcap, group)
         return out.reshape(T, n_heads * head_dim)
     out = q.new_empty(T, n_heads, head_dim)
     if meta.dec_rows is not None:
-        out[meta.dec_rows] = _decode(q[meta.dec_rows], k_cache, v_cache, meta, scale, window, softcap, group)
+        out[meta.dec_rows] = _decode(q[meta.dec_rows], kv_cache, meta, scale, window, softcap, group)
     for i, p in enumerate(meta.prefills):
         rows = slice(p.row_start, p.row_start + p.q_len)
+        start, mask = meta.prefill_view(i, window)
         if p.fresh:
             kc, vc = k[rows], v[rows]
         else:
-            kc, vc = k_cache[p.slots], v_cache[p.slots]
-        mask = meta.prefill_mask(i, window)
+            ctx = kv_cache.index_select(0, p.slots[start:])
+            kc, vc = ctx[:, 0], ctx[:, 1]
         o = _attend(
             q[rows].transpose(0, 1).unsqueeze(0),
             kc.transpose(0, 1).unsqueeze(0),
@@ -211,8 +233,7 @@ def paged_attention(
 
 def _decode(
     q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
@@ -224,11 +245,13 @@ def _decode(
     GQA without copying K/V: the ``group`` query heads sharing a kv head become ``group`` query
     rows of that kv head (``[Bd, Hkv, group, D]``).
     """
-    assert meta.dec_slots is not None
+    slots, mask = meta.decode_view(window)
     bd, n_heads, head_dim = q.shape
     n_kv = n_heads // group
-    kc = k_cache[meta.dec_slots].transpose(1, 2)  # [Bd, Hkv, L, D]
-    vc = v_cache[meta.dec_slots].transpose(1, 2)
+    width = slots.shape[1]
+    ctx = kv_cache.index_select(0, slots.reshape(-1)).view(bd, width, 2, n_kv, head_dim)
+    kc = ctx[:, :, 0].transpose(1, 2)  # [Bd, Hkv, L, D] (a strided view; SDPA reads it as is)
+    vc = ctx[:, :, 1].transpose(1, 2)
     qg = q.view(bd, n_kv, group, head_dim)
-    o = _attend(qg, kc, vc, meta.decode_mask(window), scale, softcap)
+    o = _attend(qg, kc, vc, mask, scale, softcap)
     return o.reshape(bd, n_heads, head_dim)

@@ -117,7 +117,7 @@ class ModelConfig:
             return cls(
                 **common,
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-                activation=_activation(raw.get("hidden_activation") or raw.get("hidden_act")),
+                activation=_activation(raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"),
                 attention_bias=bool(raw.get("attention_bias", False)),
                 mlp_bias=False,
                 attn_scale=float(raw.get("query_pre_attn_scalar", head_dim)) ** -0.5,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from headway.runtime.llm.attention import AttentionMetadata, KVCacheTensors, paged_attention
 from headway.runtime.llm.batch import ForwardBatch
 from headway.runtime.llm.config import ModelConfig
-from headway.runtime.llm.models.layers import GatedMLP, RMSNorm, RotaryTable, apply_rotary
+from headway.runtime.llm.models.layers import GatedMLP, Linear, RMSNorm, RotaryTable, apply_rotary
 from headway.runtime.llm.weights import WeightStore
 
 
@@ -28,12 +28,15 @@ class DecoderLayer:
         self.q_dim = cfg.num_heads * cfg.head_dim
         self.kv_dim = cfg.num_kv_heads * cfg.head_dim
         a = p + "self_attn."
-        self.qkv = torch.cat([w.take(a + "q_proj.weight"), w.take(a + "k_proj.weight"), w.take(a + "v_proj.weight")])
-        self.qkv_bias = None
+        qkv_bias = None
         if cfg.attention_bias:
-            self.qkv_bias = torch.cat([w.take(a + "q_proj.bias"), w.take(a + "k_proj.bias"), w.take(a + "v_proj.bias")])
-        self.o = w.take(a + "o_proj.weight")
-        self.o_bias = w.take(a + "o_proj.bias") if cfg.attention_bias and (a + "o_proj.bias") in w else None
+            qkv_bias = torch.cat([w.take(a + "q_proj.bias"), w.take(a + "k_proj.bias"), w.take(a + "v_proj.bias")])
+        self.qkv = Linear(
+            torch.cat([w.take(a + "q_proj.weight"), w.take(a + "k_proj.weight"), w.take(a + "v_proj.weight")]),
+            qkv_bias,
+        )
+        o_bias = w.take(a + "o_proj.bias") if cfg.attention_bias and (a + "o_proj.bias") in w else None
+        self.o = Linear(w.take(a + "o_proj.weight"), o_bias)
         m = p + "mlp."
         gate_up_bias = down_bias = None
         if cfg.mlp_bias:
@@ -60,7 +63,7 @@ class DecoderLayer:
     ) -> torch.Tensor:
         cfg = self.cfg
         T = x.shape[0]
-        qkv = F.linear(x, self.qkv, self.qkv_bias)
+        qkv = self.qkv(x)
         q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(T, cfg.num_heads, cfg.head_dim)
         k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
@@ -70,10 +73,10 @@ class DecoderLayer:
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         out = paged_attention(
-            q, k, v, kv.k[self.index], kv.v[self.index], meta,
+            q, k, v, kv.kv[self.index], meta,
             scale=cfg.attn_scale, window=self.window, softcap=cfg.attn_logit_softcap,
         )
-        return F.linear(out, self.o, self.o_bias)
+        return self.o(out)
 
     def qk_transform(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return q, k
@@ -103,10 +106,12 @@ class DecoderModel:
         self.layers = [self.layer_cls(cfg, w, i) for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(w.take("model.norm.weight"), cfg.rms_norm_eps, offset_one=cfg.norm_offset_one)
         if cfg.tie_word_embeddings:
-            self.lm_head = self.embed
+            # shares the embedding's memory (no transposed copy of the largest matrix);
+            # (E @ x.T).T runs 1.3-2.7x faster than F.linear(x, E) for 8-32 rows on CPU
+            self.lm_head = lambda x: torch.matmul(self.embed, x.t()).t()
             w.skip("lm_head.weight")
         else:
-            self.lm_head = w.take("lm_head.weight")
+            self.lm_head = Linear(w.take("lm_head.weight"))
         self.embed_scale = (
             torch.tensor(cfg.embed_scale, dtype=self.dtype) if cfg.embed_scale is not None else None
         )
@@ -128,8 +133,8 @@ class DecoderModel:
         for layer, r in zip(self.layers, self.layer_rope):
             h = layer.forward(h, ropes[r], kv, meta)
         h = h.index_select(0, batch.logit_indices.to(dev))
-        logits = F.linear(self.final_norm(h), self.lm_head)
+        logits = self.lm_head(self.final_norm(h))
         cap = self.cfg.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+        return logits.float().contiguous()

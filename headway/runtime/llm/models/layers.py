@@ -27,6 +27,8 @@ class RMSNorm:
         self.weight = (1.0 + weight.float()) if offset_one else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused kernel, same math as below for float32 input
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.offset_one:
@@ -103,6 +105,28 @@ def activation_fn(name: str):  # type: ignore[no-untyped-def]
     raise ValueError(f"activation {name!r} not supported: allowed are silu, gelu_pytorch_tanh")
 
 
+class Linear:
+    """``x @ W.T + b`` with the weight laid out for the fastest CPU kernel of its dtype.
+
+    float32 weights are stored transposed (``[in, out]`` contiguous): MKL's sgemm on the
+    transposed layout is 1.2-2.3x faster for the small row counts of decode batches (measured
+    at M=8..32, K=576). bfloat16 keeps the ``[out, in]`` layout that oneDNN/AMX prefers.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.transposed = weight.dtype == torch.float32
+        self.weight = weight.t().contiguous() if self.transposed else weight
+        self.bias = bias
+        self.out_features = weight.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        if self.bias is None:
+            return torch.matmul(x, self.weight)
+        return torch.addmm(self.bias, x, self.weight)
+
+
 class GatedMLP:
     """``down(act(gate(x)) * up(x))`` with gate and up fused into one matmul at load."""
 
@@ -114,14 +138,11 @@ class GatedMLP:
         gate_up_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
     ) -> None:
-        self.gate_up = gate_up
-        self.down = down
-        self.gate_up_bias = gate_up_bias
-        self.down_bias = down_bias
+        self.gate_up = Linear(gate_up, gate_up_bias)
+        self.down = Linear(down, down_bias)
         self.inter = down.shape[1]
         self.act = activation_fn(activation)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gu = F.linear(x, self.gate_up, self.gate_up_bias)
-        gate, up = gu.split(self.inter, dim=-1)
-        return F.linear(self.act(gate) * up, self.down, self.down_bias)
+        gate, up = self.gate_up(x).split(self.inter, dim=-1)
+        return self.down(self.act(gate) * up)
