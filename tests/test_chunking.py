@@ -10,25 +10,25 @@ from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import SamplingParams
 
 
-def test_fit_recovers_a_linear_cost_and_caps_prefill() -> None:
+def test_fit_recovers_the_cost_model_and_caps_prefill() -> None:
     c = PrefillChunker(budget=512, itl_factor=1.5, min_chunk=4)
-    assert c.prefill_cap(0) is None  # nothing decoding: the whole budget
-    assert c.prefill_cap(8) == 4  # no data yet: the minimum chunk
-    for tokens in (1, 8, 16, 64, 200, 512, 32, 4):
-        c.observe(tokens, 0.010 + 0.001 * tokens)  # 10 ms overhead + 1 ms/token
-    a, b = c.fit()
-    assert a == pytest.approx(0.010) and b == pytest.approx(0.001)
-    # decode-only step with 20 decodes: 30 ms; 1.5x is 45 ms -> 35 tokens in all -> 15 prefill
-    assert c.prefill_cap(20) == 15
-    assert c.prefill_cap(10_000) == 512  # capped by the budget
+    assert c.prefill_cap(0, 1) is None  # nothing decoding: the whole budget
+    assert c.prefill_cap(8, 1) == 4  # no data yet: the minimum chunk
+    for d, p in ((1, 0), (8, 0), (16, 64), (32, 0), (4, 200), (30, 2), (2, 512), (12, 12)):
+        c.observe(d, p, 0.010 + 0.004 * d + 0.001 * p)  # 10 ms + 4 ms/decode + 1 ms/prefill token
+    a, b_d, b_p = c.fit()
+    assert (a, b_d, b_p) == (pytest.approx(0.010), pytest.approx(0.004), pytest.approx(0.001))
+    # 20 decodes: a 90 ms decode-only step; 1.5x allows 45 ms more: 45 prefill tokens
+    assert c.prefill_cap(20, 1) == 45
+    assert c.prefill_cap(10_000, 1) == 512  # capped by the budget
 
 
-def test_no_spread_is_conservative_and_bad_factor_rejected() -> None:
+def test_bursts_get_prefill_priority_and_bad_factor_rejected() -> None:
     c = PrefillChunker(budget=256, itl_factor=2.0, min_chunk=1)
-    for _ in range(5):
-        c.observe(10, 0.05)
-    assert c.fit() == (0.0, pytest.approx(0.005))
-    assert c.prefill_cap(10) == 10  # proportional cost: 2x the time = 2x the tokens
+    for d, p in ((1, 0), (8, 0), (16, 64), (32, 0), (4, 200), (30, 2)):
+        c.observe(d, p, 0.01 + 0.004 * d + 0.001 * p)
+    assert c.prefill_cap(4, 10) is None  # more waiting than decoding: prefill first
+    assert c.prefill_cap(10, 4) is not None
     with pytest.raises(ValueError, match="itl_factor"):
         PrefillChunker(budget=8, itl_factor=1.0)
 

@@ -62,7 +62,7 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", device: str | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
-                 num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5):
+                 num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.8):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or default_device())
@@ -180,8 +180,10 @@ class LLMEngine:
 
     def _step(self) -> None:
         started = time.perf_counter()
-        decodes = sum(1 for s in self.scheduler.running if not s.in_prefill)
-        plan = self.scheduler.schedule(prefill_cap=self.chunker.prefill_cap(decodes))
+        running = self.scheduler.running
+        decodes = sum(1 for s in running if not s.in_prefill)
+        prefilling = len(running) - decodes + len(self.scheduler.waiting)
+        plan = self.scheduler.schedule(prefill_cap=self.chunker.prefill_cap(decodes, prefilling))
         for seq in plan.finished:
             self._emit(seq, [], None)
         if plan.preempted:
@@ -193,7 +195,8 @@ class LLMEngine:
         logits = self.runner.forward(plan.to_forward_batch(self.device))
         out = self.sampler.sample(logits, plan.sample_seqs) if plan.sample_seqs else None
         got = self.scheduler.update(plan, out.tokens if out else [])
-        self.chunker.observe(plan.num_tokens, time.perf_counter() - started)
+        decoded = sum(1 for it in plan.items if len(it.token_ids) == 1)
+        self.chunker.observe(decoded, plan.num_tokens - decoded, time.perf_counter() - started)
         self.steps += 1
         rows = {id(s): i for i, s in enumerate(plan.sample_seqs)}
         now = time.monotonic()
