@@ -183,8 +183,20 @@ def _skipped(sessions: list[Session], turn: int, why: str, at: float) -> list[Re
     return [RequestResult(session=s.id, turn=turn, ok=False, start_s=at, error=why) for s in sessions]
 
 
+LLAMA_PYTHON_ENV = "HEADWAY_LLAMA_CPP_PYTHON"
+
+
+def llama_cpp_python() -> str:
+    """The interpreter that runs llama.cpp's server: $HEADWAY_LLAMA_CPP_PYTHON (a separate venv,
+    e.g. a build without AMX where the CPU faults on it), else this one."""
+    return os.environ.get(LLAMA_PYTHON_ENV) or sys.executable
+
+
 def llama_cpp_available() -> str | None:
     """None when llama-cpp-python's server can run here, else why not."""
+    if llama_cpp_python() != sys.executable:
+        probe = subprocess.run([llama_cpp_python(), "-c", "import llama_cpp.server"], capture_output=True, text=True)
+        return None if probe.returncode == 0 else f"{llama_cpp_python()} cannot import llama_cpp.server: {probe.stderr[-300:]}"
     for module in ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings", "uvicorn"):
         if importlib.util.find_spec(module) is None:
             return f"python module {module!r} is not installed (pip install 'llama-cpp-python[server]')"
@@ -233,7 +245,7 @@ class LlamaCppServer:
                 "n_ctx": self.n_ctx, "parallel_slots": self.parallel_slots}
 
     def start(self) -> LlamaCppServer:
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias",
+        cmd = [llama_cpp_python(), "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias",
                self.model_alias, "--host", "127.0.0.1", "--port", str(self.port), "--n_threads",
                str(self.threads), "--n_threads_batch", str(self.threads), "--n_ctx", str(self.n_ctx)]
         if self.proc is not None:
