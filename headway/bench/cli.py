@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +28,15 @@ from headway.bench.workloads import (
 )
 
 BASELINES = ("transformers", "llama.cpp")
+
+
+def _eos_ids(cfg: BenchConfig) -> tuple[int, ...]:
+    """EOS token ids from --model-dir (generation_config.json), for banning EOS via logit_bias."""
+    if not cfg.ignore_eos or cfg.model_dir is None:
+        return ()
+    path = Path(cfg.model_dir) / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    return tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 @dataclass
@@ -57,6 +68,7 @@ class BenchConfig:
     device: str = "cpu"
     warmup: int = 1
     ignore_eos: bool = False
+    dtype: str = "float32"
 
     def validate(self) -> None:
         errors: list[str] = []
@@ -148,7 +160,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
             return on_result
 
         if cfg.base_url is not None:
-            target = Target(cfg.target_name, cfg.base_url, cfg.model, cfg.api, cfg.ignore_eos)  # type: ignore[arg-type]
+            target = Target(cfg.target_name, cfg.base_url, cfg.model, cfg.api, cfg.ignore_eos, _eos_ids(cfg))  # type: ignore[arg-type]
             runs.append(asyncio.run(run_workload(target, workload, duration_limit_s=cfg.duration_limit,
                                                  request_timeout_s=cfg.request_timeout, warmup=cfg.warmup,
                                                  progress=tracker(cfg.target_name))))
@@ -156,7 +168,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
             from headway.bench.baselines import LlamaCppServer
 
             with LlamaCppServer(cfg.gguf, n_ctx=_n_ctx(workload)) as server:  # type: ignore[arg-type]
-                target = Target("llama.cpp", server.base_url, server.model_alias, cfg.api, cfg.ignore_eos)  # type: ignore[arg-type]
+                target = Target("llama.cpp", server.base_url, server.model_alias, cfg.api, cfg.ignore_eos, _eos_ids(cfg))  # type: ignore[arg-type]
                 run = asyncio.run(run_workload(target, workload, duration_limit_s=cfg.duration_limit,
                                                request_timeout_s=cfg.request_timeout, warmup=cfg.warmup,
                                                progress=tracker("llama.cpp")))
@@ -169,7 +181,8 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
         if "transformers" in cfg.baselines:
             from headway.bench.baselines import TransformersBaseline
 
-            hf = TransformersBaseline(model_dir=cfg.model_dir, gguf=None if cfg.model_dir else cfg.gguf, device=cfg.device)
+            hf = TransformersBaseline(model_dir=cfg.model_dir, gguf=None if cfg.model_dir else cfg.gguf,
+                                      device=cfg.device, dtype=getattr(torch, cfg.dtype))
             hf.ignore_eos = cfg.ignore_eos
             for mode in ("sequential", "batched"):
                 runs.append(hf.run(workload, api=cfg.api, mode=mode, duration_limit_s=cfg.duration_limit,  # type: ignore[arg-type]
@@ -213,6 +226,7 @@ def bench(
     ratio_to: Annotated[Optional[str], typer.Option(help="target name to compute ratios against")] = None,
     device: Annotated[str, typer.Option(help="device for the transformers baseline")] = "cpu",
     warmup: Annotated[int, typer.Option(help="untimed warm-up requests per target before the run")] = 1,
+    dtype: Annotated[str, typer.Option(help="dtype of the transformers baseline: float32 or bfloat16")] = "float32",
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="generate exactly the output length (no early EOS), everywhere")] = False,
 ) -> None:
     """Load-test an OpenAI-compatible endpoint and compare it with baselines in the same run."""
@@ -221,7 +235,7 @@ def bench(
                       seed=seed, json_path=json_path, baselines=list(baseline or []), gguf=gguf, model_dir=model_dir,
                       tokenizer=tokenizer, duration_limit=duration_limit, request_timeout=request_timeout,
                       groups=groups, system_tokens=system_tokens, turns=turns, target_name=target_name,
-                      ratio_to=ratio_to, device=device, warmup=warmup, ignore_eos=ignore_eos)
+                      ratio_to=ratio_to, device=device, warmup=warmup, ignore_eos=ignore_eos, dtype=dtype)
     try:
         run_bench(cfg)
     except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:

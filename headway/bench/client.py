@@ -40,6 +40,7 @@ class Target:
     model: str
     api: Api = "chat"
     ignore_eos: bool = False  # fixed-length outputs (sends vLLM's ignore_eos and min_tokens)
+    eos_token_ids: tuple[int, ...] = ()  # with ignore_eos: also banned through logit_bias (OpenAI API)
 
     def url(self) -> str:
         path = "/v1/chat/completions" if self.api == "chat" else "/v1/completions"
@@ -84,6 +85,8 @@ def _request_body(target: Target, messages: list[dict[str, str]], max_tokens: in
     if target.ignore_eos:
         body["ignore_eos"] = True
         body["min_tokens"] = max_tokens
+        if target.eos_token_ids:
+            body["logit_bias"] = {str(t): -100 for t in target.eos_token_ids}
     if target.api == "chat":
         body["messages"] = messages
     else:

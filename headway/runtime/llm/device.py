@@ -19,19 +19,19 @@ def _faster_dtype(device: str) -> torch.dtype:
     """Time a decode-shaped GEMM in float32 and bfloat16 on `device`; return the faster."""
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(32, 1024, dtype=dtype, device=device)
-        b = torch.randn(1024, 4096, dtype=dtype, device=device)
-        for _ in range(3):
-            a @ b
-        best = float("inf")
-        for _ in range(5):
+    # decode- and prefill-shaped GEMMs, the two dtypes interleaved so a change in machine load
+    # during the probe hits both alike; the best of several rounds each
+    shapes = [(32, 576, 1536), (256, 576, 1536)]
+    mats = {dt: [(torch.randn(m, k, dtype=dt, device=device), torch.randn(k, n, dtype=dt, device=device))
+                 for m, k, n in shapes] for dt in (torch.float32, torch.bfloat16)}
+    timings = {dt: float("inf") for dt in mats}
+    for _ in range(6):
+        for dt, pairs in mats.items():
             t0 = time.perf_counter()
-            for _ in range(10):
-                a @ b
-            best = min(best, time.perf_counter() - t0)
-        timings[dtype] = best
+            for a, b in pairs:
+                for _ in range(4):
+                    a @ b
+            timings[dt] = min(timings[dt], time.perf_counter() - t0)
     # bfloat16 must be clearly faster to be worth its precision cost
     return torch.bfloat16 if timings[torch.bfloat16] < 0.8 * timings[torch.float32] else torch.float32
 
