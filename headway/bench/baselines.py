@@ -247,7 +247,9 @@ class LlamaCppServer:
     def start(self) -> LlamaCppServer:
         cmd = [llama_cpp_python(), "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias",
                self.model_alias, "--host", "127.0.0.1", "--port", str(self.port), "--n_threads",
-               str(self.threads), "--n_threads_batch", str(self.threads), "--n_ctx", str(self.n_ctx)]
+               str(self.threads), "--n_threads_batch", str(self.threads), "--n_ctx", str(self.n_ctx),
+               # its default cuts off the streaming request whenever another arrives: queue them
+               "--interrupt_requests", "False"]
         if self.proc is not None:
             raise RuntimeError(f"llama.cpp server already started on {self.base_url}")
         self._log = open(self.log_path, "wb") if self.log_path else None  # noqa: SIM115

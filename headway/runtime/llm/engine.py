@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -54,8 +55,18 @@ class _Request:
     last_token_at: dict[int, float] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
 
+    pending: list[_Request] = field(default_factory=list)  # the engine's requests with output to hand over
+    outbox: list[Any] = field(default_factory=list)
+
     def send(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        if not self.outbox:
+            self.pending.append(self)
+        self.outbox.append(item)
+
+
+def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class LLMEngine:
@@ -82,6 +93,7 @@ class LLMEngine:
         self.metrics = EngineMetrics(model_name)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
+        self._pending: list[_Request] = []  # touched only by the loop thread
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._recent: deque[tuple[float, int]] = deque()
@@ -112,7 +124,7 @@ class LLMEngine:
         if self._thread is None or not self._thread.is_alive():
             raise OpenAIError("the engine is not running", status=503, type="server_error")
         rid = uuid.uuid4().hex
-        req = _Request(rid, params.n, asyncio.get_running_loop(), asyncio.Queue())
+        req = _Request(rid, params.n, asyncio.get_running_loop(), asyncio.Queue(), pending=self._pending)
         key = cache_key if self.prefix_caching else ("nocache", rid)
         self._commands.put(("add", req, list(prompt_ids), params, key))
         done = False
@@ -160,11 +172,29 @@ class LLMEngine:
                 for seq in self.scheduler.abort(rid):
                     self._record_finish(seq)
 
+    def _flush(self) -> None:
+        """Hand this step's output to the event loop(s) in one callback per loop: waking the
+        loop once per step, not once per request, keeps the GIL with the step loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for req in self._pending:
+            by_loop.setdefault(req.loop, []).extend((req.out, item) for item in req.outbox)
+            req.outbox = []
+        self._pending.clear()
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop closed (server shutting down)
+                pass
+
     def _run(self) -> None:
+        # A short switch interval: the step loop reacquires the GIL after every torch op and
+        # must not wait out the default 5 ms each time the event loop thread holds it.
+        sys.setswitchinterval(0.0005)
         while not self._stopping:
             self._refresh_snapshot(force=not self.scheduler.has_work())
             self._drain(block=not self.scheduler.has_work())
             if not self.scheduler.has_work():
+                self._flush()
                 continue
             try:
                 self._step()
@@ -175,8 +205,10 @@ class LLMEngine:
                         self._record_finish(seq)
                     req.send(RuntimeError(f"engine step failed: {type(exc).__name__}: {exc}"))
                 self._requests.clear()
+            self._flush()
         for req in self._requests.values():
             req.send(OpenAIError("the server is shutting down", status=503, type="server_error"))
+        self._flush()
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -208,6 +240,7 @@ class LLMEngine:
             self._emit(seq, [seq.output_ids[-1]], lp, now)
         self._count_tokens(len(got), now)
         self._gauges()
+        self._flush()
 
     def _emit(self, seq: Sequence, token_ids: list[int], lp: TokenLogprob | None, now: float | None = None) -> None:
         req = self._requests.get(seq.request_id)
