@@ -10,25 +10,26 @@ from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import SamplingParams
 
 
-def test_fit_recovers_the_cost_model_and_caps_prefill() -> None:
-    c = PrefillChunker(budget=512, itl_factor=1.5, min_chunk=4)
+def test_cost_model_is_learned_and_caps_prefill() -> None:
+    c = PrefillChunker(budget=512, itl_factor=1.5, min_chunk=4, smoothing=1.0)
     assert c.prefill_cap(0, 1) is None  # nothing decoding: the whole budget
-    assert c.prefill_cap(8, 1) == 4  # no data yet: the minimum chunk
-    for d, p in ((1, 0), (8, 0), (16, 64), (32, 0), (4, 200), (30, 2), (2, 512), (12, 12)):
-        c.observe(d, p, 0.010 + 0.004 * d + 0.001 * p)  # 10 ms + 4 ms/decode + 1 ms/prefill token
-    a, b_d, b_p = c.fit()
-    assert (a, b_d, b_p) == (pytest.approx(0.010), pytest.approx(0.004), pytest.approx(0.001))
-    # 20 decodes: a 90 ms decode-only step; 1.5x allows 45 ms more: 45 prefill tokens
-    assert c.prefill_cap(20, 1) == 45
-    assert c.prefill_cap(10_000, 1) == 512  # capped by the budget
+    assert c.prefill_cap(8, 1) == 4  # nothing learned yet: the minimum chunk
+    for d in (1, 8, 16, 32, 4):
+        c.observe(d, 0, 0.010 + 0.004 * d)  # decode-only: 10 ms + 4 ms per sequence
+    assert c.decode_time(20) == pytest.approx(0.090)
+    assert c.prefill_cap(20, 1) == 4  # no mixed step seen yet
+    c.observe(20, 30, 0.090 + 0.030)  # 30 prefill tokens added 30 ms: 1 ms each
+    assert c.prefill_token_s == pytest.approx(0.001)
+    assert c.prefill_cap(20, 1) == 45  # 1.5x of 90 ms leaves 45 ms: 45 tokens
+    c.observe(20, 45, 0.090 + 0.090)  # deeper into a long prompt: 2 ms per token now
+    assert c.prefill_cap(20, 1) == 22  # the cap follows the real cost
+    assert c.prefill_cap(10_000, 1) == 512  # never above the budget
 
 
 def test_bursts_get_prefill_priority_and_bad_factor_rejected() -> None:
     c = PrefillChunker(budget=256, itl_factor=2.0, min_chunk=1)
-    for d, p in ((1, 0), (8, 0), (16, 64), (32, 0), (4, 200), (30, 2)):
-        c.observe(d, p, 0.01 + 0.004 * d + 0.001 * p)
     assert c.prefill_cap(4, 10) is None  # more waiting than decoding: prefill first
-    assert c.prefill_cap(10, 4) is not None
+    assert c.prefill_cap(10, 4) == 1
     with pytest.raises(ValueError, match="itl_factor"):
         PrefillChunker(budget=8, itl_factor=1.0)
 

@@ -128,6 +128,10 @@ class LLMEngineOptions(_Strict):
                                         examples=[True])
     num_threads: int | None = Field(None, ge=1, description="CPU threads for the forward pass.",
                                     examples=[2])
+    prefill_itl_factor: float = Field(
+        1.5, gt=1.0, le=10.0, examples=[1.5],
+        description="While streams decode, a step carrying prefill may take at most this many times a "
+        "decode-only step (lower: steadier streams, slower first token for long prompts).")
     served_model_name: str | None = Field(None, description="Name clients use in `model`.",
                                           examples=["smollm2"])
 

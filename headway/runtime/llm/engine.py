@@ -73,7 +73,7 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", device: str | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
-                 num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.8):
+                 num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or default_device())
