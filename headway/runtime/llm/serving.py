@@ -54,11 +54,10 @@ class LLMRuntime(Runtime):
         model_dir = await asyncio.to_thread(model_dir_for, source, self.package.root)
         o = self.options
         self.engine = await asyncio.to_thread(
-            LLMEngine, model_dir, dtype=o.dtype, max_model_len=o.max_model_len, kv_cache_tokens=o.kv_cache_tokens,
+            LLMEngine.launch, model_dir, dtype=o.dtype, max_model_len=o.max_model_len, kv_cache_tokens=o.kv_cache_tokens,
             max_num_batched_tokens=o.max_num_batched_tokens, max_running=o.max_running,
             enable_prefix_caching=o.enable_prefix_caching, num_threads=o.num_threads, model_name=self.name,
             itl_factor=o.prefill_itl_factor)
-        self.engine.start()
         if self._api is not None:
             self._api.engine = self.engine
 
