@@ -342,3 +342,20 @@ def test_roofline_shapes_flops_and_fraction() -> None:
     assert rep["flops_per_token"] == flops_per_token(tiny, 32)
     assert rep["fraction"] == pytest.approx(1000.0 / rep["roofline_tokens_per_s"])
     assert cpu_share() >= 1
+
+
+@pytest.mark.slow
+def test_device_check_runs_on_cpu_with_parity(tmp_path: Path) -> None:
+    """The accelerator check (engine vs transformers on one device) runs on the CPU too: greedy
+    parity on a random model of a real vocabulary, throughput of both, decode roofline."""
+    from headway.bench.device_check import main
+    from headway.library import resolve
+
+    tok_dir = resolve("tinycoder-test", install=False, progress=False).path
+    report = main(["--device", "cpu", "--tiny", "--tokenizer-dir", str(tok_dir), "--work-dir", str(tmp_path / "m"),
+                   "--batch", "4", "--prompt-tokens", "20", "--output-tokens", "8", "--json", str(tmp_path / "r.json")])
+    assert report["greedy_parity"]["identical"] == report["greedy_parity"]["prompts"] == 8
+    t = report["throughput"]
+    assert t["headway_tokens_per_s"] > 0 and t["transformers_batched_tokens_per_s"] > 0 and t["ratio"] > 0
+    assert 0 < report["roofline"]["fraction"] and report["roofline"]["decode_tokens_per_s"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["device"] == "cpu"

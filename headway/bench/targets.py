@@ -185,7 +185,7 @@ def roofline(
     tok_s = batch * steps / elapsed
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     report = decode_roofline_report(DecoderShape.from_hf_config(cfg), batch, tok_s, context=context + steps // 2,
-                                    dtype=getattr(torch, dtype))
+                                    device=engine.device, dtype=getattr(torch, dtype))
     console.print(f"decode: {tok_s:.0f} tokens/s at batch {batch} ({elapsed / steps * 1000:.1f} ms/step)")
     console.print(json.dumps(report, indent=2, default=str))
     _write({"benchmark": "roofline", "batch": batch, "decode_tokens_per_s": tok_s, **report}, json_path)
