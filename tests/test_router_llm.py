@@ -61,3 +61,23 @@ def test_shared_prefix_stays_on_one_replica(llm: dict[str, Proc]) -> None:
     while not httpx.get(owner + "/headway/state").json()["prefix_digest"]["hashes"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_trace_benchmark_compares_policies_on_real_replicas(tmp_path) -> None:  # noqa: ANN001
+    """`python -m headway.infra.router.bench_trace` end to end on tinycoder replicas: fresh
+    replicas and a router per policy, the multi-turn trace through it, hit rates from /metrics."""
+    from headway.infra.router.bench_trace import main
+
+    out = tmp_path / "trace.json"
+    assert main(["--api", "completions", "--model", "tinycoder-test", "--replicas", "2", "--conversations", "6",
+                 "--turns", "2", "--max-turns", "3", "--concurrency", "2", "--groups", "2",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["policy"] for r in report["results"]] == ["predicted-latency", "round-robin"]
+    for r in report["results"]:
+        assert r["errors"] == 0 and r["completed"] == r["requests"] >= 12
+        assert 0 < r["prefix_cache_hit_rate"] < 1 and r["prompt_tokens_looked_up"] > 0
+        assert r["ttft_p50_s"] <= r["ttft_p90_s"] <= r["ttft_p99_s"]
+        assert len(r["per_replica_query_tokens"]) == 2
+    assert set(report["ratios"]) == {"round-robin"}

@@ -218,10 +218,13 @@ def shared_prefix_workload(num_requests: int, concurrency: int, groups: int, sys
 
 def multi_turn_workload(num_conversations: int, turns: int, concurrency: int, groups: int,
                         prompt: LengthDist, output: LengthDist, text: TextGenerator, seed: int = 0,
-                        system: LengthDist | None = None) -> Workload:
-    """``num_conversations`` chats of ``turns`` turns; groups share a 500-1,500-token system prompt."""
+                        system: LengthDist | None = None, max_turns: int | None = None) -> Workload:
+    """``num_conversations`` chats of ``turns`` turns (or uniform in ``turns..max_turns``); groups
+    share a 500-1,500-token system prompt."""
     _check(num_conversations, "num_conversations")
     _check(turns, "turns")
+    if max_turns is not None and max_turns < turns:
+        raise ValueError(f"max_turns ({max_turns}) must be >= turns ({turns})")
     _check(groups, "groups")
     system = system or LengthDist("uniform", low=500, high=1500)
     rng = random.Random(seed)
@@ -230,13 +233,13 @@ def multi_turn_workload(num_conversations: int, turns: int, concurrency: int, gr
     for i in range(num_conversations):
         group = i % groups
         conv_turns = []
-        for _ in range(turns):
+        for _ in range(turns if max_turns is None else rng.randint(turns, max_turns)):
             n_prompt = prompt.sample(rng)
             conv_turns.append(Turn(user=text.text(n_prompt, rng), max_tokens=output.sample(rng),
                                    prompt_tokens=n_prompt))
         sessions.append(Session(id=i, turns=tuple(conv_turns), system=systems[group], group=group))
     return Workload(kind="multi-turn", sessions=tuple(sessions), concurrency=concurrency, seed=seed,
-                    params={"turns": turns, "groups": groups, "system_tokens": system.describe(),
+                    params={"turns": turns if max_turns is None else f"uniform:{turns}:{max_turns}", "groups": groups, "system_tokens": system.describe(),
                             "prompt_tokens": prompt.describe(), "output_tokens": output.describe(),
                             "exact_tokens": text.exact})
 
