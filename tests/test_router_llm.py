@@ -71,7 +71,7 @@ def test_trace_benchmark_compares_policies_on_real_replicas(tmp_path) -> None:  
 
     out = tmp_path / "trace.json"
     assert main(["--api", "completions", "--model", "tinycoder-test", "--replicas", "2", "--conversations", "6",
-                 "--turns", "2", "--max-turns", "3", "--concurrency", "2", "--groups", "2",
+                 "--turns", "2", "--max-turns", "3", "--concurrency", "2", "--groups", "2", "--kv-cache-tokens", "4096",
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [r["policy"] for r in report["results"]] == ["predicted-latency", "round-robin"]

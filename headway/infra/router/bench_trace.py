@@ -45,14 +45,28 @@ def cache_counters(url: str) -> dict[str, float]:
     return found
 
 
+def _served(args: argparse.Namespace, tmp: Path) -> str:
+    """What the replicas serve: the model itself, or a package around it that caps the KV pool."""
+    if not args.kv_cache_tokens:
+        return str(args.model)
+    pkg = tmp / "package"
+    pkg.mkdir(exist_ok=True)
+    name = re.sub(r"[^a-z0-9._-]", "-", Path(args.model).name.lower())
+    (pkg / "headway.yaml").write_text(json.dumps({  # JSON is YAML
+        "name": name, "runtime": "llm", "model": {"source": args.model},
+        "engine": {"kv_cache_tokens": args.kv_cache_tokens}}))
+    return str(pkg)
+
+
 def run_policy(policy: str, args: argparse.Namespace, workload: Any, tmp: Path) -> dict[str, Any]:
+    served = _served(args, tmp)
     with ExitStack() as stack:
         urls = []
         procs = []
         for i in range(args.replicas):  # start all, then wait: their loads overlap
             port = _free_port()
             log = tmp / f"{policy}-replica-{i}.log"
-            cmd = ["-m", "headway", "serve", args.model, "--threads", str(args.threads), "--log-level", "warning"]
+            cmd = ["-m", "headway", "serve", served, "--threads", str(args.threads), "--log-level", "warning"]
             if args.dtype:
                 cmd += ["--dtype", args.dtype]
             proc = _start(cmd, port, log)
@@ -102,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--threads", type=int, default=0, help="CPU threads per replica (default: CPUs / replicas, >= 1)")
     ap.add_argument("--dtype", default=None, help="replica dtype (default: the engine's auto choice)")
+    ap.add_argument("--kv-cache-tokens", type=int, default=0,
+                    help="KV pool of each replica, in tokens (default: the engine's, from its memory budget)")
     ap.add_argument("--policy", action="append", default=None,
                     help="policies to compare, first against the rest (default: predicted-latency, round-robin)")
     ap.add_argument("--conversations", type=int, default=200)
@@ -130,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                                    TextGenerator(tok), seed=args.seed, max_turns=args.max_turns)
     turns = sum(len(s.turns) for s in workload.sessions)
     print(f"trace: {args.conversations} conversations, {turns} turns, {args.groups} shared system prompts; "
-          f"{args.replicas} replicas x {args.threads} thread(s) on {os.cpu_count()} CPUs; concurrency {args.concurrency}",
+          f"{args.replicas} replicas x {args.threads} thread(s), KV {args.kv_cache_tokens or 'default'} tokens each, on {os.cpu_count()} CPUs; concurrency {args.concurrency}",
           flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="headway-trace-bench-") as tmp:
