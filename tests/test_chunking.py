@@ -13,8 +13,10 @@ from headway.runtime.llm.sequence import SamplingParams
 def test_cost_model_is_learned_and_caps_prefill() -> None:
     c = PrefillChunker(budget=512, itl_factor=1.5, min_chunk=4, smoothing=1.0)
     assert c.prefill_cap(0, 1) is None  # nothing decoding: the whole budget
-    assert c.prefill_cap(8, 1) == 4  # nothing learned yet: the minimum chunk
-    for d in (1, 8, 16, 32, 4):
+    assert c.prefill_cap(8, 1) is None  # no decode-only step seen yet (cold start): nothing to protect
+    c.observe(8, 0, 0.042)
+    assert c.prefill_cap(8, 1) is None  # one decode-only step: not yet a model
+    for d in (1, 16, 32, 4):
         c.observe(d, 0, 0.010 + 0.004 * d)  # decode-only: 10 ms + 4 ms per sequence
     assert c.decode_time(20) == pytest.approx(0.090)
     assert c.prefill_cap(20, 1) == 4  # no mixed step seen yet
@@ -28,8 +30,12 @@ def test_cost_model_is_learned_and_caps_prefill() -> None:
 
 def test_bursts_get_prefill_priority_and_bad_factor_rejected() -> None:
     c = PrefillChunker(budget=256, itl_factor=2.0, min_chunk=1)
+    for d in (1, 8, 16):
+        c.observe(d, 0, 0.010 + 0.004 * d)
     assert c.prefill_cap(4, 10) is None  # more waiting than decoding: prefill first
-    assert c.prefill_cap(10, 4) == 1
+    assert c.prefill_cap(16, 4) is None  # a quarter as many waiting as decoding is still a burst
+    assert c.prefill_cap(17, 4) == 1  # fewer: the streams are protected (nothing learned of prefill yet)
+    assert PrefillChunker(budget=256, burst_fraction=1.0, min_chunk=1).prefill_cap(4, 3) is None  # no model yet
     with pytest.raises(ValueError, match="itl_factor"):
         PrefillChunker(budget=8, itl_factor=1.0)
 

@@ -7,6 +7,7 @@ covers what a user sees: chat template, answers, streaming, stop, seed, logprobs
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -79,7 +80,11 @@ def test_errors_have_openai_shape(tiny) -> None:
     with pytest.raises(openai.BadRequestError) as long:
         c.completions.create(model="tinycoder-test", prompt="hello " * 3000, max_tokens=2)
     msg = str(long.value)
-    assert "maximum context length is 2048" in msg and "prompt" in msg
+    assert "maximum context length is 2048" in msg and re.search(r"your prompt has \d{4} tokens", msg)
+    assert long.value.body["param"] == "prompt"
+    bad_stop = httpx.post(f"{tiny.url}/v1/completions", json={"model": "tinycoder-test", "prompt": "x",
+                                                               "stop_token_ids": [-1]})
+    assert bad_stop.status_code == 400 and "stop_token_ids" in bad_stop.json()["error"]["message"]
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         c.chat.completions.create(model="tinycoder-test", messages=[{"role": "user", "content": "x"}])
     raw = httpx.post(f"{tiny.url}/v1/completions", content=b"{nope", headers={"content-type": "application/json"})
@@ -111,6 +116,13 @@ def test_disconnect_frees_kv_at_once(tiny) -> None:
     assert wait_for(lambda: kv_idle(tiny)), httpx.get(f"{tiny.url}/headway/state").json()
     finished = httpx.get(f"{tiny.url}/metrics").text
     assert 'headway_llm_requests_finished_total{model="tinycoder-test",reason="abort"}' in finished
+    # the gauges follow the abort without another step running
+    assert wait_for(lambda: 'headway_llm_running_sequences{model="tinycoder-test"} 0.0'
+                    in httpx.get(f"{tiny.url}/metrics").text)
+    state = httpx.get(f"{tiny.url}/headway/state").json()
+    assert state["running"] == 0 and state["preemptions"] == 0
+    assert state["prefix_cache"]["query_tokens"] >= state["prefix_cache"]["hit_tokens"] >= 0
+    assert wait_for(lambda: httpx.get(f"{tiny.url}/headway/state").json()["tokens_per_s"] == 0.0, 10)
 
 
 def test_generic_predict_endpoint(tiny) -> None:

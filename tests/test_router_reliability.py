@@ -173,3 +173,45 @@ def test_503_with_retry_after_when_every_replica_is_down(replicas: list[Proc], t
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "streaming-story" in err.value.details()
     finally:
         front.stop()
+
+
+# A replica that is ready and healthy by its endpoints but answers 500 to every request.
+FAILING_REPLICA = '''
+import sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+async def state(request):
+    return JSONResponse({"ready": True, "runtime": "custom", "model": "streaming-story", "in_flight": 0,
+                         "queued": 0, "max_concurrency": 4})
+
+async def predict(request):
+    return JSONResponse({"error": {"message": "boom"}}, status_code=500)
+
+app = Starlette(routes=[Route("/headway/state", state), Route("/health/ready", state),
+                        Route("/v1/models/streaming-story:predict", predict, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+'''
+
+
+def test_replica_answering_500_is_ejected_passively(replicas: list[Proc], tmp_path: Path) -> None:
+    revive(replicas)
+    script = tmp_path / "failing_replica.py"
+    script.write_text(FAILING_REPLICA)
+    bad = Proc([str(script), "{port}"], tmp_path / "failing-replica.log")
+    bad.wait()
+    front = router([replicas[0], bad], tmp_path, "--health-interval", "1000", "--policy", "round-robin",
+                   "--eject-after", "3")
+    try:
+        front.wait()
+        answers = [httpx.post(front.url + STORY, json={"words": 1, "delay_ms": 0}) for _ in range(12)]
+        failed = [r for r in answers if r.status_code == 500]
+        assert len(failed) == 3 and all(r.headers["x-headway-replica"] == bad.url for r in failed)
+        state = replica_state(front.url, bad.url)
+        assert state["ejected"] is True and "500" in str(state["last_error"])
+        assert all(r.status_code == 200 for r in answers[6:])  # after the third 500, only the good one
+    finally:
+        front.stop()
+        bad.stop()

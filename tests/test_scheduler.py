@@ -153,6 +153,20 @@ def test_eos_stop_ids_and_external_finish() -> None:
     assert s.pool.num_free + s.cache.evictable == s.pool.total
 
 
+def test_stop_string_in_the_last_allowed_token_is_a_stop() -> None:
+    """The token that reaches max_tokens also completes a stop string: the text is cut at the
+    stop string, so the finish reason is "stop", not "length"."""
+    s = mk(128)
+    a = s.add("a", [5, 6], SamplingParams(max_tokens=1))
+    s.update(s.schedule(), [9])
+    assert a.finish_reason is FinishReason.LENGTH
+    s.finish(a, FinishReason.STOP, "###")
+    assert a.finish_reason is FinishReason.STOP and a.stop_reason == "###"
+    s.finish(a, FinishReason.ABORT)  # anything else after the end changes nothing
+    assert a.finish_reason is FinishReason.STOP
+    s.check_invariant()
+
+
 def test_abort_frees_everything() -> None:
     s = mk(128, max_num_batched_tokens=8)
     a = s.add("a", list(range(1, 30)), SamplingParams(max_tokens=10, n=3))

@@ -57,7 +57,7 @@ def route(
 
 
 def main() -> None:
-    """`python -m headway.infra.router.cli --replica ...` until `headway route` is registered."""
+    """`python -m headway.infra.router.cli --replica ...`: the same command as `headway route`."""
     typer.run(route)
 
 

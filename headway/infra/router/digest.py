@@ -3,7 +3,8 @@
 Replicas publish `prefix_digest: {"block_tokens": 64, "hashes": [...]}` in /headway/state; the
 router recomputes the same chain from a request's token ids to see how much of it a replica holds.
 Hash of block i = sha256(hash of block i-1 as ASCII hex + the block's token ids as little-endian
-int32 bytes), first 16 hex chars; block 0 chains to the empty string. Only full blocks are hashed.
+int32 bytes), first 16 hex chars; block 0 chains to the root hash of the cache key (the empty string
+when there is none: no adapter, no salt). Only full blocks are hashed.
 """
 
 from __future__ import annotations

@@ -157,8 +157,12 @@ class Forwarder:
         self.metrics.retries.labels(req.deployment, reason).inc()
 
     def finish(self, opened: Opened, ok: bool) -> None:
-        """Release the lease of an opened request and tell its policy how it ended."""
-        self.replicas.release(opened.replica, ok)
+        """Release the lease of an opened request and tell its policy how it ended. A 5xx
+        answer counts toward passive ejection like a broken connection does."""
+        status = opened.resp.status
+        self.replicas.release(opened.replica, ok and status < 500)
+        if ok and status >= 500:
+            self.replicas.failed(opened.replica, f"{opened.replica.url} answered {status}", down=False)
         now = time.monotonic()
         kind = "finished" if ok else "failed"
         opened.policy.observe(RouteEvent(kind, opened.replica.url, now, opened.req, now - opened.started))

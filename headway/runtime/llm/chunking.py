@@ -7,9 +7,12 @@ Cost model, learned online from the engine's own steps:
   (step time - predicted decode time) / prefill tokens, so it follows what the current prompt
   really costs (a chunk deep into a long prompt attends over more context than the first one).
 
-Policy: when the sequences waiting for prefill are at least as many as those decoding (a burst
-of arrivals), prefill has priority and takes the whole token budget: many requests' first
-tokens matter more than a few streams' next ones. Otherwise the running streams are protected:
+Policy: when the sequences waiting for prefill are at least ``burst_fraction`` (a quarter) as
+many as those decoding (a burst of arrivals), prefill has priority and takes the whole token
+budget: many requests' first tokens matter more than a few streams' next ones, and admitting
+them early grows the decode batch (measured: 32 requests arriving at once, capped as soon as
+half of them decoded, took 319 steps and 15 s to prefill 8,000 tokens; 46 steps and 5.8 s with
+priority). Otherwise (a few long prompts against many streams) the running streams are protected:
 a step may carry only as much prefill as keeps it within ``itl_factor`` times a decode-only step
 of the same batch, so a long prompt arriving does not stall them. Pure: observations in,
 decisions out.
@@ -24,10 +27,11 @@ import numpy as np
 
 class PrefillChunker:
     def __init__(self, *, budget: int, itl_factor: float = 1.5, min_chunk: int = 8, window: int = 128,
-                 smoothing: float = 0.5):
+                 smoothing: float = 0.5, burst_fraction: float = 0.25):
         if itl_factor <= 1.0:
             raise ValueError(f"itl_factor must be > 1 (a step may take that many decode steps), got {itl_factor}")
         self.budget = budget
+        self.burst_fraction = burst_fraction
         self.itl_factor = itl_factor
         self.min_chunk = min(min_chunk, budget)
         self.smoothing = smoothing
@@ -64,10 +68,12 @@ class PrefillChunker:
     def prefill_cap(self, decodes: int, prefilling: int) -> int | None:
         """Prefill tokens allowed in a step with `decodes` decoding and `prefilling` waiting
         or mid-prefill sequences; None means the whole budget."""
-        if decodes == 0 or prefilling >= decodes:
+        if decodes == 0 or prefilling >= self.burst_fraction * decodes:
             return None
         t_dec = self.decode_time(decodes)
-        if t_dec is None or self.prefill_token_s is None:
+        if t_dec is None:  # no decode-only step seen yet (a cold start): nothing to protect against
+            return None
+        if self.prefill_token_s is None:
             return self.min_chunk
         allowed = (self.itl_factor - 1.0) * t_dec / self.prefill_token_s
         return int(min(max(allowed + 1e-6, self.min_chunk), self.budget))

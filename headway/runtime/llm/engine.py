@@ -97,6 +97,8 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._recent: deque[tuple[float, int]] = deque()
+        self.tokens_per_s = 0.0
+        self.cache_hit_tokens = self.cache_query_tokens = 0  # prompt tokens found cached / looked up
         self.steps = 0
         self._snapshot_at = 0.0
         self._snapshot: dict[str, Any] = self._take_snapshot()
@@ -218,6 +220,8 @@ class LLMEngine:
             self._refresh_snapshot(force=not self.scheduler.has_work())
             self._drain(block=not self.scheduler.has_work())
             if not self.scheduler.has_work():
+                self._count_tokens(0, time.monotonic())  # idle: tokens/s decays to 0
+                self._gauges()  # an abort may have emptied the batch
                 self._flush()
                 continue
             try:
@@ -276,9 +280,12 @@ class LLMEngine:
             detok = req.detoks[seq.index] = IncrementalDetokenizer(
                 self.tokenizer.tokenizer, prompt_ids=seq.prompt_ids, stop=seq.params.stop)
             self.metrics.ttft.observe(now - seq.arrival_time)
-            self.metrics.cache_query_tokens.inc(len(seq.prompt_ids))
-            self.metrics.cache_hit_tokens.inc(seq.num_cached_prompt_tokens)
-            self.metrics.computed_tokens.inc(len(seq.prompt_ids) - seq.num_cached_prompt_tokens)
+            if seq.index == 0:  # the n choices of a request share one prompt: count it once
+                self.cache_query_tokens += len(seq.prompt_ids)
+                self.cache_hit_tokens += seq.num_cached_prompt_tokens
+                self.metrics.cache_query_tokens.inc(len(seq.prompt_ids))
+                self.metrics.cache_hit_tokens.inc(seq.num_cached_prompt_tokens)
+                self.metrics.computed_tokens.inc(len(seq.prompt_ids) - seq.num_cached_prompt_tokens)
         elif token_ids and seq.index in req.last_token_at:
             self.metrics.itl.observe(now - req.last_token_at[seq.index])
         if token_ids:
@@ -312,7 +319,8 @@ class LLMEngine:
         while self._recent and self._recent[0][0] < now - 5.0:
             self._recent.popleft()
         span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else 1.0
-        self.metrics.tokens_per_s.set(sum(k for _, k in self._recent) / span)
+        self.tokens_per_s = sum(k for _, k in self._recent) / span
+        self.metrics.tokens_per_s.set(self.tokens_per_s)
 
     def _gauges(self) -> None:
         total = self.pool.total
@@ -338,9 +346,11 @@ class LLMEngine:
         total, free, evictable = self.pool.total, self.pool.num_free, self.cache.evictable
         running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         return {
-            "in_flight": running + waiting, "queued": waiting,
+            "in_flight": running + waiting, "queued": waiting, "running": running,
             "kv": {"total_tokens": total, "used_tokens": total - free, "evictable_tokens": evictable},
-            "prefix_cache": {"hit_rate": round(self.cache.hit_rate, 4)},
+            "prefix_cache": {"hit_rate": round(self.cache.hit_rate, 4), "hit_tokens": self.cache_hit_tokens,
+                             "query_tokens": self.cache_query_tokens},
+            "tokens_per_s": round(self.tokens_per_s, 1), "preemptions": self.scheduler.num_preemptions,
             "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64)},
             "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
             "max_model_len": self.max_model_len,

@@ -40,7 +40,7 @@ class EngineMetrics:
                              registry=r).labels(model)
         self.waiting = Gauge("headway_llm_waiting_sequences", "Sequences waiting for admission.", m,
                              registry=r).labels(model)
-        self.kv_usage = Gauge("headway_llm_kv_usage_ratio", "Fraction of KV slots not free.", m,
+        self.kv_usage = Gauge("headway_llm_kv_usage_ratio", "Fraction of KV slots held by running sequences (cached, evictable prefixes not counted).", m,
                               registry=r).labels(model)
         self.cache_hit_rate = Gauge("headway_llm_prefix_cache_hit_rate",
                                     "Cached prompt tokens / prompt tokens looked up, since start.", m,

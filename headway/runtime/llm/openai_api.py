@@ -53,11 +53,11 @@ class OpenAIServer:
                               f"{', '.join(repr(n) for n in self.names)}", status=404, param="model",
                               code="model_not_found")
 
-    def _limits(self, prompt_len: int, requested: int | None) -> int:
+    def _limits(self, prompt_len: int, requested: int | None, prompt_param: str) -> int:
         limit = self.engine.max_model_len
         if prompt_len >= limit:
             raise OpenAIError(f"This model's maximum context length is {limit} tokens. However, your prompt "
-                              f"has {prompt_len} tokens, which leaves no room for output.", param="messages",
+                              f"has {prompt_len} tokens, which leaves no room for output.", param=prompt_param,
                               code="context_length_exceeded")
         if requested is None:
             return limit - prompt_len
@@ -144,7 +144,11 @@ class OpenAIServer:
             if any(not 0 <= t < vocab for p in prompts for t in p):
                 raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
             logprobs = req.logprobs
-        jobs = [(ids, self._params(req, self._limits(len(ids), req.output_limit), logprobs)) for ids in prompts]
+        try:
+            jobs = [(ids, self._params(req, self._limits(len(ids), req.output_limit, "messages" if chat else "prompt"),
+                                       logprobs)) for ids in prompts]
+        except ValueError as exc:  # SamplingParams' own checks: a bad parameter, never a server error
+            raise OpenAIError(str(exc)) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         return _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt)
 

@@ -141,8 +141,12 @@ class Scheduler:
         stop_reason: str | int | None = None,
         now: float | None = None,
     ) -> None:
-        """Finish ``seq``: cache its computed tokens, unlock, release it (idempotent)."""
+        """Finish ``seq``: cache its computed tokens, unlock, release it (idempotent). A stop
+        string found in the text of the token that also reached the length limit makes it a
+        stop: the client sees the text cut at the stop string."""
         if seq.status is SeqStatus.FINISHED:
+            if reason is FinishReason.STOP and seq.finish_reason is FinishReason.LENGTH:
+                seq.finish_reason, seq.stop_reason = reason, stop_reason
             return
         if seq.status is SeqStatus.RUNNING:
             self._release(seq, keep_in_cache=True)

@@ -19,6 +19,7 @@ from headway.infra.router.types import ReplicaId, ReplicaView, RouteEvent, Route
 
 class PredictedLatency(PolicyBase):
     name = "predicted-latency"
+    AFFINITY_MIN_TOKENS = 32  # a decision counts as cache affinity from this many matched tokens
 
     def __init__(self, seed: int = 0, prefill_tokens_per_s: float = 2000.0, default_service_s: float = 1.0,
                  ewma_alpha: float = 0.2, tie_fraction: float = 0.02, chars_per_token: float = 4.0):
@@ -48,7 +49,8 @@ class PredictedLatency(PolicyBase):
         scores = self._scores(req, replicas, matched)
         best = min(scores.values())
         chosen = self.pick_min(replicas, lambda r: scores[r.id], tolerance=max(1e-9, best * self.tie_fraction))
-        self.stats.note("affinity" if matched[chosen.id] > 0 else "load")
+        # "affinity" only for a real shared prefix: every chat prompt shares its first role tag
+        self.stats.note("affinity" if matched[chosen.id] >= self.AFFINITY_MIN_TOKENS else "load")
         return chosen.id
 
     def observe(self, event: RouteEvent) -> None:
