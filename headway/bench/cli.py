@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -179,6 +178,8 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
                                   f"(negative = killed by that signal, -11 = segfault)[/red]")
                 runs.append(run)
         if "transformers" in cfg.baselines:
+            import torch
+
             from headway.bench.baselines import TransformersBaseline
 
             hf = TransformersBaseline(model_dir=cfg.model_dir, gguf=None if cfg.model_dir else cfg.gguf,
