@@ -192,3 +192,56 @@ def test_state_and_metrics_report_the_engine(smol) -> None:
                  "headway_llm_prefix_cache_hit_rate", "headway_llm_preemptions_total",
                  "headway_llm_generation_tokens_per_second"):
         assert name in metrics, name
+
+
+@pytest.mark.slow
+def test_streamed_stop_usage_and_cache_salt(smol) -> None:
+    """Streaming with the official client: stop strings never leak into the streamed text, usage
+    arrives in the last chunk when asked; a cache salt isolates the prefix cache."""
+    c = client(smol)
+    msgs = [{"role": "user", "content": "Count from 1 to 10, one number per line."}]
+    full = c.chat.completions.create(model=SMOL, messages=msgs, temperature=0, max_tokens=60).choices[0].message.content
+    chunks = list(c.chat.completions.create(model=SMOL, messages=msgs, temperature=0, max_tokens=60, stop=["5"],
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert "5" not in text and full.startswith(text) and len(text) > 0
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+    def hit_tokens() -> int:
+        return httpx.get(f"{smol.url}/headway/state").json()["prefix_cache"]["hit_tokens"]
+
+    system = [{"role": "system", "content": "You are a terse assistant for a salt test. " * 8},
+              {"role": "user", "content": "Say yes."}]
+    c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-a"})
+    time.sleep(0.5)  # the state snapshot is refreshed at least every 0.25 s
+    before = hit_tokens()
+    c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-b"})
+    time.sleep(0.5)
+    assert hit_tokens() == before  # another salt: nothing shared
+    c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-a"})
+    assert wait_for(lambda: hit_tokens() - before >= 64, 5)  # the same salt: the prompt is found cached
+
+
+@pytest.mark.slow
+def test_chat_template_renders_as_transformers_does() -> None:
+    """Served chat prompts are token for token what `apply_chat_template` produces."""
+    from transformers import AutoTokenizer
+
+    from headway.library import resolve
+    from headway.runtime.llm.tokenizer import ModelTokenizer
+
+    path = resolve(SMOL, install=False, progress=False).path
+    ours, hf = ModelTokenizer(path), AutoTokenizer.from_pretrained(path)
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
+         {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3? Ünïcödé ✓"}],
+    ]
+    for msgs in conversations:
+        for gen in (True, False):
+            expected = hf.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=True)
+            if isinstance(expected, dict) or hasattr(expected, "input_ids"):
+                expected = expected["input_ids"]
+            assert ours.encode_chat(msgs, add_generation_prompt=gen) == list(expected), msgs

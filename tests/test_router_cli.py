@@ -27,6 +27,8 @@ def test_route_rejects_bad_arguments_with_what_is_allowed() -> None:
     assert code == 2 and "--max-in-flight must be >= 1" in out
     code, out = invoke("--replica", "http://a:1", "--replica", "http://a:1/")
     assert code == 2 and "once" in out
+    code, out = invoke("--replica", "http://a:1", "--deployment-policy", "smol=fastest")
+    assert code == 2 and "DEPLOYMENT=NAME" in out and "cache-aware" in out
     code, out = invoke()
     assert code == 2 and "--replica" in out
 
@@ -88,4 +90,6 @@ def test_default_policy_per_deployment() -> None:
     assert fwd.policy_for("smol").name == "predicted-latency" and fwd.policy_for("clf").name == "least-load"
     assert fwd.policy_for("smol") is fwd.policy_for("smol")          # one policy object per deployment
     assert Forwarder(replicas, RouterMetrics(), RouterConfig(policy="geo")).policy_for("smol").name == "geo"
+    own = Forwarder(replicas, RouterMetrics(), RouterConfig(policy="geo", deployment_policies={"clf": "round-robin"}))
+    assert own.policy_for("clf").name == "round-robin" and own.policy_for("smol").name == "geo"
     assert llm.view().region == "eu"

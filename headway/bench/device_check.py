@@ -180,7 +180,10 @@ def decode_roofline(model_dir: Path, device: str, dtype: str, *, batch: int = 32
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tokenizer-dir", type=Path, required=True, help="a model directory with tokenizer.json")
+    ap.add_argument("--model-dir", type=Path, default=None,
+                    help="a real Hugging Face model directory to use instead of random weights")
+    ap.add_argument("--tokenizer-dir", type=Path, default=None,
+                    help="a model directory with tokenizer.json, for the random-weight model")
     ap.add_argument("--work-dir", type=Path, default=Path("device-check-model"))
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model of the same vocabulary (seconds)")
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -189,9 +192,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    model_dir = build_random_model(a.work_dir, TINY if a.tiny else SMOLLM2_135M, a.tokenizer_dir)
+    if (a.model_dir is None) == (a.tokenizer_dir is None):
+        ap.error("give --model-dir (a real model) or --tokenizer-dir (random weights with that tokenizer)")
+    if a.model_dir is not None:
+        model_dir, label = a.model_dir, str(a.model_dir)
+    else:
+        model_dir = build_random_model(a.work_dir, TINY if a.tiny else SMOLLM2_135M, a.tokenizer_dir)
+        label = "random, tiny" if a.tiny else "random, smollm2-135m shape"
     report: dict[str, Any] = {"device": a.device, "device_name": torch.cuda.get_device_name(0)
-                              if a.device.startswith("cuda") else "cpu", "model": "tiny" if a.tiny else "smollm2-135m shape"}
+                              if a.device.startswith("cuda") else "cpu", "model": label}
     report["greedy_parity"] = greedy_parity(model_dir, a.device)
     print("greedy parity:", json.dumps(report["greedy_parity"]), flush=True)
     report["throughput"] = throughput(model_dir, a.device, a.dtype, batch=a.batch, prompt_tokens=a.prompt_tokens,

@@ -13,6 +13,8 @@ def route(
     replica: Annotated[list[str], typer.Option("--replica", help="A replica URL (http://host:port); repeat for more.")],
     policy: Annotated[Optional[str], typer.Option(help=f"Routing policy: {', '.join(POLICIES)}. Default: "
                                                   "predicted-latency for LLM deployments, least-load for others.")] = None,
+    deployment_policy: Annotated[Optional[list[str]], typer.Option(
+        help="A deployment's own policy as DEPLOYMENT=NAME (over --policy); repeatable.")] = None,
     port: Annotated[int, typer.Option(help="HTTP port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the gRPC API on this port.")] = None,
@@ -42,12 +44,20 @@ def route(
         if not sep or not url or not name:
             fail(f"--region takes URL=REGION (e.g. http://10.0.0.5:8000=eu-west), got {item!r}")
         regions[url.rstrip("/")] = name
+    per_deployment: dict[str, str] = {}
+    for item in deployment_policy or []:
+        dep, sep, name = item.partition("=")
+        if not sep or not dep or name not in POLICIES:
+            fail(f"--deployment-policy takes DEPLOYMENT=NAME with NAME one of {', '.join(POLICIES)} "
+                 f"(e.g. smollm2-135m-instruct=cache-aware), got {item!r}")
+        per_deployment[dep] = name
     if max_attempts < 1 or eject_after < 1 or health_interval <= 0:
         fail("--max-attempts and --eject-after must be >= 1 and --health-interval > 0")
     if max_in_flight is not None and max_in_flight < 1:
         fail(f"--max-in-flight must be >= 1, got {max_in_flight}")
     try:
-        app = build_app(replica, RouterConfig(policy=policy, seed=seed, max_attempts=max_attempts), regions=regions,
+        app = build_app(replica, RouterConfig(policy=policy, seed=seed, max_attempts=max_attempts,
+                                                     deployment_policies=per_deployment or None), regions=regions,
                         max_in_flight=max_in_flight, check_interval_s=health_interval, eject_after=eject_after,
                         grpc_host=host, grpc_port=grpc_port)
     except ValueError as exc:

@@ -33,6 +33,7 @@ class RouterConfig:
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 300.0        # longest silence from a replica mid-response
     policy_options: dict[str, Any] | None = None
+    deployment_policies: dict[str, str] | None = None  # per deployment, over `policy` and the defaults
 
 
 class NoCapacity(Exception):
@@ -77,7 +78,7 @@ class Forwarder:
     def policy_for(self, deployment: str) -> RoutingPolicy:
         policy = self.policies.get(deployment)
         if policy is None:
-            name = self.config.policy
+            name = (self.config.deployment_policies or {}).get(deployment, self.config.policy)
             if name is None:
                 llm = any(r.runtime == "llm" for r in self.replicas.replicas if r.model == deployment)
                 name = LLM_DEFAULT if llm else OTHER_DEFAULT
