@@ -235,6 +235,73 @@ def test_poisson_requests_start_at_their_arrival_times(llama_server) -> None:  #
         assert session.arrival_s - 0.005 <= r.start_s <= session.arrival_s + 0.5  # open loop: not sent early
 
 
+# ------------------------------------------- the same client paths against a Headway replica
+# (llama.cpp's server is optional; these run wherever the test suite does)
+
+
+@pytest.fixture(scope="module")
+def headway_tiny(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from tests.conftest import running_server
+
+    with running_server(["serve", "tinycoder-test", "--threads", "1"], tmp_path_factory.mktemp("hw")) as server:
+        yield server
+
+
+def _hw_target(server) -> Target:  # noqa: ANN001
+    return Target("headway", server.url, "tinycoder-test", "completions")
+
+
+def test_headway_errors_duration_limit_and_poisson_arrivals(headway_tiny) -> None:  # noqa: ANN001
+    target = _hw_target(headway_tiny)
+
+    async def bad_request() -> RequestResult:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await send_request(client, target, [{"role": "user", "content": "hello"}], max_tokens=-5)
+
+    r = asyncio.run(bad_request())
+    assert not r.ok and r.status == 400 and r.error is not None and "max_tokens" in r.error
+    too_long = fixed_workload(2, 2, LengthDist.parse("2100"), LengthDist.parse("4"), TextGenerator(), seed=0)
+    s = summarize(asyncio.run(run_workload(target, too_long, duration_limit_s=60)))
+    assert s.errors == 2 and all("maximum context length is 2048" in m for m in s.error_messages)
+
+    many = fixed_workload(400, 1, LengthDist.parse("64"), LengthDist.parse("256"), TextGenerator(), seed=0)
+    t0 = time.perf_counter()
+    run = asyncio.run(run_workload(target, many, duration_limit_s=1.0))
+    assert time.perf_counter() - t0 < 15
+    s = summarize(run)
+    assert s.requests == 400 and s.errors > 0 and s.completed + s.errors == 400
+    assert any(m.startswith("cancelled: duration limit") for m in s.error_messages)
+
+    w = poisson_workload(6, 10.0, LengthDist.parse("8"), LengthDist.parse("2"), TextGenerator(), seed=3, concurrency=6)
+    run = asyncio.run(run_workload(target, w, duration_limit_s=60))
+    assert summarize(run).completed == 6
+    for session, r in zip(w.sessions, run.results):
+        assert session.arrival_s is not None
+        assert session.arrival_s - 0.005 <= r.start_s <= session.arrival_s + 0.5  # open loop: not sent early
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_headway_and_transformers(headway_tiny, tmp_path: Path) -> None:  # noqa: ANN001
+    """`headway bench` against a Headway replica with the transformers baseline beside it, on
+    the same GGUF: report, JSON, ratios."""
+    out = tmp_path / "report.json"
+    cfg = BenchConfig(base_url=headway_tiny.url, model="tinycoder-test", api="completions", workload="fixed",
+                      num_requests=6, concurrency=3, prompt_tokens="uniform:16:48", output_tokens="12", seed=1,
+                      json_path=out, baselines=["transformers"], gguf=_tiny_gguf(), target_name="headway",
+                      duration_limit=120, ignore_eos=True)
+    returned = run_bench(cfg)
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned))
+    assert [t["name"] for t in report["targets"]] == ["headway", "transformers-sequential", "transformers-batched"]
+    for t in report["targets"]:
+        assert t["requests"] == t["completed"] == 6 and t["errors"] == 0, t["error_messages"]
+        assert t["output_tokens"] == 6 * 12  # ignore_eos: exactly the asked length everywhere
+        for key in ("ttft", "e2e"):
+            assert 0 < t[key]["p50"] <= t[key]["p95"] <= t[key]["p99"] < 120
+    assert set(report["ratios"]) == {"headway", "transformers-sequential", "transformers-batched"}
+    assert all(r["output_token_throughput"] > 0 for r in report["ratios"].values())
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
