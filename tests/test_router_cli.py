@@ -58,7 +58,7 @@ def test_replica_state_resolution_and_leases() -> None:
     a, b = Replica("http://a:1"), Replica("http://b:1", limit_override=1)
     rs = ReplicaSet([a, b])
     a.apply_state({"ready": True, "runtime": "llm", "model": "smol", "max_concurrency": 2, "queued": 1,
-                   "adapters": ["sql"], "aliases": ["smollm2"], "kv": {"total_tokens": 100, "used_tokens": 60,
+                   "in_flight": 2, "adapters": ["sql"], "aliases": ["smollm2"], "kv": {"total_tokens": 100, "used_tokens": 60,
                    "evictable_tokens": 10}, "prefix_digest": {"block_tokens": 64, "hashes": ["ab", "cd"]}}, 0.002)
     b.apply_state({"ready": True, "model": "smol", "max_concurrency": 8}, 0.004)
     a.healthy = b.healthy = True
@@ -66,6 +66,11 @@ def test_replica_state_resolution_and_leases() -> None:
     assert rs.resolve("sql") == ("smol", "sql") and rs.resolve("gpt") is None
     v = a.view()
     assert (v.queued, v.max_concurrency, v.kv_free_tokens, v.digest) == (1, 2, 50, frozenset({"ab", "cd"}))
+    assert v.load == 2                                   # the published count: other clients' requests too
+    rs.acquire(a.url), rs.acquire(a.url), rs.acquire(a.url)
+    assert a.view().load == 3                            # this router's own, fresher count; never summed
+    for _ in range(3):
+        rs.release(a, ok=True)
     assert b.limit == 1                                  # --max-in-flight overrides the published 8
     lease = rs.acquire(b.url)
     assert [r.url for r in rs.eligible("smol", set())] == [a.url]   # b is at its limit

@@ -31,6 +31,7 @@ class Replica:
     ready: bool = False
     max_concurrency: int = 1
     queued: int = 0
+    published_in_flight: int = 0
     adapters: frozenset[str] = frozenset()
     aliases: frozenset[str] = frozenset()   # other names the replica answers to (optional state field)
     digest: frozenset[str] | None = None
@@ -59,6 +60,7 @@ class Replica:
 
     def view(self) -> ReplicaView:
         return ReplicaView(id=self.url, in_flight=self.in_flight, queued=self.queued,
+                           published_in_flight=self.published_in_flight,
                            max_concurrency=self.limit, adapters=self.adapters, region=self.region,
                            latency_s=self.latency_s, digest=self.digest,
                            digest_block_tokens=self.digest_block_tokens, kv_free_tokens=self.kv_free_tokens)
@@ -69,6 +71,7 @@ class Replica:
         self.ready = bool(body.get("ready", False))
         self.max_concurrency = int(body.get("max_concurrency") or 1)
         self.queued = int(body.get("queued") or 0)
+        self.published_in_flight = int(body.get("in_flight") or 0)
         self.adapters = frozenset(str(a) for a in body.get("adapters") or ())
         self.aliases = frozenset(str(a) for a in body.get("aliases") or ())
         if self.region is None and body.get("region"):

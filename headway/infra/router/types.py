@@ -30,6 +30,7 @@ class ReplicaView:
     id: ReplicaId
     in_flight: int = 0                         # the router's own count of requests it has on this replica
     queued: int = 0                            # the replica's last published queue depth
+    published_in_flight: int = 0               # the replica's last published in_flight (all its clients)
     max_concurrency: int = 1
     adapters: frozenset[str] = frozenset()
     region: str | None = None
@@ -40,7 +41,10 @@ class ReplicaView:
 
     @property
     def load(self) -> int:
-        return self.in_flight + self.queued
+        """Requests on the replica: this router's own count is fresh, the published one also
+        holds other clients' requests but is as old as the last health check. The larger of
+        the two, so a request this router sent is never counted twice."""
+        return max(self.in_flight, self.published_in_flight)
 
 
 @dataclass(frozen=True)
