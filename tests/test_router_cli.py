@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import typer
 from typer.testing import CliRunner
 
@@ -98,3 +100,36 @@ def test_default_policy_per_deployment() -> None:
     own = Forwarder(replicas, RouterMetrics(), RouterConfig(policy="geo", deployment_policies={"clf": "round-robin"}))
     assert own.policy_for("clf").name == "round-robin" and own.policy_for("smol").name == "geo"
     assert llm.view().region == "eu"
+
+
+def test_router_tokenizes_prompts_as_the_replica_does() -> None:
+    """With a deployment's tokenizer, the router routes on the exact prompt token ids the replica
+    computes (so published prefix digests match exactly); without one, or where the replica's
+    ids cannot be known (a cache salt, a model without a chat template), it keeps the text."""
+    from headway.infra.router.proxy import RouterApp
+    from headway.infra.router.replicas import Replica, ReplicaSet
+    from headway.infra.router.tokenize import load_prompt_tokenizer
+    from headway.infra.router.upstream import RouterConfig
+    from headway.library import resolve
+    from headway.runtime.llm.tokenizer import ModelTokenizer
+
+    path = resolve("tinycoder-test", install=False, progress=False).path
+    replica = Replica("http://tiny:1")
+    replica.apply_state({"ready": True, "runtime": "llm", "model": "tinycoder-test"}, 0.001)
+    replica.healthy = True
+    tok = load_prompt_tokenizer("tinycoder-test")
+    app = RouterApp(ReplicaSet([replica]), RouterConfig(tokenizers={"tinycoder-test": tok}))
+    body = json.dumps({"model": "tinycoder-test", "prompt": "def add(a, b): return a + b"}).encode()
+    req = app.route_request("/v1/completions", body, [])
+    assert not isinstance(req, str)
+    assert req.token_ids == tuple(ModelTokenizer(path).encode("def add(a, b): return a + b"))
+    assert req.prompt == "def add(a, b): return a + b"
+    salted = json.dumps({"model": "tinycoder-test", "prompt": "x y", "cache_salt": "t1"}).encode()
+    chat = json.dumps({"model": "tinycoder-test", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for raw in (salted, chat):  # tinycoder has no chat template: the replica will refuse; keep the text
+        r = app.route_request("/v1/completions", raw, [])
+        assert not isinstance(r, str) and r.token_ids is None and r.prompt
+    plain = RouterApp(ReplicaSet([replica]), RouterConfig()).route_request("/v1/completions", body, [])
+    assert not isinstance(plain, str) and plain.token_ids is None
+    code, out = invoke("--replica", "http://a:1", "--tokenizer", "tinycoder-test=/nowhere/at/all")
+    assert code == 2 and "cannot load a tokenizer" in out

@@ -63,6 +63,34 @@ def test_shared_prefix_stays_on_one_replica(llm: dict[str, Proc]) -> None:
         time.sleep(0.1)
 
 
+def test_a_fresh_router_with_the_tokenizer_follows_published_digests(llm: dict[str, Proc], tmp_path) -> None:  # noqa: ANN001
+    """`headway route --tokenizer`: a router that has never seen a prefix still sends it to the
+    replica that holds it, by matching exact prompt token ids against the replica's digest."""
+    holder = llm["r1"]
+    prefix = "class Stack:\n    def push(self, x):\n        self.items.append(x)\n" * 30
+    r = httpx.post(holder.url + "/v1/completions", json={"model": "tinycoder-test", "prompt": prefix + "# warm\n",
+                                                         "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200
+    deadline = time.monotonic() + 5
+    while len(httpx.get(holder.url + "/headway/state").json()["prefix_digest"]["hashes"]) < 4:
+        assert time.monotonic() < deadline, "the holder never published the prefix's blocks"
+        time.sleep(0.1)
+    front = Proc(["-m", "headway", "route", "--port", "{port}", "--health-interval", "0.2", "--log-level", "warning",
+                  "--replica", llm["r0"].url, "--replica", holder.url, "--tokenizer", "tinycoder-test=tinycoder-test"],
+                 tmp_path / "tok-router.log")
+    try:
+        front.wait(timeout=60)
+        time.sleep(0.5)  # a health check round: the digests are in
+        served = [httpx.post(front.url + "/v1/completions", json={"model": "tinycoder-test", "prompt": prefix + f"# q{i}\n",
+                                                                  "max_tokens": 1}, timeout=60).headers["x-headway-replica"]
+                  for i in range(4)]
+        assert served == [holder.url] * 4
+        reasons = httpx.get(front.url + "/headway/router").json()["policies"]["tinycoder-test"]["reasons"]
+        assert reasons.get("affinity", 0) == 4  # the first one too: from the digest, not from its own history
+    finally:
+        front.stop()
+
+
 @pytest.mark.slow
 def test_trace_benchmark_compares_policies_on_real_replicas(tmp_path) -> None:  # noqa: ANN001
     """`python -m headway.infra.router.bench_trace` end to end on tinycoder replicas: fresh

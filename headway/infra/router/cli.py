@@ -15,6 +15,9 @@ def route(
                                                   "predicted-latency for LLM deployments, least-load for others.")] = None,
     deployment_policy: Annotated[Optional[list[str]], typer.Option(
         help="A deployment's own policy as DEPLOYMENT=NAME (over --policy); repeatable.")] = None,
+    tokenizer: Annotated[Optional[list[str]], typer.Option(
+        help="A deployment's tokenizer as DEPLOYMENT=SOURCE (model directory or library name): prefix "
+        "affinity on exact token ids, matched against the replicas' prefix digests; repeatable.")] = None,
     port: Annotated[int, typer.Option(help="HTTP port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the gRPC API on this port.")] = None,
@@ -51,13 +54,25 @@ def route(
             fail(f"--deployment-policy takes DEPLOYMENT=NAME with NAME one of {', '.join(POLICIES)} "
                  f"(e.g. smollm2-135m-instruct=cache-aware), got {item!r}")
         per_deployment[dep] = name
+    tokenizers: dict[str, object] = {}
+    for item in tokenizer or []:
+        dep, sep, source = item.partition("=")
+        if not sep or not dep or not source:
+            fail(f"--tokenizer takes DEPLOYMENT=SOURCE (e.g. smollm2-135m-instruct=smollm2-135m-instruct), got {item!r}")
+        from headway.infra.router.tokenize import load_prompt_tokenizer
+
+        try:
+            tokenizers[dep] = load_prompt_tokenizer(source)
+        except Exception as exc:  # noqa: BLE001 - any load failure is the user's to fix, with its reason
+            fail(f"--tokenizer {item}: cannot load a tokenizer from {source!r}: {exc}")
     if max_attempts < 1 or eject_after < 1 or health_interval <= 0:
         fail("--max-attempts and --eject-after must be >= 1 and --health-interval > 0")
     if max_in_flight is not None and max_in_flight < 1:
         fail(f"--max-in-flight must be >= 1, got {max_in_flight}")
     try:
         app = build_app(replica, RouterConfig(policy=policy, seed=seed, max_attempts=max_attempts,
-                                                     deployment_policies=per_deployment or None), regions=regions,
+                                                     deployment_policies=per_deployment or None,
+                                                     tokenizers=tokenizers or None), regions=regions,
                         max_in_flight=max_in_flight, check_interval_s=health_interval, eject_after=eject_after,
                         grpc_host=host, grpc_port=grpc_port)
     except ValueError as exc:

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
+from headway.infra.router.tokenize import prompt_token_ids
 from headway.infra.router.types import RouteRequest
 from headway.infra.router.upstream import Forwarder, NoCapacity, RouterConfig
 
@@ -163,7 +164,11 @@ class RouterApp:
                 region = v.decode("latin-1")
         prompt, token_ids = "", None
         if self.forwarder.policy_for(deployment).name in NEEDS_PROMPT:
-            prompt, token_ids = prompt_of(parsed if parsed is not None else parse_body(body))
+            parsed = parsed if parsed is not None else parse_body(body)
+            prompt, token_ids = prompt_of(parsed)
+            tokenizer = (self.config.tokenizers or {}).get(deployment)
+            if token_ids is None and tokenizer is not None and adapter is None:
+                token_ids = prompt_token_ids(tokenizer, parsed)
         return RouteRequest(deployment, self.forwarder.next_id(), prompt, token_ids, adapter, region)
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -34,6 +34,7 @@ class RouterConfig:
     read_timeout_s: float = 300.0        # longest silence from a replica mid-response
     policy_options: dict[str, Any] | None = None
     deployment_policies: dict[str, str] | None = None  # per deployment, over `policy` and the defaults
+    tokenizers: dict[str, Any] | None = None  # per deployment: a PromptTokenizer for exact prompt token ids
 
 
 class NoCapacity(Exception):
