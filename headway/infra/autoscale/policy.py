@@ -1,0 +1,169 @@
+"""Autoscaling policies: Headway's startup-aware policy and two baselines, all pure.
+
+`StartupAware` (Headway's):
+- sizes the deployment for the larger of the stable-window mean concurrency and a forecast
+  of the short-window concurrency one startup ahead (its trend over the stable window times the
+  deployment's measured startup time): capacity is asked for when it will be needed, not when
+  the load has already arrived;
+- panics like Knative when the short window wants `panic_threshold` times the ready capacity
+  (a burst: it sizes for the short window without extrapolating the step, and never scales
+  down until the panic ends);
+- counts replicas already starting as capacity (its answer is a total), so repeated decisions
+  during a startup do not keep adding replicas for load those will absorb;
+- scales from zero at once when a request waits and to zero after `scale_down_delay_s`
+  without traffic; any lower recommendation must hold for `scale_down_delay_s`;
+- with a latency objective, grows by one replica per decision while the latency is above it.
+
+`KnativeKPA`: Knative's KPA (stable and panic windows, no forecast). `RayServeDefault`: Ray
+Serve's default autoscaler (ongoing requests over a look-back window against a target, with
+upscale and downscale delays). They share the config's targets so comparisons are like for like.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+
+from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics, ScaleDecision, window_mean
+
+
+def trend(samples: Sequence[tuple[float, float]], now: float, window_s: float) -> float:
+    """Least-squares slope (concurrency per second) of the samples in the window; 0 if flat or too few."""
+    pts = [(t, c) for t, c in samples if now - window_s < t <= now]
+    if len(pts) < 3:
+        return 0.0
+    mt = sum(t for t, _ in pts) / len(pts)
+    mc = sum(c for _, c in pts) / len(pts)
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    return 0.0 if var == 0 else sum((t - mt) * (c - mc) for t, c in pts) / var
+
+
+class _Hold:
+    """Recommendations of the last `delay_s`; the decision is their maximum (delayed scale-down)."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+        self._recs: deque[tuple[float, int]] = deque()
+
+    def push(self, now: float, rec: int) -> int:
+        self._recs.append((now, rec))
+        while self._recs and self._recs[0][0] < now - self.delay_s:
+            self._recs.popleft()
+        return max(r for _, r in self._recs)
+
+
+def _clamp(cfg: AutoscaleConfig, n: int) -> int:
+    return max(cfg.min_replicas, min(cfg.max_replicas, n))
+
+
+class StartupAware:
+    name = "headway"
+
+    def __init__(self, config: AutoscaleConfig):
+        self.cfg = config
+        self._hold = _Hold(config.scale_down_delay_s)
+        self._panic_until = -math.inf
+        self._latency_floor = 0
+
+    def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision:
+        cfg = self.cfg
+        total = m.ready + m.starting
+        startup = cfg.startup_s if m.startup_s is None else m.startup_s
+        stable = window_mean(m.samples, now, cfg.window_s)
+        short = window_mean(m.samples, now, cfg.panic_window_s)
+        slope = max(0.0, trend(m.samples, now, cfg.window_s))
+        # a ramp is followed one startup ahead; never more than twice what is here now plus a replica
+        forecast = min(short + slope * startup, 2 * short + cfg.per_replica)
+        want_stable = math.ceil(stable / cfg.per_replica)
+        want_short = math.ceil(short / cfg.per_replica)
+        if want_short >= cfg.panic_threshold * max(m.ready, 1) and want_short > total:
+            self._panic_until = now + cfg.window_s
+        panic = now < self._panic_until
+        if panic:  # a burst (a step, not a ramp): size for what is here, never extrapolate a step
+            rec, reason = max(want_stable, want_short, total), "panic"
+        else:
+            want_forecast = math.ceil(forecast / cfg.per_replica)
+            rec, reason = (want_forecast, "forecast") if want_forecast > want_stable else (want_stable, "stable")
+        if cfg.latency_objective_s is not None and m.latency_p95_s is not None and m.ready > 0:
+            if m.latency_p95_s > cfg.latency_objective_s:
+                self._latency_floor = max(self._latency_floor, total + 1)
+            elif stable < cfg.per_replica * max(self._latency_floor - 1, 0):
+                self._latency_floor = 0  # the load that needed it is gone
+            if self._latency_floor > rec:
+                rec, reason = self._latency_floor, "latency"
+        if (m.queued > 0 or short > 0) and rec < 1:
+            rec, reason = 1, "from-zero" if total == 0 else reason
+        held = self._hold.push(now, rec)
+        if panic:
+            held = max(held, total)
+        desired = _clamp(cfg, held)
+        if desired != held:
+            reason = "bounds"
+        elif held > rec:
+            reason = "hold"
+        return ScaleDecision(desired, reason, panic)
+
+
+class KnativeKPA:
+    """Knative's KPA: stable-window average over target (x utilization); a panic window that
+    takes over, without scaling down, when it wants `panic_threshold` times the ready pods."""
+
+    name = "knative-kpa"
+
+    def __init__(self, config: AutoscaleConfig):
+        self.cfg = config
+        self._panic_until = -math.inf
+        self._hold = _Hold(config.scale_down_delay_s)
+
+    def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision:
+        cfg = self.cfg
+        total = m.ready + m.starting
+        want_stable = math.ceil(window_mean(m.samples, now, cfg.window_s) / cfg.per_replica)
+        want_panic = math.ceil(window_mean(m.samples, now, cfg.panic_window_s) / cfg.per_replica)
+        if m.ready and want_panic / m.ready >= cfg.panic_threshold:
+            self._panic_until = now + cfg.window_s
+        panic = now < self._panic_until
+        rec = max(want_panic, total) if panic else want_stable
+        if m.queued > 0 and rec < 1:
+            rec = 1  # the activator asks for a pod at once
+        desired = _clamp(cfg, self._hold.push(now, rec))
+        return ScaleDecision(desired, "panic" if panic else "stable", panic)
+
+
+class RayServeDefault:
+    """Ray Serve's default: average ongoing requests over `look_back_s` divided by the target
+    per replica; a change only after it has been recommended for the whole upscale (30 s) or
+    downscale (600 s) delay. From zero it scales at once when a request waits."""
+
+    name = "ray-serve"
+
+    def __init__(self, config: AutoscaleConfig, *, look_back_s: float = 30.0, upscale_delay_s: float = 30.0,
+                 downscale_delay_s: float = 600.0):
+        self.cfg = config
+        self.look_back_s = look_back_s
+        self.up_delay = upscale_delay_s
+        self.down_delay = downscale_delay_s
+        self._since: tuple[str, float] | None = None  # direction of the pending change, since when
+
+    def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision:
+        cfg = self.cfg
+        current = m.ready + m.starting
+        want = _clamp(cfg, math.ceil(window_mean(m.samples, now, self.look_back_s) / cfg.target_concurrency))
+        if current == 0 and m.queued > 0:
+            self._since = None
+            return ScaleDecision(max(1, want), "from-zero")
+        direction = "up" if want > current else "down" if want < current else None
+        if direction is None:
+            self._since = None
+            return ScaleDecision(current, "stable")
+        if self._since is None or self._since[0] != direction:
+            self._since = (direction, now)
+        delay = self.up_delay if direction == "up" else self.down_delay
+        if now - self._since[1] >= delay:
+            self._since = None
+            return ScaleDecision(want, direction)
+        return ScaleDecision(_clamp(cfg, current), "hold")
+
+
+POLICIES = {"headway": StartupAware, "knative-kpa": KnativeKPA, "ray-serve": RayServeDefault}

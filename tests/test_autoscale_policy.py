@@ -1,0 +1,105 @@
+"""Autoscaling policies (pure): Headway's startup-aware policy against Knative's KPA and Ray
+Serve's default, on hand-made metric histories."""
+
+from __future__ import annotations
+
+import pytest
+
+from headway.infra.autoscale.policy import KnativeKPA, RayServeDefault, StartupAware, trend
+from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics
+
+CFG = AutoscaleConfig(min_replicas=0, max_replicas=50, target_concurrency=8, target_utilization=0.5,
+                      window_s=20, panic_window_s=4, scale_down_delay_s=30, startup_s=10)  # 4 per replica
+
+
+def samples(fn, now: float, span: float = 60, step: float = 1.0) -> list[tuple[float, float]]:
+    n = int(span / step)
+    return [(now - span + (i + 1) * step, float(fn(now - span + (i + 1) * step))) for i in range(n)]
+
+
+def test_config_reports_every_error_at_once() -> None:
+    with pytest.raises(ValueError) as e:
+        AutoscaleConfig(min_replicas=5, max_replicas=2, target_utilization=1.5, panic_window_s=100, window_s=10)
+    msg = str(e.value)
+    assert "min_replicas" in msg and "target_utilization" in msg and "panic_window_s" in msg
+
+
+def test_steady_load_sizes_for_target_times_utilization() -> None:
+    for policy in (StartupAware(CFG), KnativeKPA(CFG)):
+        d = policy.decide(DeploymentMetrics(samples(lambda t: 40, 100), ready=10), 100)
+        assert d.desired == 10 and not d.panic, policy.name
+
+
+def test_from_zero_at_once_and_to_zero_after_the_delay() -> None:
+    p = StartupAware(CFG)
+    d = p.decide(DeploymentMetrics([], ready=0, queued=1), 0.0)
+    assert (d.desired, d.reason) == (1, "from-zero")
+    busy = samples(lambda t: 2, 10, span=10)
+    assert p.decide(DeploymentMetrics(busy, ready=1), 10).desired == 1
+    quiet_until = lambda now: samples(lambda t: 2 if t <= 10 else 0, now, span=now)  # noqa: E731
+    assert p.decide(DeploymentMetrics(quiet_until(35), ready=1), 35).desired == 1   # within the delay: hold
+    assert p.decide(DeploymentMetrics(quiet_until(45), ready=1), 45).desired == 0   # no traffic for 30 s
+    assert RayServeDefault(CFG).decide(DeploymentMetrics([], ready=0, queued=3), 0).desired == 1
+
+
+def test_replicas_starting_count_as_capacity() -> None:
+    """A burst from 4 to 40: the first decision asks for 10 in total; decisions while those
+    start keep asking for 10, not 10 more each time."""
+    p = StartupAware(CFG)
+    burst = lambda now: samples(lambda t: 4 if t < 100 else 40, now)  # noqa: E731
+    first = p.decide(DeploymentMetrics(burst(104), ready=1), 104)
+    assert first.panic and first.desired == 10
+    for now in (106, 108, 110, 112):
+        d = p.decide(DeploymentMetrics(burst(now), ready=1, starting=first.desired - 1), now)
+        assert d.desired == first.desired, (now, d)
+
+
+def test_a_ramp_is_met_one_startup_ahead() -> None:
+    """Load rising 1 request/s: with a 10 s startup, Headway asks now for what the ramp will
+    need when the replicas are ready; KPA sizes for the (lagging) window average."""
+    ramp = samples(lambda t: max(0.0, t - 40), 100)  # 60 at t=100, rising 1/s
+    assert trend(ramp, 100, 20) == pytest.approx(1.0)
+    m = DeploymentMetrics(ramp, ready=15)
+    ours, kpa = StartupAware(CFG).decide(m, 100), KnativeKPA(CFG).decide(m, 100)
+    assert ours.reason == "forecast" and ours.desired >= 17   # ceil((~58 + 10) / 4)
+    assert kpa.desired <= 13                                  # ceil(mean of the last 20 s / 4)
+    flat = StartupAware(AutoscaleConfig(**{**CFG.__dict__, "startup_s": 0}))
+    assert flat.decide(m, 100).desired < ours.desired
+
+
+def test_scale_down_waits_for_the_delay_and_bounds_hold() -> None:
+    p = StartupAware(CFG)
+    load = lambda now: samples(lambda t: 40 if t < 100 else 8, now)  # noqa: E731
+    assert p.decide(DeploymentMetrics(load(99), ready=10), 99).desired == 10
+    for now in (110, 120, 128):
+        d = p.decide(DeploymentMetrics(load(now), ready=10), now)
+        assert d.desired == 10 and d.reason == "hold", now
+    d = p.decide(DeploymentMetrics(load(140), ready=10), 140)   # t=110 still saw the old load in its window
+    assert (d.desired, d.reason) == (6, "hold")
+    assert p.decide(DeploymentMetrics(load(151), ready=10), 151).desired == 2
+    capped = StartupAware(AutoscaleConfig(max_replicas=3, target_concurrency=8, target_utilization=0.5))
+    d = capped.decide(DeploymentMetrics(samples(lambda t: 400, 100), ready=3), 100)
+    assert (d.desired, d.reason) == (3, "bounds")
+
+
+def test_latency_objective_grows_one_replica_per_decision() -> None:
+    cfg = AutoscaleConfig(**{**CFG.__dict__, "latency_objective_s": 0.5})
+    p = StartupAware(cfg)
+    calm = samples(lambda t: 4, 100)  # one replica's worth by concurrency
+    d1 = p.decide(DeploymentMetrics(calm, ready=1, latency_p95_s=1.2), 100)
+    d2 = p.decide(DeploymentMetrics(calm, ready=2, latency_p95_s=0.9), 102)
+    assert (d1.desired, d1.reason) == (2, "latency") and (d2.desired, d2.reason) == (3, "latency")
+    d3 = p.decide(DeploymentMetrics(calm, ready=3, latency_p95_s=0.3), 104)
+    assert d3.desired == 3  # met: kept, not grown
+
+
+def test_ray_serve_waits_out_its_delays() -> None:
+    p = RayServeDefault(CFG)
+    up = lambda now: samples(lambda t: 64, now)  # noqa: E731  (8 per replica -> 8 replicas)
+    assert p.decide(DeploymentMetrics(up(100), ready=2), 100).desired == 2
+    assert p.decide(DeploymentMetrics(up(120), ready=2), 120).desired == 2
+    assert p.decide(DeploymentMetrics(up(130), ready=2), 130).desired == 8   # after 30 s of asking
+    down = lambda now: samples(lambda t: 8, now)  # noqa: E731
+    assert p.decide(DeploymentMetrics(down(200), ready=8), 200).desired == 8
+    assert p.decide(DeploymentMetrics(down(700), ready=8), 700).desired == 8
+    assert p.decide(DeploymentMetrics(down(800), ready=8), 800).desired == 1  # after 600 s
