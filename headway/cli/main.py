@@ -12,6 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from headway.bench.cli import bench
+from headway.bench.ppl import app as eval_app
 from headway.bench.targets import app as targets_app
 from headway.infra.router.cli import route
 from headway.library.cli import app as library_app
@@ -59,6 +60,8 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     dtype: Annotated[Optional[str], typer.Option(help="LLM dtype: auto, float32 or bfloat16.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the forward pass.")] = None,
+    quantization: Annotated[Optional[str], typer.Option(
+        help="LLM weight-only quantization: none (default) or int8.")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -67,7 +70,7 @@ def serve(
 
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir,
-            engine_overrides={"dtype": dtype, "num_threads": threads})
+            engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
@@ -190,6 +193,7 @@ def _print_stream(resp: Any) -> None:
 app.add_typer(library_app, name="library", help="The model library: list and pull models.")
 app.command("bench", help="Benchmark an OpenAI-compatible endpoint, with baselines side by side.")(bench)
 app.add_typer(targets_app, name="bench-target")
+app.add_typer(eval_app, name="eval", help="Model quality and cost: perplexity with and without quantization.")
 app.command("route", help="Run a router in front of replicas.")(route)
 
 if __name__ == "__main__":

@@ -134,6 +134,11 @@ class LLMEngineOptions(_Strict):
         "decode-only step (lower: steadier streams, slower first token for long prompts).")
     served_model_name: str | None = Field(None, description="Name clients use in `model`.",
                                           examples=["smollm2"])
+    quantization: Literal["none", "int8"] = Field(
+        "none", examples=["int8"],
+        description="Weight-only quantization of the decoder layers' linear weights (int8: one scale per "
+        "output channel; embeddings and LM head stay unquantized). Off by default; when on, the server "
+        "logs it and /headway/state reports it. `headway eval ppl` measures what it costs.")
 
 
 class EmbeddingsEngineOptions(_Strict):

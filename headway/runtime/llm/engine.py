@@ -73,13 +73,16 @@ class LLMEngine:
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", device: str | None = None,
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
-                 num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5):
+                 num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5,
+                 quantization: str = "none"):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or default_device())
         self.tokenizer = ModelTokenizer(model_dir)
         self.dtype = choose_dtype(dtype, self.device)
-        self.runner = ModelRunner(model_dir, dtype=self.dtype, device=str(self.device), num_slots=kv_cache_tokens)
+        self.runner = ModelRunner(model_dir, dtype=self.dtype, device=str(self.device), num_slots=kv_cache_tokens,
+                                  quantization=quantization)
+        self.quantization = self.runner.quantization or "none"
         cfg = self.runner.config
         self.max_model_len = min(max_model_len or cfg.max_position, self.runner.num_slots - 1)
         self.pool = KVPool(self.runner.num_slots)
@@ -102,8 +105,8 @@ class LLMEngine:
         self.steps = 0
         self._snapshot_at = 0.0
         self._snapshot: dict[str, Any] = self._take_snapshot()
-        log.info("engine ready: %s, dtype=%s, device=%s, %d KV slots, max_model_len=%d",
-                 Path(model_dir).name, str(self.dtype).removeprefix("torch."), self.device,
+        log.info("engine ready: %s, dtype=%s, quantization=%s, device=%s, %d KV slots, max_model_len=%d",
+                 Path(model_dir).name, str(self.dtype).removeprefix("torch."), self.quantization, self.device,
                  self.runner.num_slots, self.max_model_len)
 
     # ---- lifecycle --------------------------------------------------------------------------
@@ -352,6 +355,7 @@ class LLMEngine:
                              "query_tokens": self.cache_query_tokens},
             "tokens_per_s": round(self.tokens_per_s, 1), "preemptions": self.scheduler.num_preemptions,
             "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64)},
-            "dtype": str(self.dtype).removeprefix("torch."), "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization,
+            "device": str(self.device),
             "max_model_len": self.max_model_len,
         }

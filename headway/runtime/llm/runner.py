@@ -32,6 +32,7 @@ class ModelRunner:
         num_slots: int | None = None,
         kv_memory_gb: float | None = None,
         num_threads: int | None = None,
+        quantization: str | None = None,
     ) -> None:
         if num_threads is not None:
             if num_threads < 1:
@@ -42,7 +43,9 @@ class ModelRunner:
         self.device = torch.device(device)
         self.config = ModelConfig.from_model_dir(self.model_dir)
         with torch.inference_mode():
-            self.model = build_model(self.config, WeightStore(self.model_dir, self.dtype, self.device))
+            self.model = build_model(self.config, WeightStore(self.model_dir, self.dtype, self.device,
+                                                              quantization if quantization != "none" else None))
+        self.quantization = quantization if quantization not in (None, "none") else None
         self.num_slots = self._slot_count(num_slots, kv_memory_gb)
         self.kv = KVCacheTensors(
             self.config.num_layers,

@@ -30,8 +30,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class WeightStore:
     """Lazy view over every tensor in a model directory's safetensors files."""
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype, device: torch.device,
+                 quantization: str | None = None) -> None:
         self.model_dir = Path(model_dir)
+        self.quantization = quantization  # for the decoder layers' linear weights (embeddings, LM head: never)
         files = sorted(self.model_dir.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(

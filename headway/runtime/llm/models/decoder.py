@@ -33,10 +33,10 @@ class DecoderLayer:
             qkv_bias = torch.cat([w.take(a + "q_proj.bias"), w.take(a + "k_proj.bias"), w.take(a + "v_proj.bias")])
         self.qkv = Linear(
             torch.cat([w.take(a + "q_proj.weight"), w.take(a + "k_proj.weight"), w.take(a + "v_proj.weight")]),
-            qkv_bias,
+            qkv_bias, w.quantization,
         )
         o_bias = w.take(a + "o_proj.bias") if cfg.attention_bias and (a + "o_proj.bias") in w else None
-        self.o = Linear(w.take(a + "o_proj.weight"), o_bias)
+        self.o = Linear(w.take(a + "o_proj.weight"), o_bias, w.quantization)
         m = p + "mlp."
         gate_up_bias = down_bias = None
         if cfg.mlp_bias:
@@ -48,6 +48,7 @@ class DecoderLayer:
             cfg.activation,
             gate_up_bias,
             down_bias,
+            w.quantization,
         )
         self.load_norms(w, p)
 

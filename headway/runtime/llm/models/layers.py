@@ -111,15 +111,49 @@ class Linear:
     float32 weights are stored transposed (``[in, out]`` contiguous): MKL's sgemm on the
     transposed layout is 1.2-2.3x faster for the small row counts of decode batches (measured
     at M=8..32, K=576). bfloat16 keeps the ``[out, in]`` layout that oneDNN/AMX prefers.
+
+    With ``quantize="int8"`` the weight is stored as int8 with one float scale per output
+    channel (symmetric, round to nearest: ``W ~= q * scale``, ``|q| <= 127``) and multiplied
+    by the int8 kernel on the CPU (``aten._weight_int8pack_mm``), by a dequantizing matmul
+    elsewhere. Activations and outputs keep the run dtype.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-        self.transposed = weight.dtype == torch.float32
-        self.weight = weight.t().contiguous() if self.transposed else weight
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quantize: str | None = None) -> None:
+        if quantize not in (None, "none", "int8"):
+            raise ValueError(f"quantization {quantize!r} is not supported: allowed are none, int8")
         self.bias = bias
         self.out_features = weight.shape[0]
+        self.quantized = quantize == "int8"
+        self.transposed = False
+        if self.quantized:
+            w = weight.float()
+            scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            self.weight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scales = scales.to(weight.dtype)
+            self.int8_kernel = weight.device.type == "cpu"
+            return
+        self.transposed = weight.dtype == torch.float32
+        self.weight = weight.t().contiguous() if self.transposed else weight
+
+    @property
+    def nbytes(self) -> int:
+        extra = self.scales.numel() * self.scales.element_size() if self.quantized else 0
+        bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
+        return self.weight.numel() * self.weight.element_size() + extra + bias
+
+    def _int8(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.int8_kernel:
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
+        else:
+            y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            return self._int8(x)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
@@ -137,9 +171,10 @@ class GatedMLP:
         activation: str,
         gate_up_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
+        quantize: str | None = None,
     ) -> None:
-        self.gate_up = Linear(gate_up, gate_up_bias)
-        self.down = Linear(down, down_bias)
+        self.gate_up = Linear(gate_up, gate_up_bias, quantize)
+        self.down = Linear(down, down_bias, quantize)
         self.inter = down.shape[1]
         self.act = activation_fn(activation)
 
