@@ -196,14 +196,36 @@ def test_refused_port_counts_every_request_as_error() -> None:
     assert s.ttft is None and s.request_throughput == 0.0
 
 
-def test_server_errors_are_reported_with_their_messages(llama_server) -> None:  # noqa: ANN001
-    target = Target("llama.cpp", llama_server.base_url, llama_server.model_alias, "completions")
-
-    async def bad_request() -> RequestResult:
+def _bad_request(target: Target) -> RequestResult:
+    async def send() -> RequestResult:
         async with httpx.AsyncClient(timeout=30) as client:
             return await send_request(client, target, [{"role": "user", "content": "hello"}], max_tokens=-5)
 
-    r = asyncio.run(bad_request())
+    return asyncio.run(send())
+
+
+def _check_duration_limit(target: Target, requests: int, output_tokens: str) -> None:
+    w = fixed_workload(requests, 1, LengthDist.parse("64"), LengthDist.parse(output_tokens), TextGenerator(), seed=0)
+    t0 = time.perf_counter()
+    run = asyncio.run(run_workload(target, w, duration_limit_s=1.0))
+    assert time.perf_counter() - t0 < 15
+    s = summarize(run)
+    assert s.requests == requests and s.errors > 0 and s.completed + s.errors == requests
+    assert any(m.startswith("cancelled: duration limit") for m in s.error_messages)
+
+
+def _check_poisson_arrivals(target: Target) -> None:
+    w = poisson_workload(6, 10.0, LengthDist.parse("8"), LengthDist.parse("2"), TextGenerator(), seed=3, concurrency=6)
+    run = asyncio.run(run_workload(target, w, duration_limit_s=60))
+    assert summarize(run).completed == 6
+    for session, r in zip(w.sessions, run.results):
+        assert session.arrival_s is not None
+        assert session.arrival_s - 0.005 <= r.start_s <= session.arrival_s + 0.5  # open loop: not sent early
+
+
+def test_server_errors_are_reported_with_their_messages(llama_server) -> None:  # noqa: ANN001
+    target = Target("llama.cpp", llama_server.base_url, llama_server.model_alias, "completions")
+    r = _bad_request(target)
     assert not r.ok and r.status is not None and r.status >= 400
     assert r.error is not None and "max_tokens" in r.error
 
@@ -215,24 +237,11 @@ def test_server_errors_are_reported_with_their_messages(llama_server) -> None:  
 
 
 def test_duration_limit_stops_the_run(llama_server) -> None:  # noqa: ANN001
-    target = Target("llama.cpp", llama_server.base_url, llama_server.model_alias, "completions")
-    w = fixed_workload(200, 1, LengthDist.parse("64"), LengthDist.parse("64"), TextGenerator(), seed=0)
-    t0 = time.perf_counter()
-    run = asyncio.run(run_workload(target, w, duration_limit_s=1.0))
-    assert time.perf_counter() - t0 < 15
-    s = summarize(run)
-    assert s.requests == 200 and s.errors > 0 and s.completed + s.errors == 200
-    assert any(m.startswith("cancelled: duration limit") for m in s.error_messages)
+    _check_duration_limit(Target("llama.cpp", llama_server.base_url, llama_server.model_alias, "completions"), 200, "64")
 
 
 def test_poisson_requests_start_at_their_arrival_times(llama_server) -> None:  # noqa: ANN001
-    target = Target("llama.cpp", llama_server.base_url, llama_server.model_alias, "completions")
-    w = poisson_workload(6, 10.0, LengthDist.parse("8"), LengthDist.parse("2"), TextGenerator(), seed=3, concurrency=6)
-    run = asyncio.run(run_workload(target, w, duration_limit_s=60))
-    assert summarize(run).completed == 6
-    for session, r in zip(w.sessions, run.results):
-        assert session.arrival_s is not None
-        assert session.arrival_s - 0.005 <= r.start_s <= session.arrival_s + 0.5  # open loop: not sent early
+    _check_poisson_arrivals(Target("llama.cpp", llama_server.base_url, llama_server.model_alias, "completions"))
 
 
 # ------------------------------------------- the same client paths against a Headway replica
@@ -253,31 +262,13 @@ def _hw_target(server) -> Target:  # noqa: ANN001
 
 def test_headway_errors_duration_limit_and_poisson_arrivals(headway_tiny) -> None:  # noqa: ANN001
     target = _hw_target(headway_tiny)
-
-    async def bad_request() -> RequestResult:
-        async with httpx.AsyncClient(timeout=30) as client:
-            return await send_request(client, target, [{"role": "user", "content": "hello"}], max_tokens=-5)
-
-    r = asyncio.run(bad_request())
+    r = _bad_request(target)
     assert not r.ok and r.status == 400 and r.error is not None and "max_tokens" in r.error
     too_long = fixed_workload(2, 2, LengthDist.parse("2100"), LengthDist.parse("4"), TextGenerator(), seed=0)
     s = summarize(asyncio.run(run_workload(target, too_long, duration_limit_s=60)))
     assert s.errors == 2 and all("maximum context length is 2048" in m for m in s.error_messages)
-
-    many = fixed_workload(400, 1, LengthDist.parse("64"), LengthDist.parse("256"), TextGenerator(), seed=0)
-    t0 = time.perf_counter()
-    run = asyncio.run(run_workload(target, many, duration_limit_s=1.0))
-    assert time.perf_counter() - t0 < 15
-    s = summarize(run)
-    assert s.requests == 400 and s.errors > 0 and s.completed + s.errors == 400
-    assert any(m.startswith("cancelled: duration limit") for m in s.error_messages)
-
-    w = poisson_workload(6, 10.0, LengthDist.parse("8"), LengthDist.parse("2"), TextGenerator(), seed=3, concurrency=6)
-    run = asyncio.run(run_workload(target, w, duration_limit_s=60))
-    assert summarize(run).completed == 6
-    for session, r in zip(w.sessions, run.results):
-        assert session.arrival_s is not None
-        assert session.arrival_s - 0.005 <= r.start_s <= session.arrival_s + 0.5  # open loop: not sent early
+    _check_duration_limit(target, 400, "256")
+    _check_poisson_arrivals(target)
 
 
 @pytest.mark.slow
