@@ -127,6 +127,30 @@ def test_broken_stream_ends_with_an_error_event(replicas: list[Proc], tmp_path: 
         front.stop()
 
 
+def test_grpc_stream_broken_by_a_dying_replica(replicas: list[Proc], tmp_path: Path) -> None:
+    """gRPC Generate: a replica killed mid-stream ends the stream with an error chunk, and the
+    break counts against that replica (its last error says so)."""
+    revive(replicas)
+    grpc_port = free_port()
+    front = router(replicas, tmp_path, "--health-interval", "1000", grpc_port=grpc_port)
+    try:
+        front.wait()
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            stream = stub.Generate(router_pb2.PredictRequest(model="streaming-story",
+                                                             body=b'{"words": 60, "delay_ms": 50}'), timeout=30)
+            first = next(stream)
+            assert first.event == ""
+            victims = [p for p in replicas if replica_state(front.url, p.url)["in_flight"] == 1]
+            assert len(victims) == 1
+            victims[0].kill()
+            rest = list(stream)
+        assert rest[-1].event == "error" and b"replica_stream_broken" in rest[-1].data and len(rest) < 59
+        assert "stream broke" in str(replica_state(front.url, victims[0].url)["last_error"])
+    finally:
+        front.stop()
+
+
 def test_passive_ejection_then_recovery_through_health_checks(replicas: list[Proc], tmp_path: Path) -> None:
     revive(replicas)
     passive = router(replicas, tmp_path, "--health-interval", "1000", "--policy", "round-robin")  # no active checks

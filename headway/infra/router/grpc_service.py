@@ -60,6 +60,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 chunks.append(chunk)
             ok = True
         except (aiohttp.ClientError, OSError) as exc:
+            self.app.replicas.failed(opened.replica, f"body broke: {type(exc).__name__}: {exc}", down=False)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"replica {opened.replica.url} failed mid-response: {exc}")
         finally:
             self.app.forwarder.finish(opened, ok)
@@ -70,8 +71,10 @@ class RouterService(router_pb2_grpc.RouterServicer):
         opened = await self._open(request, context, "text/event-stream")
         resp = opened.resp
         if resp.status >= 400 or resp.content_type != "text/event-stream":
-            body = opened.first + await resp.content.read()
-            self.app.forwarder.finish(opened, True)
+            try:
+                body = opened.first + await resp.content.read()
+            finally:  # the lease goes back whatever happens reading the body
+                self.app.forwarder.finish(opened, True)
             await context.abort(_CODES.get(resp.status, grpc.StatusCode.INTERNAL) if resp.status >= 400
                                 else grpc.StatusCode.FAILED_PRECONDITION,
                                 f"replica answered {resp.status} {resp.content_type}, not an event stream: "
@@ -93,6 +96,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
                 buffer += chunk
         except (aiohttp.ClientError, OSError) as exc:
             self.app.metrics.stream_errors.labels(opened.req.deployment).inc()
+            self.app.replicas.failed(opened.replica, f"stream broke: {type(exc).__name__}: {exc}", down=False)
             message = {"error": {"type": "replica_stream_broken", "code": 502, "message":
                                  f"the replica failed mid-stream ({type(exc).__name__}); the response is incomplete"}}
             yield router_pb2.GenerateChunk(event="error", data=json.dumps(message).encode())
