@@ -48,8 +48,13 @@ def test_isolation_keys_never_share() -> None:
     assert cache.match("adapter-b", [1, 2, 3])[0] == 0
     assert cache.match(None, [1, 2, 3])[0] == 0
     assert cache.match("adapter-a", [1, 2, 3])[0] == 3
+    assert cache.num_keys == 1  # looking up keys never inserted leaves nothing behind
+    n, slots, node = cache.match(("nocache", "r1"), [1, 2])
+    cache.lock(node)
+    cache.unlock(node)
+    assert (n, slots, cache.num_keys) == (0, [], 1)
     sb = _insert_fresh(cache, "adapter-b", [1, 2, 3])
-    assert cache.match("adapter-b", [1, 2])[1] == sb[:2]
+    assert cache.match("adapter-b", [1, 2])[1] == sb[:2] and cache.num_keys == 2
     _inv(cache)
 
 

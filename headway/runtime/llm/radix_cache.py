@@ -102,6 +102,11 @@ class RadixCache:
         return self._evictable + self._locked
 
     @property
+    def num_keys(self) -> int:
+        """Isolation keys (adapter, salt, private) with something cached under them."""
+        return len(self._roots)
+
+    @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
@@ -139,7 +144,9 @@ class RadixCache:
         position order and ``node`` ends exactly at that prefix (an edge is split if the match
         ends inside it) -- pass it to ``lock``. ``record`` adds to the hit counters."""
         now = self._tick()
-        node = self.root(key)
+        # a key never inserted gets a detached empty root: a lookup alone (a request aborted
+        # before any KV was written, a cache-off request's private key) leaves nothing behind
+        node = self._roots.get(key) or RadixNode(key, [], [], None, 0)
         node.last_access = now
         slots: list[int] = []
         i, n = 0, len(tokens)
