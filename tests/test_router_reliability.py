@@ -82,15 +82,28 @@ def test_sigkill_under_load_loses_no_request_before_its_first_byte(replicas: lis
         async def load() -> None:
             async with httpx.AsyncClient(timeout=30) as client:
                 queue = list(range(90))
+                mid_load = asyncio.Event()
 
                 async def worker() -> None:
                     while queue:
                         queue.pop()
                         await one(client)
                         if len(outcomes) == 20:
-                            replicas[0].kill()   # mid-load, streams in flight on it
+                            mid_load.set()
 
-                await asyncio.gather(*(worker() for _ in range(6)))
+                async def killer() -> None:
+                    """Mid-load, at a moment the router has streams in flight on the victim."""
+                    await mid_load.wait()
+                    deadline = time.monotonic() + 10
+                    while time.monotonic() < deadline:
+                        state = (await client.get(front.url + "/headway/router")).json()
+                        victim = next(r for r in state["replicas"] if r["url"] == replicas[0].url)
+                        if victim["in_flight"] >= 1:
+                            break
+                        await asyncio.sleep(0.005)
+                    replicas[0].kill()
+
+                await asyncio.gather(killer(), *(worker() for _ in range(6)))
 
         asyncio.run(load())
         assert replicas[0].proc is not None and replicas[0].proc.poll() is not None, "the replica was not killed"
