@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from headway.bench.targets import engine_decode_roofline
+
 SMOLLM2_135M: dict[str, Any] = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
     "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
@@ -153,30 +155,6 @@ def throughput(model_dir: Path, device: str, dtype: str, *, batch: int = 32, pro
             "ratio": theirs_s / ours_s}
 
 
-def decode_roofline(model_dir: Path, device: str, dtype: str, *, batch: int = 32, context: int = 250,
-                    steps: int = 48) -> dict[str, Any]:
-    from headway.bench.roofline import DecoderShape, decode_roofline_report
-    from headway.runtime.llm.engine import LLMEngine
-    from headway.runtime.llm.sequence import SamplingParams
-
-    engine = LLMEngine(model_dir, dtype=dtype, device=device, max_running=batch, max_num_batched_tokens=max(512, batch))
-    vocab = engine.tokenizer.vocab_size
-    for i, p in enumerate(_prompts(batch, [context], vocab, seed=3)):
-        engine.scheduler.add(f"r{i}", p, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
-    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine._step()
-    engine._step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine._step()
-    _sync(device)
-    tok_s = batch * steps / (time.perf_counter() - t0)
-    cfg = json.loads((model_dir / "config.json").read_text())
-    return decode_roofline_report(DecoderShape.from_hf_config(cfg), batch, tok_s, context=context + steps // 2,
-                                  device=device, dtype=getattr(torch, dtype))
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -206,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report["throughput"] = throughput(model_dir, a.device, a.dtype, batch=a.batch, prompt_tokens=a.prompt_tokens,
                                       output_tokens=a.output_tokens)
     print("throughput:", json.dumps(report["throughput"]), flush=True)
-    report["roofline"] = decode_roofline(model_dir, a.device, a.dtype, batch=a.batch)
+    report["roofline"] = engine_decode_roofline(model_dir, batch=a.batch, context=a.prompt_tokens, steps=48,
+                                                dtype=a.dtype, device=a.device)
     print("decode roofline:", json.dumps(report["roofline"]), flush=True)
     if a.json:
         a.json.write_text(json.dumps(report, indent=2))

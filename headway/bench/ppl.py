@@ -23,15 +23,6 @@ console = Console()
 EVAL_TEXT = Path(__file__).with_name("data") / "eval.txt"
 
 
-def _model_dir(model: str) -> Path:
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    from headway.library import resolve
-
-    return resolve(model).path
-
-
 def perplexity(runner: Any, ids: list[int], chunk: int = 256) -> float:
     """exp(mean negative log-likelihood of each token given the ones before it), prefilled in chunks."""
     import torch
@@ -115,12 +106,14 @@ def ppl(
     if dtype not in ("float32", "bfloat16"):
         console.print(f"[red]error:[/red] dtype {dtype!r} is not supported; allowed: float32, bfloat16")
         raise typer.Exit(2)
+    from headway.runtime.llm.serving import model_dir_for
+
     source = text or EVAL_TEXT
     if not source.is_file():
         console.print(f"[red]error:[/red] text file not found: {source}")
         raise typer.Exit(2)
     with console.status(f"scoring {model} without and with {quantization} ..."):
-        report = evaluate(_model_dir(model), quantization, dtype=dtype, text=source.read_text(), max_tokens=max_tokens)
+        report = evaluate(model_dir_for(model, Path.cwd()), quantization, dtype=dtype, text=source.read_text(), max_tokens=max_tokens)
     table = Table(title=f"{model}: {report['tokens']} tokens of {source.name}, {dtype}")
     for col in ("", "perplexity", "prefill tok/s", "decode step (batch 32)", "linear weights"):
         table.add_column(col, justify="right")

@@ -154,6 +154,36 @@ def prefill_stall(
             "long_ttft_s": long["ttft"], "itl": stats, "p99_over_p50": p99_over_p50}, json_path)
 
 
+def engine_decode_roofline(model_dir: Path, *, batch: int, context: int, steps: int, dtype: str,
+                           device: str | None = None) -> dict[str, float]:
+    """The engine's steady-state decode (in process: schedule, forward, sample, update) for
+    `batch` random prompts of `context` tokens, placed on the device's measured matmul roofline."""
+    import torch
+
+    from headway.bench.roofline import DecoderShape, decode_roofline_report
+    from headway.runtime.llm.engine import LLMEngine
+    from headway.runtime.llm.sequence import SamplingParams
+
+    engine = LLMEngine(model_dir, dtype=dtype, device=device, max_running=batch, max_num_batched_tokens=max(512, batch))
+    rng = random.Random(0)
+    for i in range(batch):
+        prompt = [rng.randrange(100, engine.tokenizer.vocab_size - 1) for _ in range(context)]
+        engine.scheduler.add(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
+    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
+        engine._step()  # prefill everything (not timed)
+    engine._step()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine._step()
+    sync()
+    tok_s = batch * steps / (time.perf_counter() - t0)
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return decode_roofline_report(DecoderShape.from_hf_config(cfg), batch, tok_s, context=context + steps // 2,
+                                  device=engine.device, dtype=getattr(torch, dtype))
+
+
 @app.command("roofline")
 def roofline(
     model_dir: Annotated[Path, typer.Option(help="converted model directory (headway library pull)")],
@@ -164,28 +194,8 @@ def roofline(
     json_path: Annotated[Optional[Path], typer.Option("--json")] = None,
 ) -> None:
     """Steady-state decode tokens/s of the engine vs the matmul roofline at its GEMM shapes."""
-    import torch
-
-    from headway.bench.roofline import DecoderShape, decode_roofline_report
-    from headway.runtime.llm.engine import LLMEngine
-    from headway.runtime.llm.sequence import SamplingParams
-
-    engine = LLMEngine(model_dir, dtype=dtype, max_running=batch, max_num_batched_tokens=max(512, batch))
-    rng = random.Random(0)
-    for i in range(batch):
-        prompt = [rng.randrange(100, engine.tokenizer.vocab_size - 1) for _ in range(context)]
-        engine.scheduler.add(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=steps + 8, ignore_eos=True))
-    while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
-        engine._step()  # prefill everything (not timed)
-    engine._step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        engine._step()
-    elapsed = time.perf_counter() - t0
-    tok_s = batch * steps / elapsed
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    report = decode_roofline_report(DecoderShape.from_hf_config(cfg), batch, tok_s, context=context + steps // 2,
-                                    device=engine.device, dtype=getattr(torch, dtype))
-    console.print(f"decode: {tok_s:.0f} tokens/s at batch {batch} ({elapsed / steps * 1000:.1f} ms/step)")
+    report = engine_decode_roofline(model_dir, batch=batch, context=context, steps=steps, dtype=dtype)
+    tok_s = report["decode_tokens_per_s"]
+    console.print(f"decode: {tok_s:.0f} tokens/s at batch {batch} ({batch / tok_s * 1000:.1f} ms/step)")
     console.print(json.dumps(report, indent=2, default=str))
-    _write({"benchmark": "roofline", "batch": batch, "decode_tokens_per_s": tok_s, **report}, json_path)
+    _write({"benchmark": "roofline", **report}, json_path)

@@ -239,7 +239,8 @@ def multi_turn_workload(num_conversations: int, turns: int, concurrency: int, gr
                                    prompt_tokens=n_prompt))
         sessions.append(Session(id=i, turns=tuple(conv_turns), system=systems[group], group=group))
     return Workload(kind="multi-turn", sessions=tuple(sessions), concurrency=concurrency, seed=seed,
-                    params={"turns": turns if max_turns is None else f"uniform:{turns}:{max_turns}", "groups": groups, "system_tokens": system.describe(),
+                    params={"turns": turns if max_turns is None else f"uniform:{turns}:{max_turns}",
+                            "groups": groups, "system_tokens": system.describe(),
                             "prompt_tokens": prompt.describe(), "output_tokens": output.describe(),
                             "exact_tokens": text.exact})
 

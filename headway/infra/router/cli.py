@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from headway.infra.router.policies import POLICIES
+from headway.infra.router.tokenize import PromptTokenizer, load_prompt_tokenizer
 
 
 def route(
@@ -54,13 +55,11 @@ def route(
             fail(f"--deployment-policy takes DEPLOYMENT=NAME with NAME one of {', '.join(POLICIES)} "
                  f"(e.g. smollm2-135m-instruct=cache-aware), got {item!r}")
         per_deployment[dep] = name
-    tokenizers: dict[str, object] = {}
+    tokenizers: dict[str, PromptTokenizer] = {}
     for item in tokenizer or []:
         dep, sep, source = item.partition("=")
         if not sep or not dep or not source:
             fail(f"--tokenizer takes DEPLOYMENT=SOURCE (e.g. smollm2-135m-instruct=smollm2-135m-instruct), got {item!r}")
-        from headway.infra.router.tokenize import load_prompt_tokenizer
-
         try:
             tokenizers[dep] = load_prompt_tokenizer(source)
         except Exception as exc:  # noqa: BLE001 - any load failure is the user's to fix, with its reason

@@ -21,15 +21,11 @@ class PromptTokenizer(Protocol):
 
 
 def load_prompt_tokenizer(source: str) -> PromptTokenizer:
-    """A model directory with tokenizer.json, or a model-library name (resolved, not installed)."""
+    """A model directory with tokenizer.json, or a model-library name, as `headway serve` finds it."""
+    from headway.runtime.llm.serving import model_dir_for
     from headway.runtime.llm.tokenizer import ModelTokenizer
 
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        from headway.library import resolve
-
-        path = resolve(source, install=False, progress=False).path
-    return ModelTokenizer(path)
+    return ModelTokenizer(model_dir_for(source, Path.cwd()))
 
 
 def prompt_token_ids(tokenizer: PromptTokenizer, body: dict[str, Any] | None) -> tuple[int, ...] | None:

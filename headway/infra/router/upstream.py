@@ -19,6 +19,7 @@ import aiohttp
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.policies import LLM_DEFAULT, OTHER_DEFAULT, make_policy
 from headway.infra.router.replicas import Replica, ReplicaSet
+from headway.infra.router.tokenize import PromptTokenizer
 from headway.infra.router.types import RouteEvent, RouteRequest, RoutingPolicy
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
@@ -34,7 +35,7 @@ class RouterConfig:
     read_timeout_s: float = 300.0        # longest silence from a replica mid-response
     policy_options: dict[str, Any] | None = None
     deployment_policies: dict[str, str] | None = None  # per deployment, over `policy` and the defaults
-    tokenizers: dict[str, Any] | None = None  # per deployment: a PromptTokenizer for exact prompt token ids
+    tokenizers: dict[str, PromptTokenizer] | None = None  # per deployment: exact prompt token ids
 
 
 class NoCapacity(Exception):

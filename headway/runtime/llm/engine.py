@@ -101,7 +101,8 @@ class LLMEngine:
         self._stopping = False
         self._recent: deque[tuple[float, int]] = deque()
         self.tokens_per_s = 0.0
-        self.cache_hit_tokens = self.cache_query_tokens = 0  # prompt tokens found cached / looked up
+        self.cache_hit_tokens = self.cache_query_tokens = 0  # prompt tokens found cached / looked up (Prometheus'
+        # counters cannot be read back; these are their values)
         self.steps = 0
         self._snapshot_at = 0.0
         self._snapshot: dict[str, Any] = self._take_snapshot()
@@ -325,12 +326,18 @@ class LLMEngine:
         self.tokens_per_s = sum(k for _, k in self._recent) / span
         self.metrics.tokens_per_s.set(self.tokens_per_s)
 
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Prompt tokens found cached / looked up, once per request: the figure behind
+        /metrics' hit and query counters, the hit-rate gauge and /headway/state alike."""
+        return self.cache_hit_tokens / self.cache_query_tokens if self.cache_query_tokens else 0.0
+
     def _gauges(self) -> None:
         total = self.pool.total
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_usage.set((total - self.pool.num_free - self.cache.evictable) / total)
-        self.metrics.cache_hit_rate.set(self.cache.hit_rate)
+        self.metrics.cache_hit_rate.set(self.prefix_hit_rate)
 
     # ---- the replica-state contract ---------------------------------------------------------
 
@@ -351,7 +358,7 @@ class LLMEngine:
         return {
             "in_flight": running + waiting, "queued": waiting, "running": running,
             "kv": {"total_tokens": total, "used_tokens": total - free, "evictable_tokens": evictable},
-            "prefix_cache": {"hit_rate": round(self.cache.hit_rate, 4), "hit_tokens": self.cache_hit_tokens,
+            "prefix_cache": {"hit_rate": round(self.prefix_hit_rate, 4), "hit_tokens": self.cache_hit_tokens,
                              "query_tokens": self.cache_query_tokens},
             "tokens_per_s": round(self.tokens_per_s, 1), "preemptions": self.scheduler.num_preemptions,
             "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64)},

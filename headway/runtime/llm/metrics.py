@@ -40,10 +40,11 @@ class EngineMetrics:
                              registry=r).labels(model)
         self.waiting = Gauge("headway_llm_waiting_sequences", "Sequences waiting for admission.", m,
                              registry=r).labels(model)
-        self.kv_usage = Gauge("headway_llm_kv_usage_ratio", "Fraction of KV slots held by running sequences (cached, evictable prefixes not counted).", m,
-                              registry=r).labels(model)
+        self.kv_usage = Gauge("headway_llm_kv_usage_ratio",
+                              "Fraction of KV slots held by running sequences (evictable cached prefixes not counted).",
+                              m, registry=r).labels(model)
         self.cache_hit_rate = Gauge("headway_llm_prefix_cache_hit_rate",
-                                    "Cached prompt tokens / prompt tokens looked up, since start.", m,
+                                    "Cached prompt tokens / prompt tokens looked up (once per request), since start.", m,
                                     registry=r).labels(model)
         self.tokens_per_s = Gauge("headway_llm_generation_tokens_per_second",
                                   "Output tokens per second over the last few seconds.", m, registry=r).labels(model)

@@ -42,10 +42,9 @@ class ModelRunner:
         self.dtype = parse_dtype(dtype)
         self.device = torch.device(device)
         self.config = ModelConfig.from_model_dir(self.model_dir)
+        self.quantization = None if quantization in (None, "none") else quantization
         with torch.inference_mode():
-            self.model = build_model(self.config, WeightStore(self.model_dir, self.dtype, self.device,
-                                                              quantization if quantization != "none" else None))
-        self.quantization = quantization if quantization not in (None, "none") else None
+            self.model = build_model(self.config, WeightStore(self.model_dir, self.dtype, self.device, self.quantization))
         self.num_slots = self._slot_count(num_slots, kv_memory_gb)
         self.kv = KVCacheTensors(
             self.config.num_layers,

@@ -20,11 +20,12 @@ log = logging.getLogger("headway.llm")
 
 
 def model_dir_for(source: str, package_root: Path) -> Path:
-    """A directory in Hugging Face layout for a model source (library name or local path)."""
+    """A directory in Hugging Face layout for a model source: a local path (relative to
+    `package_root`) or a model-library name (resolved, installing its package if missing)."""
     if "://" in source:
         raise ValueError(f"model source '{source}': remote sources are fetched by the deployment layer; "
                          "serve a library name or a local model directory here")
-    local = (package_root / source).expanduser()
+    local = package_root / Path(source).expanduser()
     if local.is_dir():
         return local
     from headway.library import resolve
