@@ -271,3 +271,14 @@ def test_sliding_window_mixed_lengths_match_dense_reference() -> None:
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
         refs.append(torch.einsum("hqk,khd->qhd", probs, v.expand(n, hq, d)).reshape(nq, hq * d))
     torch.testing.assert_close(out, torch.cat(refs), atol=1e-5, rtol=1e-5)
+
+
+def test_dtype_choice_is_measured_once_and_names_what_is_allowed() -> None:
+    from headway.runtime.llm.device import _faster_dtype, choose_dtype
+
+    picked = choose_dtype("auto", "cpu")
+    assert picked in (torch.float32, torch.bfloat16)
+    assert choose_dtype("auto", "cpu") is picked and _faster_dtype.cache_info().hits >= 1  # probed once
+    assert choose_dtype("float32", "cpu") is torch.float32 and choose_dtype("bfloat16", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
+        choose_dtype("float16", "cpu")

@@ -50,9 +50,10 @@ def test_quantized_model_stays_close_to_the_original(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_server_reports_quantization_and_answers(tmp_path: Path) -> None:
-    with running_server(["serve", "tinycoder-test", "--threads", "1", "--quantization", "int8"], tmp_path) as s:
+    with running_server(["serve", "tinycoder-test", "--threads", "1", "--quantization", "int8", "--dtype", "float32"],
+                        tmp_path) as s:
         state = httpx.get(f"{s.url}/headway/state").json()
-        assert state["quantization"] == "int8"
+        assert state["quantization"] == "int8" and state["dtype"] == "float32"  # --dtype is honoured
         r = httpx.post(f"{s.url}/v1/completions", json={"model": "tinycoder-test", "prompt": "def f(", "max_tokens": 4,
                                                          "ignore_eos": True})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4

@@ -238,3 +238,52 @@ def test_secrets_from_env_and_directory_never_logged(server_factory, tmp_path: P
         assert out["secret_names"] == ["API_KEY", "DB_PASSWORD"]
         assert out["secret_len"] == {"API_KEY": len("sk-from-env"), "DB_PASSWORD": len("hunter2-from-file")}
         assert "hunter2" not in s.log() and "sk-from-env" not in s.log()
+
+
+def _tiny_wheel(where: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel built by hand (no network, no build backend)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {f"{name}/__init__.py": f"VERSION = {version!r}\n",
+             f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{name}-{version}.dist-info/RECORD,,")
+    wheel = where / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{name}-{version}.dist-info/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def test_requirements_installed_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """headway.yaml's requirements: satisfied ones cost nothing, a bad spec is a field error
+    with an example, a missing one is pip-installed before load."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    from headway.package.load import PackageError
+    from headway.server import serve
+
+    calls: list[list[str]] = []
+    real_run = subprocess.run
+    monkeypatch.setattr(serve.subprocess, "run", lambda cmd, **kw: (calls.append(cmd), real_run(cmd, **kw))[1])
+    serve.ensure_requirements(["pyyaml>=6", "httpx"])
+    assert calls == []
+    with pytest.raises(PackageError) as bad:
+        serve.ensure_requirements(["numpy >>= 2"])
+    assert "requirements" in str(bad.value) and "numpy==2.1.0" in str(bad.value)
+    name = "headway_reqtest_pkg"
+    wheel = _tiny_wheel(tmp_path, name, "0.1")
+    try:
+        serve.ensure_requirements([f"{name} @ {wheel.as_uri()}"])
+        assert len(calls) == 1 and importlib.metadata.version(name) == "0.1"
+    finally:
+        real_run([sys.executable, "-m", "pip", "uninstall", "-y", "--quiet", name], check=False)
