@@ -417,3 +417,18 @@ def test_device_check_runs_on_cpu_with_parity(tmp_path: Path) -> None:
     assert t["headway_tokens_per_s"] > 0 and t["transformers_batched_tokens_per_s"] > 0 and t["ratio"] > 0
     assert 0 < report["roofline"]["fraction"] and report["roofline"]["decode_tokens_per_s"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["device"] == "cpu"
+
+
+def test_burst_target_compares_prefill_rules(tmp_path: Path) -> None:
+    """`headway bench-target burst` runs both prefill rules on the same burst, in process."""
+    from headway.bench.targets import burst
+    from headway.library import resolve
+
+    out = tmp_path / "burst.json"
+    burst(model_dir=resolve("tinycoder-test", install=False, progress=False).path, requests=6, prompt_tokens=40,
+          output_tokens=4, dtype="float32", json_path=out)
+    report = json.loads(out.read_text())
+    for name in ("headway", "as-many-waiting"):
+        r = report[name]
+        assert r["prefill_steps"] >= 1 and 0 < r["prefill_s"] <= r["total_s"]
+    assert report["total_speedup"] > 0 and report["requests"] == 6

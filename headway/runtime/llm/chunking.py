@@ -10,9 +10,11 @@ Cost model, learned online from the engine's own steps:
 Policy: when the sequences waiting for prefill are at least ``burst_fraction`` (a quarter) as
 many as those decoding (a burst of arrivals), prefill has priority and takes the whole token
 budget: many requests' first tokens matter more than a few streams' next ones, and admitting
-them early grows the decode batch (measured: 32 requests arriving at once, capped as soon as
-half of them decoded, took 319 steps and 15 s to prefill 8,000 tokens; 46 steps and 5.8 s with
-priority). Otherwise (a few long prompts against many streams) the running streams are protected:
+them early grows the decode batch. Before any decode-only step has been seen there is no cost
+model to protect streams with, and prefill takes the whole budget too (a minimum chunk there
+once left a cold engine's burst prefilling a few tokens a step). `headway bench-target burst`
+compares the burst rule with the earlier one (as many waiting as decoding). Otherwise (a few
+long prompts against many streams) the running streams are protected:
 a step may carry only as much prefill as keeps it within ``itl_factor`` times a decode-only step
 of the same batch, so a long prompt arriving does not stall them. Pure: observations in,
 decisions out.
