@@ -14,6 +14,7 @@ import typer
 from headway.bench.cli import bench
 from headway.bench.ppl import app as eval_app
 from headway.bench.targets import app as targets_app
+from headway.infra.fleet.cli import register as register_fleet
 from headway.infra.router.cli import route
 from headway.library.cli import app as library_app
 from headway.package.load import PackageError, load_package
@@ -63,13 +64,17 @@ def serve(
     quantization: Annotated[Optional[str], typer.Option(
         help="LLM weight-only quantization: none (default) or int8.")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
+                                                "name); the control plane passes the deployment's.")] = None,
+    replica_id: Annotated[Optional[str], typer.Option(help="Identity reported on /headway/state (set by the "
+                                                      "control plane).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a model package or a library model on one machine."""
     from headway.server.serve import serve as run
 
     try:
-        run(target, host, port, log_level=log_level, secrets_dir=secrets_dir,
+        run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, name=name, replica_id=replica_id,
             engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
@@ -195,6 +200,7 @@ app.command("bench", help="Benchmark an OpenAI-compatible endpoint, with baselin
 app.add_typer(targets_app, name="bench-target")
 app.add_typer(eval_app, name="eval", help="Model quality and cost: perplexity with and without quantization.")
 app.command("route", help="Run a router in front of replicas.")(route)
+register_fleet(app)
 
 if __name__ == "__main__":
     app()

@@ -38,11 +38,11 @@ class FieldError:
 class PackageError(Exception):
     """A package that cannot be used; `errors` lists every problem found."""
 
-    def __init__(self, path: Path | str, errors: list[FieldError]):
+    def __init__(self, path: Path | str, errors: list[FieldError], what: str = "the model package"):
         self.path = Path(path)
         self.errors = errors
         n = len(errors)
-        head = f"{self.path}: {n} error{'s' if n != 1 else ''} in the model package"
+        head = f"{self.path}: {n} error{'s' if n != 1 else ''} in {what}"
         super().__init__(head + "\n" + "\n".join(e.render() for e in errors))
 
 

@@ -36,12 +36,16 @@ class Lifecycle:
     """Load progress of this replica; `ready` only after load() returned."""
 
     started_at: float = field(default_factory=time.monotonic)
+    started_unix: float = field(default_factory=time.time)
     ready: bool = False
     error: str | None = None
-    phases: dict[str, float] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)   # seconds since the server started, per phase
+
+    def since_start(self) -> float:
+        return round(time.monotonic() - self.started_at, 3)
 
     def mark(self, phase: str) -> None:
-        self.phases[phase] = round(time.monotonic() - self.started_at, 3)
+        self.phases[phase] = self.since_start()
 
 
 def error_body(kind: str, message: str, code: int, **extra: Any) -> dict[str, Any]:
@@ -62,20 +66,21 @@ def _jsonable(value: Any) -> Any:
     return dump(mode="json") if callable(dump) else value
 
 
-def create_app(runtime: Runtime, options: RuntimeOptions | None = None) -> FastAPI:
+def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_id: str | None = None) -> FastAPI:
     options = options or RuntimeOptions()
     life = Lifecycle()
     metrics = ServerMetrics(runtime.name)
     admission: Admission | None = None
 
     async def load_in_background() -> None:
+        runtime.mark = life.mark
         try:
             await runtime.load()
         except Exception as exc:  # one clear log entry; readiness reports the reason
             life.error = f"{type(exc).__name__}: {exc}"
             log.error("model '%s' failed to load: %s", runtime.name, life.error)
             return
-        life.mark("loaded_s")
+        life.phases.setdefault("loaded_s", life.since_start())
         life.ready = True
         metrics.ready.set(1)
         life.mark("ready_s")
@@ -137,8 +142,10 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None) -> FastA
             "in_flight": admission.running if admission else 0,
             "queued": admission.waiting if admission else 0,
             "max_concurrency": runtime.max_concurrency,
-            "startup": dict(life.phases),
+            "startup": {**life.phases, "server_started_unix": round(life.started_unix, 3)},
         }
+        if replica_id:
+            body["replica_id"] = replica_id
         if life.error:
             body["error"] = life.error
         if life.ready:

@@ -6,7 +6,7 @@ routes (the LLM runtime adds the OpenAI API), and reporting its part of /headway
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -18,6 +18,7 @@ class Runtime:
     def __init__(self, name: str, max_concurrency: int):
         self.name = name
         self.max_concurrency = max_concurrency
+        self.mark: Callable[[str], None] = lambda phase: None   # the server records load phases through it
 
     async def load(self) -> None:
         """Load the model. Called once, in the background, after the server starts listening."""

@@ -26,14 +26,17 @@ def _is_package_path(target: str) -> bool:
     return p.is_dir() or p.name == "headway.yaml" or "/" in target or target.startswith(".")
 
 
-def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None) -> Package:
-    """A package directory, or a library name turned into a package that serves that model."""
+def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None, name: str | None = None) -> Package:
+    """A package directory, or a library name turned into a package that serves that model;
+    `name` replaces the package's name (what clients put in `model`)."""
     overrides = {k: v for k, v in (engine_overrides or {}).items() if v is not None}
     if _is_package_path(target):
         pkg = load_package(target)
-        if overrides:
+        if overrides or name:
             data = pkg.config.model_dump(mode="json")
             data["engine"] = {**data.get("engine", {}), **overrides}
+            if name:
+                data["name"] = name
             pkg = Package(pkg.root, validate_config(data, pkg.root / "headway.yaml"))
         return pkg
     from headway.library import UnknownModelError, get_entry
@@ -44,7 +47,7 @@ def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None) 
         raise PackageError(target, [FieldError(
             "target", f"'{target}' is neither a package directory nor a model-library name: {exc}",
             "headway serve smollm2-135m-instruct")]) from None
-    config = validate_config({"name": entry.name, "runtime": entry.runtime,
+    config = validate_config({"name": name or entry.name, "runtime": entry.runtime,
                               "model": {"source": entry.name}, "engine": overrides}, f"library:{target}")
     return Package(Path.cwd(), config)
 
@@ -88,10 +91,11 @@ def build_runtime(package: Package, secrets_dir: str | None = None) -> Runtime:
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
-          engine_overrides: dict[str, Any] | None = None, secrets_dir: str | None = None) -> None:
+          engine_overrides: dict[str, Any] | None = None, secrets_dir: str | None = None,
+          name: str | None = None, replica_id: str | None = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    package = resolve_target(target, engine_overrides)
+    package = resolve_target(target, engine_overrides, name)
     runtime = build_runtime(package, secrets_dir)
-    app = create_app(runtime, package.config.runtime_options)
+    app = create_app(runtime, package.config.runtime_options, replica_id=replica_id)
     log.info("serving '%s' (%s) on http://%s:%d", runtime.name, package.config.runtime, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

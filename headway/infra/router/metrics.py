@@ -36,8 +36,13 @@ class RouterMetrics:
         self.affinity_rate = Gauge("headway_router_cache_affinity_rate", "Share of cache-aware decisions "
                                    "sent to a replica holding the prompt's prefix", ["deployment", "policy"],
                                    registry=r)
+        self.queued = Gauge("headway_router_activator_queued", "Requests waiting in the activator for a "
+                            "replica (scale from zero, or every replica at its limit)", ["deployment"], registry=r)
+        self.activated = Counter("headway_router_activator_released", "Requests that waited in the activator, "
+                                 "by how the wait ended", ["deployment", "outcome"], registry=r)
 
         self._children: dict[tuple[str, ...], Any] = {}
+        self._shown: set[str] = set()
 
     def count_decision(self, deployment: str, policy: str, reason: str) -> None:
         """decisions{...}.inc() with the labelled child cached (the hot path calls this per request)."""
@@ -55,6 +60,11 @@ class RouterMetrics:
         child.inc()
 
     def render(self, replicas: ReplicaSet, policies: dict[str, RoutingPolicy]) -> bytes:
+        urls = {rep.url for rep in replicas.replicas}
+        for gone in self._shown - urls:       # a replica the control plane removed leaves no stale series
+            self.in_flight.remove(gone)
+            self.healthy.remove(gone)
+        self._shown = urls
         for rep in replicas.replicas:
             self.in_flight.labels(rep.url).set(rep.in_flight)
             self.healthy.labels(rep.url).set(1 if rep.usable() else 0)

@@ -12,12 +12,14 @@ import gc
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
 
+from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout
 from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
@@ -68,7 +70,9 @@ class RouterApp:
         self.replicas = replicas
         self.config = config or RouterConfig()
         self.metrics = RouterMetrics()
-        self.forwarder = Forwarder(replicas, self.metrics, self.config)
+        self.activator = Activator()
+        self.first_byte: dict[str, deque[tuple[float, float]]] = {}   # per deployment: (when, seconds), newest last
+        self.forwarder = Forwarder(replicas, self.metrics, self.config, on_release=self.activator.notify)
         self._checks: asyncio.Task[None] | None = None
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
@@ -130,7 +134,8 @@ class RouterApp:
                                  for d, p in self.forwarder.policies.items()}}
             await respond(send, 200, json.dumps(body).encode())
         elif path == "/v1/models":
-            names = sorted({n for r in self.replicas.replicas if r.model for n in (r.model, *r.aliases, *r.adapters)})
+            names = sorted({n for r in self.replicas.replicas if r.key for n in (r.key, *r.aliases, *r.adapters)}
+                           | self.replicas.managed)
             data = [{"id": n, "object": "model", "created": 0, "owned_by": "headway"} for n in names]
             await respond(send, 200, json.dumps({"object": "list", "data": data}).encode())
         else:
@@ -198,9 +203,10 @@ class RouterApp:
         qs: bytes = scope.get("query_string", b"")
         path_qs = scope.get("raw_path", path.encode()).decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
         try:
-            opened = await self.forwarder.open(req, method, path_qs, headers, body)
+            opened = await self.open(req, method, path_qs, headers, body)
         except NoCapacity as exc:
             self.metrics.count_request(req.deployment, "503")
+            self.metrics.rejected.labels(req.deployment).inc()
             retry = str(self.config.retry_after_s).encode()
             await respond(send, 503, error_body("no_replica_available", str(exc), 503), headers=[(b"retry-after", retry)])
             return
@@ -213,11 +219,52 @@ class RouterApp:
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             complete = resp.content.at_eof()   # small answers arrive whole: one write, no pump
             await send({"type": "http.response.body", "body": opened.first, "more_body": not complete})
-            self.metrics.added.observe(max(0.0, time.perf_counter() - arrived - opened.upstream_s))
+            now = time.perf_counter()
+            self.metrics.added.observe(max(0.0, now - arrived - opened.upstream_s))
+            seen = self.first_byte.setdefault(req.deployment, deque(maxlen=2048))
+            seen.append((time.monotonic(), now - arrived))
             ok = True if complete else await self._pump(opened, receive, send, is_sse)
         finally:
             self.forwarder.finish(opened, ok)
             self.metrics.count_request(req.deployment, str(resp.status) if ok else "stream_error")
+
+    def first_byte_p95(self, deployment: str, window_s: float) -> float | None:
+        """p95 of the time to first byte clients saw (activator wait included) over the last window."""
+        since = time.monotonic() - window_s
+        values = sorted(s for t, s in self.first_byte.get(deployment, ()) if t >= since)
+        return values[min(len(values) - 1, int(0.95 * len(values)))] if values else None
+
+    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: Any, body: bytes) -> Any:
+        """Open the request on a replica; for a deployment the control plane manages, wait in the
+        activator while no replica can take it (scaling from zero, or all at their limit)."""
+        try:
+            return await self.forwarder.open(req, method, path_qs, headers, body)
+        except NoCapacity:
+            if not self.activator.manages(req.deployment):
+                raise
+        dep = req.deployment
+        started = time.monotonic()
+        try:
+            async with self.activator.hold(dep) as ticket:
+                self.metrics.queued.labels(dep).set(self.activator.queued(dep))
+                while True:
+                    try:
+                        opened = await self.forwarder.open(req, method, path_qs, headers, body)
+                    except NoCapacity:
+                        await ticket.wait()
+                        continue
+                    self.metrics.activated.labels(dep, "released").inc()
+                    return opened
+        except ActivatorFull as exc:
+            self.metrics.activated.labels(dep, "full").inc()
+            raise NoCapacity(str(exc)) from None
+        except ActivatorTimeout:
+            self.metrics.activated.labels(dep, "timeout").inc()
+            raise NoCapacity(f"no replica of '{dep}' could take the request within {time.monotonic() - started:.1f} s "
+                             f"of waiting (activator.timeout_s {self.activator.limits[dep].timeout_s:g}); "
+                             f"the deployment may be scaling up or failing to start: see `headway status {dep}`") from None
+        finally:
+            self.metrics.queued.labels(dep).set(self.activator.queued(dep))
 
     async def _pump(self, opened: Any, receive: Receive, send: Send, is_sse: bool) -> bool:
         """Copy the rest of the replica's body to the client as it arrives; False if it broke.

@@ -2,7 +2,11 @@
 
 Invariant (asserted in release() and check()): for every replica, `in_flight` equals the number
 of leases taken on it and not yet released, and is never negative; a replica is eligible for a
-deployment only while it is ready, healthy, not ejected and `in_flight < limit`.
+deployment only while it is ready, healthy, not ejected, not draining and `in_flight < limit`.
+
+The set is fixed for `headway route`; under the control plane replicas are added as they become
+ready and removed after they drain, and the deployments it manages are known here even while they
+have no replica (their requests wait in the activator instead of getting a 404).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Replica:
     url: str
     region: str | None = None
     limit_override: int | None = None
+    deployment: str | None = None           # set by the control plane; else the model the replica reports
     # from the last successful /headway/state
     model: str | None = None
     runtime: str = "custom"
@@ -46,17 +51,23 @@ class Replica:
     # owned by the router
     in_flight: int = 0
     served: int = 0
+    draining: bool = False                  # takes no new request; finishes those it has
 
     @property
     def id(self) -> str:
         return self.url
 
     @property
+    def key(self) -> str | None:
+        """The deployment this replica serves."""
+        return self.deployment or self.model or None
+
+    @property
     def limit(self) -> int:
         return self.limit_override if self.limit_override is not None else max(1, self.max_concurrency)
 
     def usable(self) -> bool:
-        return self.ready and self.healthy and not self.ejected
+        return self.ready and self.healthy and not self.ejected and not self.draining
 
     def view(self) -> ReplicaView:
         return ReplicaView(id=self.url, in_flight=self.in_flight, queued=self.queued,
@@ -94,6 +105,7 @@ class ReplicaSet:
     eject_after: int = 3                 # consecutive failed responses (5xx) that eject a replica
     check_interval_s: float = 1.0
     check_timeout_s: float = 1.0
+    managed: set[str] = field(default_factory=set)   # deployments known even with no replica
     _by_id: dict[str, Replica] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,32 +117,55 @@ class ReplicaSet:
     def get(self, rid: str) -> Replica:
         return self._by_id[rid]
 
+    def find(self, rid: str) -> Replica | None:
+        return self._by_id.get(rid)
+
+    def add(self, replica: Replica) -> Replica:
+        """Put a replica behind the router (the control plane, once it is ready)."""
+        if replica.url in self._by_id:
+            raise ValueError(f"replica {replica.url} is already routed to")
+        self.replicas.append(replica)
+        self._by_id[replica.url] = replica
+        return replica
+
+    def remove(self, rid: str) -> Replica | None:
+        """Take a replica out of the set; its leases still in flight release harmlessly."""
+        r = self._by_id.pop(rid, None)
+        if r is not None:
+            self.replicas.remove(r)
+        return r
+
     def deployments(self) -> dict[str, list[Replica]]:
-        out: dict[str, list[Replica]] = {}
+        out: dict[str, list[Replica]] = {d: [] for d in self.managed}
         for r in self.replicas:
-            if r.model:
-                out.setdefault(r.model, []).append(r)
+            if r.key:
+                out.setdefault(r.key, []).append(r)
         return out
 
     def resolve(self, name: str) -> tuple[str, str | None] | None:
         """A model name to (deployment, adapter): a deployment's own name, or an adapter it serves."""
+        if name in self.managed:
+            return name, None
         for r in self.replicas:
-            if r.model == name:
+            if r.key == name:
                 return name, None
         for r in self.replicas:
-            if r.model and name in r.aliases:
-                return r.model, None
+            if r.key and name in r.aliases:
+                return r.key, None
         for r in self.replicas:
-            if r.model and name in r.adapters:
-                return r.model, name
+            if r.key and name in r.adapters:
+                return r.key, name
         return None
 
     def candidates(self, deployment: str) -> list[Replica]:
-        return [r for r in self.replicas if r.model == deployment and r.usable()]
+        return [r for r in self.replicas if r.key == deployment and r.usable()]
 
     def eligible(self, deployment: str, exclude: set[str]) -> list[Replica]:
-        return [r for r in self.replicas if r.model == deployment and r.usable()
+        return [r for r in self.replicas if r.key == deployment and r.usable()
                 and r.in_flight < r.limit and r.url not in exclude]
+
+    def in_flight(self, deployment: str) -> int:
+        return sum(r.in_flight for r in self.replicas if r.key == deployment)
 
     def acquire(self, rid: str) -> Replica:
         r = self._by_id[rid]
@@ -184,7 +219,7 @@ class ReplicaSet:
         r.healthy, r.ejected, r.consecutive_failures = True, False, 0
 
     def snapshot(self) -> list[dict[str, Any]]:
-        return [{"url": r.url, "model": r.model, "runtime": r.runtime, "ready": r.ready, "healthy": r.healthy,
+        return [{"url": r.url, "model": r.model, "deployment": r.key, "draining": r.draining, "runtime": r.runtime, "ready": r.ready, "healthy": r.healthy,
                  "ejected": r.ejected, "in_flight": r.in_flight, "limit": r.limit, "served": r.served,
                  "region": r.region, "adapters": sorted(r.adapters), "last_error": r.last_error,
                  "latency_ms": None if r.latency_s is None else round(r.latency_s * 1000, 2)}

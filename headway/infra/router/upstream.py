@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -54,10 +55,12 @@ class Opened:
 
 
 class Forwarder:
-    def __init__(self, replicas: ReplicaSet, metrics: RouterMetrics, config: RouterConfig):
+    def __init__(self, replicas: ReplicaSet, metrics: RouterMetrics, config: RouterConfig,
+                 on_release: Callable[[str], None] | None = None):
         self.replicas = replicas
         self.metrics = metrics
         self.config = config
+        self.on_release = on_release     # capacity of a deployment freed (wakes the activator's waiters)
         self.policies: dict[str, RoutingPolicy] = {}
         self.session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
@@ -82,7 +85,7 @@ class Forwarder:
         if policy is None:
             name = (self.config.deployment_policies or {}).get(deployment, self.config.policy)
             if name is None:
-                llm = any(r.runtime == "llm" for r in self.replicas.replicas if r.model == deployment)
+                llm = any(r.runtime == "llm" for r in self.replicas.replicas if r.key == deployment)
                 name = LLM_DEFAULT if llm else OTHER_DEFAULT
             policy = make_policy(name, seed=self.config.seed + len(self.policies), **(self.config.policy_options or {}))
             self.policies[deployment] = policy
@@ -122,7 +125,7 @@ class Forwarder:
                     tried.discard(rid)
                 continue
             except BaseException:
-                self.replicas.release(rep, ok=False)
+                self._release(rep, ok=False)
                 raise
             if (resp.status in RETRYABLE_STATUS and attempt + 1 < self.config.max_attempts
                     and self.replicas.eligible(dep, tried)):
@@ -142,19 +145,23 @@ class Forwarder:
                 continue
             except BaseException:
                 resp.close()
-                self.replicas.release(rep, ok=False)
+                self._release(rep, ok=False)
                 raise
             upstream_s = time.perf_counter() - sent
             policy.observe(RouteEvent("first_byte", rid, time.monotonic(), req, time.monotonic() - now))
             return Opened(rep, resp, first, req, now, upstream_s, policy)
-        self.metrics.rejected.labels(dep).inc()
         if last_error:
             raise NoCapacity(f"no replica of '{dep}' could take the request after {attempts} attempt(s); "
                              f"last error: {last_error}")
         raise NoCapacity(f"every replica of '{dep}' is at its concurrency limit")
 
+    def _release(self, rep: Replica, ok: bool) -> None:
+        self.replicas.release(rep, ok)
+        if self.on_release is not None and rep.key:
+            self.on_release(rep.key)
+
     def _failed(self, rep: Replica, req: RouteRequest, policy: RoutingPolicy, started: float, reason: str) -> None:
-        self.replicas.release(rep, ok=False)
+        self._release(rep, ok=False)
         now = time.monotonic()
         policy.observe(RouteEvent("failed", rep.url, now, req, now - started))
         self.metrics.retries.labels(req.deployment, reason).inc()
@@ -163,7 +170,7 @@ class Forwarder:
         """Release the lease of an opened request and tell its policy how it ended. A 5xx
         answer counts toward passive ejection like a broken connection does."""
         status = opened.resp.status
-        self.replicas.release(opened.replica, ok and status < 500)
+        self._release(opened.replica, ok and status < 500)
         if ok and status >= 500:
             self.replicas.failed(opened.replica, f"{opened.replica.url} answered {status}", down=False)
         now = time.monotonic()

@@ -53,6 +53,7 @@ class LLMRuntime(Runtime):
         source = self.package.config.model.source
         assert source is not None
         model_dir = await asyncio.to_thread(model_dir_for, source, self.package.root)
+        self.mark("resolved_s")
         o = self.options
         self.engine = await asyncio.to_thread(
             LLMEngine.launch, model_dir, dtype=o.dtype, max_model_len=o.max_model_len, kv_cache_tokens=o.kv_cache_tokens,
@@ -61,6 +62,19 @@ class LLMRuntime(Runtime):
             itl_factor=o.prefill_itl_factor, quantization=o.quantization)
         if self._api is not None:
             self._api.engine = self.engine
+        self.mark("loaded_s")
+        await self._warm_up()
+        self.mark("warmed_s")
+
+    async def _warm_up(self) -> None:
+        """One short generation before the replica says it is ready, so its first request does not
+        pay the first forward's one-time costs (allocator, kernel selection). Cached under a key of
+        its own: it never matches a user's prefix."""
+        from headway.runtime.llm.sequence import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        async for _ in self.engine.generate([1, 2, 3, 4, 5, 6, 7, 8], params, cache_key=("headway-warm-up",)):
+            pass
 
     async def shutdown(self) -> None:
         if self.engine is not None:
