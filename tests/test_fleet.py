@@ -156,7 +156,7 @@ def test_breakdown_is_cumulative_from_scheduling() -> None:
 class Plane:
     """`python -m headway up` as a real process, with its own state directory."""
 
-    def __init__(self, state: Path, log: Path, port: int | None = None):
+    def __init__(self, state: Path, log: Path, port: int | None = None, extra: list[str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = state
@@ -164,7 +164,7 @@ class Plane:
         self.log_path = log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "headway", "up", "--port", str(self.port), "--state-dir", str(state),
-             "--health-interval", "0.2"], stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+             "--health-interval", "0.2", *(extra or [])], stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)})
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -189,7 +189,7 @@ class ReplicaManager:
 
     async def _watch(self, session: aiohttp.ClientSession, r: ReplicaRow) -> None:
         if not self.provider.alive(r.handle):
-            self._ended(r, "failed", f"the replica process exited; its log ends:\n{self.provider.log_tail(r.handle)}")
+            self._stop(r, "failed", f"the replica process exited; its log ends:\n{self.provider.log_tail(r.handle)}")
             return
         if r.phase == "starting":
             if r.url is None:
