@@ -282,3 +282,24 @@ def test_dtype_choice_is_measured_once_and_names_what_is_allowed() -> None:
     assert choose_dtype("float32", "cpu") is torch.float32 and choose_dtype("bfloat16", "cpu") is torch.bfloat16
     with pytest.raises(ValueError, match="auto, float32 or bfloat16"):
         choose_dtype("float16", "cpu")
+
+
+def test_dtype_probe_is_remembered_per_machine_in_the_node_cache(tmp_path, monkeypatch) -> None:
+    import json
+
+    from headway.runtime.llm.device import _faster_dtype, choose_dtype
+
+    monkeypatch.setenv("HEADWAY_CACHE", str(tmp_path))
+    _faster_dtype.cache_clear()
+    picked = choose_dtype("auto", "cpu")
+    [memo] = (tmp_path / "probes").glob("dtype-*.json")
+    assert json.loads(memo.read_text()) == {"dtype": str(picked).removeprefix("torch.")}
+    other = "float32" if picked is torch.bfloat16 else "bfloat16"
+    memo.write_text(json.dumps({"dtype": other}))   # a later process reads the answer instead of probing
+    _faster_dtype.cache_clear()
+    assert str(choose_dtype("auto", "cpu")).removeprefix("torch.") == other
+    memo.write_text("not json")                     # a damaged memo is probed again and rewritten
+    _faster_dtype.cache_clear()
+    again = choose_dtype("auto", "cpu")
+    assert json.loads(memo.read_text()) == {"dtype": str(again).removeprefix("torch.")}
+    _faster_dtype.cache_clear()

@@ -44,7 +44,10 @@ class KVCacheTensors:
             raise ValueError(f"num_slots must be positive, got {num_slots}")
         self.num_slots = num_slots
         shape = (num_slots, 2, num_kv_heads, head_dim)
-        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # not zero-filled: no slot is read before its sequence wrote it (the padding invariant
+        # above), and filling a 1 GiB pool cost a cold start 0.3-8 s (more when cores are busy);
+        # untouched pages are only backed by memory once written
+        self.kv = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.k = [t[:, 0] for t in self.kv]
         self.v = [t[:, 1] for t in self.kv]
 
