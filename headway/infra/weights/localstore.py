@@ -1,0 +1,223 @@
+"""Local stores for tests and the benchmark, on 127.0.0.1: a file server that serves byte
+ranges (or refuses to), and moto's S3 server; both can cap each connection's bandwidth, count
+GETs and bytes served, and cut responses short on purpose.
+
+`Shaper` is what both share: every response body passes through `Shaper.pace`, which sends it
+in 64 KiB chunks no faster than `rate` bytes/s per response, counts it, and, while `cut_next`
+is above zero, stops one response halfway and drops the connection (a reset mid-body).
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+CHUNK = 64 * 1024
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+
+
+class CutShort(Exception):
+    """Raised inside a response body to drop the connection mid-body (fault injection)."""
+
+
+class Shaper:
+    """Per-response bandwidth cap, GET/byte counters and cut-short faults (thread-safe)."""
+
+    def __init__(self, rate: float | None = None) -> None:
+        self.rate = rate  # bytes/s per response; None: unlimited
+        self.cut_next = 0  # the next N bodies are cut halfway
+        self.gets = 0
+        self.bytes_sent = 0
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.gets = self.bytes_sent = 0
+
+    def begin(self) -> bool:
+        """Count a GET; True when this body is to be cut short."""
+        with self._lock:
+            self.gets += 1
+            if self.cut_next > 0:
+                self.cut_next -= 1
+                return True
+            return False
+
+    def pace(self, blocks: Iterable[bytes], length: int, cut: bool) -> Iterator[bytes]:
+        start, sent = time.perf_counter(), 0
+        for block in blocks:
+            view = memoryview(block)
+            for i in range(0, len(view), CHUNK):
+                if cut and sent >= length // 2:
+                    raise CutShort()
+                piece = view[i:i + CHUNK]
+                yield bytes(piece)
+                sent += len(piece)
+                with self._lock:
+                    self.bytes_sent += len(piece)
+                if self.rate:
+                    ahead = sent / self.rate - (time.perf_counter() - start)
+                    if ahead > 0:
+                        time.sleep(ahead)
+        if cut:
+            raise CutShort()
+
+
+class _FileHandler(BaseHTTPRequestHandler):
+    server: "_FileHTTPServer"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._serve(body=False)
+
+    def do_GET(self) -> None:
+        self._serve(body=True)
+
+    def _serve(self, body: bool) -> None:
+        store = self.server.store
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/redirect/"):
+            self.send_response(302)
+            self.send_header("Location", "/" + path[len("/redirect/"):])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if not body and not store.head_allowed:
+            self.send_response(405)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        file = (store.root / path.lstrip("/")).resolve()
+        if store.root not in file.parents or not file.is_file():
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        size = file.stat().st_size
+        start, end, status = 0, size, 200
+        rng = self.headers.get("Range")
+        if rng and store.ranges:
+            m = _RANGE.match(rng.strip())
+            if m is None or int(m.group(1)) >= max(size, 1):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{size}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            start = int(m.group(1))
+            end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+            status = 206
+        self.send_response(status)
+        self.send_header("Content-Length", str(end - start))
+        self.send_header("ETag", f'"{int(file.stat().st_mtime_ns)}-{size}"')
+        if store.ranges:
+            self.send_header("Accept-Ranges", "bytes")
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.end_headers()
+        if not body:
+            return
+        cut = store.shaper.begin()
+        try:
+            for piece in store.shaper.pace(_read_blocks(file, start, end), end - start, cut):
+                self.wfile.write(piece)
+        except CutShort:
+            self.close_connection = True
+            self.connection.shutdown(2)
+
+
+def _read_blocks(file: Path, start: int, end: int) -> Iterator[bytes]:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        pos = start
+        while pos < end:
+            block = os.pread(fd, min(1 << 20, end - pos), pos)
+            if not block:
+                return
+            yield block
+            pos += len(block)
+    finally:
+        os.close(fd)
+
+
+class _FileHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    store: "FileServer"
+
+
+class FileServer:
+    """Serves the files under `root` on 127.0.0.1; `ranges=False` ignores Range headers (and
+    sends no Accept-Ranges), `head_allowed=False` answers HEAD with 405; `/redirect/NAME`
+    redirects to `/NAME`. Use as a context manager."""
+
+    def __init__(self, root: Path, *, ranges: bool = True, head_allowed: bool = True,
+                 rate: float | None = None) -> None:
+        self.root = root.resolve()
+        self.ranges = ranges
+        self.head_allowed = head_allowed
+        self.shaper = Shaper(rate)
+        self._server = _FileHTTPServer(("127.0.0.1", 0), _FileHandler)
+        self._server.store = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> "FileServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+
+class S3Server:
+    """moto's S3-compatible server on 127.0.0.1 with a `Shaper` on object GET bodies. Needs
+    `moto[server]` (the `test` extra). Use as a context manager; `url` is the endpoint."""
+
+    def __init__(self, *, rate: float | None = None) -> None:
+        from moto.server import DomainDispatcherApplication, create_backend_app
+        from werkzeug.serving import make_server
+
+        self.shaper = Shaper(rate)
+        self._moto = DomainDispatcherApplication(create_backend_app)
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        result = self._moto(environ, start_response)
+        path = environ.get("PATH_INFO", "")
+        query = environ.get("QUERY_STRING", "")
+        is_object_get = (environ.get("REQUEST_METHOD") == "GET" and path.strip("/").count("/") >= 1
+                         and query in ("", "x-id=GetObject"))
+        if not is_object_get:
+            return result
+        cut = self.shaper.begin()
+        blocks = list(result)
+        if hasattr(result, "close"):
+            result.close()
+        return self.shaper.pace(blocks, sum(len(b) for b in blocks), cut)
+
+    def __enter__(self) -> "S3Server":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
