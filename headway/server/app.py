@@ -67,6 +67,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None) -> FastA
     life = Lifecycle()
     metrics = ServerMetrics(runtime.name)
     admission: Admission | None = None
+    runtime.mark_phase = life.mark
 
     async def load_in_background() -> None:
         try:
@@ -137,7 +138,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None) -> FastA
             "in_flight": admission.running if admission else 0,
             "queued": admission.waiting if admission else 0,
             "max_concurrency": runtime.max_concurrency,
-            "startup": dict(life.phases),
+            "startup": {**life.phases, **runtime.startup},
         }
         if life.error:
             body["error"] = life.error

@@ -6,7 +6,7 @@ routes (the LLM runtime adds the OpenAI API), and reporting its part of /headway
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -18,6 +18,10 @@ class Runtime:
     def __init__(self, name: str, max_concurrency: int):
         self.name = name
         self.max_concurrency = max_concurrency
+        # load() may report startup phases on the server's clock (the server binds mark_phase to
+        # its lifecycle) and facts (e.g. the weight fetch); both land in /headway/state "startup".
+        self.mark_phase: Callable[[str], None] = lambda phase: None
+        self.startup: dict[str, Any] = {}
 
     async def load(self) -> None:
         """Load the model. Called once, in the background, after the server starts listening."""

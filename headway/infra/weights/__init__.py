@@ -7,6 +7,9 @@ that fetch single files: `S3Store`, `HttpStore`, `fetch_file`.
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from headway.infra.weights.cache import Blob, NodeCache
 from headway.infra.weights.errors import (
     AccessDeniedError,
@@ -22,7 +25,7 @@ from headway.infra.weights.ranges import TransferOptions
 from headway.infra.weights.s3 import S3Store
 
 
-def fetch_for_runtime(source: str):  # type: ignore[no-untyped-def]
+def fetch_for_runtime(source: str) -> tuple[Path, dict[str, Any]]:
     """The fetcher the CLI hands the LLM runtime: (ready directory, facts for /headway/state)."""
     got = fetch_source(source)
     return got.path, got.facts()

@@ -81,10 +81,15 @@ def fetch_source(source: str, *, cache_dir: Path | None = None, options: Transfe
     cache = NodeCache(cache_dir / "weights" if cache_dir is not None else None)
     t = time.perf_counter()
     store = open_store(source, endpoint_url=endpoint_url, max_connections=options.concurrency + 2)
-    remote = store.files(source)
-    for f in remote:
-        _check_rel(source, f.rel)
-    blobs = tuple(fetch_file(store, f, cache, options) for f in remote)
+    try:
+        remote = store.files(source)
+        for f in remote:
+            _check_rel(source, f.rel)
+        blobs = tuple(fetch_file(store, f, cache, options) for f in remote)
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
     directory = _assemble(cache, [(f.rel, b) for f, b in zip(remote, blobs)])
     fetch_s = time.perf_counter() - t
     fetched = sum(b.fetched_bytes for b in blobs)

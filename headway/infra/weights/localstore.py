@@ -4,7 +4,8 @@ GETs and bytes served, and cut responses short on purpose.
 
 `Shaper` is what both share: every response body passes through `Shaper.pace`, which sends it
 in 64 KiB chunks no faster than `rate` bytes/s per response, counts it, and, while `cut_next`
-is above zero, stops one response halfway and drops the connection (a reset mid-body).
+is above zero, stops one response halfway and drops the connection (a reset mid-body); while
+`corrupt_next` is above zero, flips one byte of a response (bit rot in transit).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class Shaper:
     def __init__(self, rate: float | None = None) -> None:
         self.rate = rate  # bytes/s per response; None: unlimited
         self.cut_next = 0  # the next N bodies are cut halfway
+        self.corrupt_next = 0  # the next N bodies have their first byte flipped
         self.gets = 0
         self.bytes_sent = 0
         self._lock = threading.Lock()
@@ -39,27 +41,36 @@ class Shaper:
         with self._lock:
             self.gets = self.bytes_sent = 0
 
-    def begin(self) -> bool:
-        """Count a GET; True when this body is to be cut short."""
+    def begin(self) -> str | None:
+        """Count a GET; the fault to inject into its body: "cut", "corrupt" or None."""
         with self._lock:
             self.gets += 1
             if self.cut_next > 0:
                 self.cut_next -= 1
-                return True
-            return False
+                return "cut"
+            if self.corrupt_next > 0:
+                self.corrupt_next -= 1
+                return "corrupt"
+            return None
 
-    def pace(self, blocks: Iterable[bytes], length: int, cut: bool) -> Iterator[bytes]:
+    def pace(self, blocks: Iterable[bytes], length: int, fault: str | None) -> Iterator[bytes]:
+        cut = fault == "cut"
+        limit = length // 2 if cut else length
         start, sent = time.perf_counter(), 0
         for block in blocks:
             view = memoryview(block)
             for i in range(0, len(view), CHUNK):
-                if cut and sent >= length // 2:
+                piece = view[i:i + min(CHUNK, limit - sent)]
+                if piece:
+                    out = bytes(piece)
+                    if fault == "corrupt" and sent == 0:
+                        out = bytes([out[0] ^ 0xFF]) + out[1:]
+                    yield out
+                    sent += len(piece)
+                    with self._lock:
+                        self.bytes_sent += len(piece)
+                if cut and sent >= limit:
                     raise CutShort()
-                piece = view[i:i + CHUNK]
-                yield bytes(piece)
-                sent += len(piece)
-                with self._lock:
-                    self.bytes_sent += len(piece)
                 if self.rate:
                     ahead = sent / self.rate - (time.perf_counter() - start)
                     if ahead > 0:
@@ -125,9 +136,9 @@ class _FileHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
-        cut = store.shaper.begin()
+        fault = store.shaper.begin()
         try:
-            for piece in store.shaper.pace(_read_blocks(file, start, end), end - start, cut):
+            for piece in store.shaper.pace(_read_blocks(file, start, end), end - start, fault):
                 self.wfile.write(piece)
         except CutShort:
             self.close_connection = True
@@ -151,6 +162,9 @@ def _read_blocks(file: Path, start: int, end: int) -> Iterator[bytes]:
 class _FileHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     store: "FileServer"
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that hang up (a probe closing early, a cut-short body) are expected here
 
 
 class FileServer:
@@ -188,11 +202,15 @@ class S3Server:
 
     def __init__(self, *, rate: float | None = None) -> None:
         from moto.server import DomainDispatcherApplication, create_backend_app
-        from werkzeug.serving import make_server
+        from werkzeug.serving import WSGIRequestHandler, make_server
+
+        class Quiet(WSGIRequestHandler):
+            def log(self, type: str, message: str, *args: Any) -> None:  # cut-short bodies log tracebacks
+                pass
 
         self.shaper = Shaper(rate)
         self._moto = DomainDispatcherApplication(create_backend_app)
-        self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
+        self._server = make_server("127.0.0.1", 0, self._app, threaded=True, request_handler=Quiet)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -207,11 +225,11 @@ class S3Server:
                          and query in ("", "x-id=GetObject"))
         if not is_object_get:
             return result
-        cut = self.shaper.begin()
+        fault = self.shaper.begin()
         blocks = list(result)
         if hasattr(result, "close"):
             result.close()
-        return self.shaper.pace(blocks, sum(len(b) for b in blocks), cut)
+        return self.shaper.pace(blocks, sum(len(b) for b in blocks), fault)
 
     def __enter__(self) -> "S3Server":
         self._thread.start()
