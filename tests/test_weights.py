@@ -259,7 +259,7 @@ def test_single_flight_across_threads(files, tmp_path) -> None:
 def _fetch_process(source: str, cache: Path, endpoint: str) -> subprocess.Popen:
     env = {**os.environ, **CREDS, "PYTHONPATH": str(ROOT), "HEADWAY_CACHE": str(cache),
            "AWS_ENDPOINT_URL": endpoint}
-    return subprocess.Popen([sys.executable, "-m", "headway.infra.weights.fetch", source],
+    return subprocess.Popen([sys.executable, "-m", "headway.infra.weights", source],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
 
 
@@ -295,6 +295,7 @@ def test_single_flight_across_two_processes(s3, tmp_path, tiny_dir) -> None:
     reports = [json.loads(o[0]) for o in outs]
     assert reports[0]["path"] == reports[1]["path"]
     assert sum(r["fetched_bytes"] for r in reports) == total  # every file downloaded by exactly one
+    assert max(r["lock_wait_s"] for r in reports) > 0.2  # one waited for the other's download in flight
     assert s3.shaper.bytes_sent == total  # ... and served once
     model = Path(reports[0]["path"])
     assert (model / "model.safetensors").read_bytes() == (tiny_dir.path / "model.safetensors").read_bytes()

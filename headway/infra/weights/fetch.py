@@ -37,7 +37,7 @@ class FetchedModel:
     files: int
     total_bytes: int
     fetched_bytes: int  # downloaded by this call (0: every file came from the node cache)
-    fetch_s: float  # listing + downloading + verifying
+    fetch_s: float  # listing + downloading + verifying (+ waiting for another fetcher of a file)
     convert_s: float = 0.0  # GGUF -> HF conversion by this call (0 when already converted)
     blobs: tuple[Blob, ...] = field(default=(), repr=False)
 
@@ -49,7 +49,8 @@ class FetchedModel:
         """The figures a replica reports in /headway/state's startup block."""
         return {"source": self.source, "files": self.files, "total_bytes": self.total_bytes,
                 "fetched_bytes": self.fetched_bytes, "cache_hit": self.cache_hit,
-                "fetch_s": round(self.fetch_s, 3), "convert_s": round(self.convert_s, 3)}
+                "fetch_s": round(self.fetch_s, 3), "convert_s": round(self.convert_s, 3),
+                "lock_wait_s": round(sum(b.waited_s for b in self.blobs), 3)}
 
 
 def open_store(url: str, *, endpoint_url: str | None = None, max_connections: int = 16) -> Store:
@@ -154,10 +155,10 @@ def _complete(directory: Path, listing: dict[str, str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m headway.infra.weights.fetch URL`: fetch a source and print where it is."""
+    """`python -m headway.infra.weights URL`: fetch a source and print where it is."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m headway.infra.weights.fetch s3://BUCKET/PREFIX/ | https://HOST/m.gguf", file=sys.stderr)
+        print("usage: python -m headway.infra.weights s3://BUCKET/PREFIX/ | https://HOST/m.gguf", file=sys.stderr)
         return 2
     try:
         got = fetch_source(args[0])
@@ -167,6 +168,3 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"path": str(got.path), **got.facts()}))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

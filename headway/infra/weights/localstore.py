@@ -239,3 +239,28 @@ class S3Server:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m headway.infra.weights.localstore (--files DIR | --s3) [--rate BYTES_PER_S]`:
+    run one store in its own process (the benchmark's remote end); prints its URL, then serves
+    until killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--files", type=Path, help="serve the files under this directory")
+    parser.add_argument("--s3", action="store_true", help="serve moto's S3 API instead")
+    parser.add_argument("--rate", type=float, default=None, help="bytes/s cap per response (default: none)")
+    parser.add_argument("--no-ranges", action="store_true", help="ignore Range headers (files only)")
+    args = parser.parse_args(argv)
+    if args.s3 == (args.files is not None):
+        parser.error("give exactly one of --files DIR and --s3")
+    server: FileServer | S3Server = (S3Server(rate=args.rate) if args.s3
+                                     else FileServer(args.files, ranges=not args.no_ranges, rate=args.rate))
+    with server:
+        print(server.url, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
