@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from headway.infra.weights import (
     BadSourceError,
@@ -82,6 +84,14 @@ def cache_is_clean(cache: NodeCache) -> bool:
 
 
 # ---- byte ranges -----------------------------------------------------------------------------
+
+@given(size=st.integers(0, 10**8), part=st.integers(64 * 1024, 10**7))
+def test_parts_tile_the_object(size, part) -> None:
+    parts = plan_parts(size, part)
+    assert [p.start for p in parts] == list(range(0, size, part))
+    assert all(p.end == q.start for p, q in zip(parts, parts[1:])) and sum(p.length for p in parts) == size
+    assert all(0 < p.length <= part for p in parts)
+
 
 @pytest.mark.parametrize("size", [0, 1, PART - 1, PART, 3 * PART + 7])
 def test_s3_ranges_reassemble_odd_sizes(s3, tmp_path, size) -> None:
@@ -362,6 +372,12 @@ def test_serve_s3_model_directory_then_cache_hit(s3, tmp_path, tiny_dir) -> None
             assert fetch["source"] == source and fetch["total_bytes"] == total
             assert (fetch["cache_hit"], fetch["fetched_bytes"]) == ((True, 0) if expect_hit else (False, total))
             assert 0 < startup["fetched_s"] <= startup["loaded_s"] <= startup["ready_s"]
+    with running_server(["serve", f"s3://{BUCKET}/absent/"], tmp_path, env=env, ready=False) as server:
+        deadline, body = time.monotonic() + 60, {}
+        while time.monotonic() < deadline and body.get("reason") != "load_failed":
+            body = httpx.get(f"{server.url}/health/ready").json()
+            time.sleep(0.1)
+        assert "SourceNotFoundError: no object s3://models/absent" in body["error"], body
 
 
 @pytest.mark.slow

@@ -134,7 +134,10 @@ def _assemble(cache: NodeCache, files: list[tuple[str, Blob]]) -> Path:
         try:
             for rel, blob in files:
                 (build / rel).parent.mkdir(parents=True, exist_ok=True)
-                os.link(blob.path, build / rel)
+                try:
+                    os.link(blob.path, build / rel)
+                except OSError:  # a file system without hard links
+                    os.symlink(blob.path, build / rel)
             (build / DIR_MANIFEST).write_text(json.dumps(listing, indent=1, sort_keys=True))
             if final.exists():  # damaged: replaced under the lock
                 shutil.rmtree(final)
