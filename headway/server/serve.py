@@ -32,7 +32,8 @@ def _is_package_path(target: str) -> bool:
 
 def _name_from_url(url: str) -> str:
     """s3://bucket/models/tiny-llama/ -> 'tiny-llama'; https://h/x/Model.Q4.gguf -> 'model.q4'."""
-    last = [p for p in url.split("://", 1)[1].split("?", 1)[0].split("/") if p][-1]
+    segments = [p for p in url.split("://", 1)[1].split("?", 1)[0].split("/") if p]
+    last = segments[-1] if segments else ""
     name = re.sub(r"[^a-z0-9._-]+", "-", last.lower().removesuffix(".gguf")).strip("-._")[:63]
     return name or "model"
 
