@@ -145,9 +145,9 @@ def test_autoscale_loop_samples_each_tick_and_decides_from_zero_at_once() -> Non
 
 
 def test_breakdown_is_cumulative_from_scheduling() -> None:
-    b = breakdown(1000.0, {"process_s": 0.01}, {"server_started_unix": 1001.2, "resolved_s": 0.5, "loaded_s": 0.9,
+    b = breakdown(1000.0, {"process_s": 0.01}, {"server_started_unix": 1001.2, "fetched_s": 0.5, "loaded_s": 0.9,
                                                 "warmed_s": 1.0, "ready_s": 1.0}, 1002.3)
-    assert b == {"process_s": 0.01, "started_s": 1.2, "resolved_s": 1.7, "loaded_s": 2.1, "warmed_s": 2.2,
+    assert b == {"process_s": 0.01, "started_s": 1.2, "fetched_s": 1.7, "loaded_s": 2.1, "warmed_s": 2.2,
                  "ready_s": 2.3}
 
 

@@ -56,7 +56,8 @@ def validate(path: Annotated[Path, typer.Argument(help="Package directory.")]) -
 
 @app.command()
 def serve(
-    target: Annotated[str, typer.Argument(help="A package directory or a model-library name.")],
+    target: Annotated[str, typer.Argument(
+        help="A package directory, a model-library name, or s3://BUCKET/PREFIX/ or https://HOST/m.gguf.")],
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     dtype: Annotated[Optional[str], typer.Option(help="LLM dtype: auto, float32 or bfloat16.")] = None,
@@ -71,10 +72,12 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a model package or a library model on one machine."""
+    from headway.infra.weights import fetch_for_runtime
     from headway.server.serve import serve as run
 
     try:
-        run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, name=name, replica_id=replica_id,
+        run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
+            replica_id=replica_id,
             engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization})
     except PackageError as exc:
         typer.echo(str(exc), err=True)

@@ -71,9 +71,9 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
     life = Lifecycle()
     metrics = ServerMetrics(runtime.name)
     admission: Admission | None = None
+    runtime.mark_phase = life.mark
 
     async def load_in_background() -> None:
-        runtime.mark = life.mark
         try:
             await runtime.load()
         except Exception as exc:  # one clear log entry; readiness reports the reason
@@ -142,7 +142,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
             "in_flight": admission.running if admission else 0,
             "queued": admission.waiting if admission else 0,
             "max_concurrency": runtime.max_concurrency,
-            "startup": {**life.phases, "server_started_unix": round(life.started_unix, 3)},
+            "startup": {**life.phases, **runtime.startup, "server_started_unix": round(life.started_unix, 3)},
         }
         if replica_id:
             body["replica_id"] = replica_id

@@ -18,7 +18,10 @@ class Runtime:
     def __init__(self, name: str, max_concurrency: int):
         self.name = name
         self.max_concurrency = max_concurrency
-        self.mark: Callable[[str], None] = lambda phase: None   # the server records load phases through it
+        # load() may report startup phases on the server's clock (the server binds mark_phase to
+        # its lifecycle) and facts (e.g. the weight fetch); both land in /headway/state "startup".
+        self.mark_phase: Callable[[str], None] = lambda phase: None
+        self.startup: dict[str, Any] = {}
 
     async def load(self) -> None:
         """Load the model. Called once, in the background, after the server starts listening."""

@@ -6,10 +6,11 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from packaging.requirements import InvalidRequirement, Requirement
@@ -17,6 +18,9 @@ from packaging.requirements import InvalidRequirement, Requirement
 from headway.package.load import FieldError, Package, PackageError, load_package, validate_config
 from headway.server.app import create_app
 from headway.server.runtime import Runtime
+
+if TYPE_CHECKING:
+    from headway.runtime.llm.serving import RemoteFetch
 
 log = logging.getLogger("headway.server")
 
@@ -26,10 +30,23 @@ def _is_package_path(target: str) -> bool:
     return p.is_dir() or p.name == "headway.yaml" or "/" in target or target.startswith(".")
 
 
+def _name_from_url(url: str) -> str:
+    """s3://bucket/models/tiny-llama/ -> 'tiny-llama'; https://h/x/Model.Q4.gguf -> 'model.q4'."""
+    segments = [p for p in url.split("://", 1)[1].split("?", 1)[0].split("/") if p]
+    last = segments[-1] if segments else ""
+    name = re.sub(r"[^a-z0-9._-]+", "-", last.lower().removesuffix(".gguf")).strip("-._")[:63]
+    return name or "model"
+
+
 def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None, name: str | None = None) -> Package:
-    """A package directory, or a library name turned into a package that serves that model;
-    `name` replaces the package's name (what clients put in `model`)."""
+    """A package directory, a remote model URL (s3://, https://) or a library name, the last
+    two turned into a package that serves that model; `name` replaces the package's name (what
+    clients put in `model`)."""
     overrides = {k: v for k, v in (engine_overrides or {}).items() if v is not None}
+    if "://" in target:
+        config = validate_config({"name": name or _name_from_url(target), "runtime": "llm", "model": {"source": target},
+                                  "engine": overrides}, f"url:{target}")
+        return Package(Path.cwd(), config)
     if _is_package_path(target):
         pkg = load_package(target)
         if overrides or name:
@@ -73,7 +90,7 @@ def ensure_requirements(requirements: list[str]) -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
 
 
-def build_runtime(package: Package, secrets_dir: str | None = None) -> Runtime:
+def build_runtime(package: Package, secrets_dir: str | None = None, fetch: RemoteFetch | None = None) -> Runtime:
     cfg = package.config
     os.environ.update(cfg.environment)
     ensure_requirements(cfg.requirements)
@@ -84,7 +101,7 @@ def build_runtime(package: Package, secrets_dir: str | None = None) -> Runtime:
     if cfg.runtime == "llm":
         from headway.runtime.llm.serving import LLMRuntime
 
-        return LLMRuntime(package)
+        return LLMRuntime(package, fetch)
     raise PackageError(package.root, [FieldError(
         "runtime", f"runtime '{cfg.runtime}' is not available in this version of Headway yet "
         "(available: custom, llm)", "runtime: custom")])
@@ -92,10 +109,10 @@ def build_runtime(package: Package, secrets_dir: str | None = None) -> Runtime:
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
           engine_overrides: dict[str, Any] | None = None, secrets_dir: str | None = None,
-          name: str | None = None, replica_id: str | None = None) -> None:
+          fetch: RemoteFetch | None = None, name: str | None = None, replica_id: str | None = None) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     package = resolve_target(target, engine_overrides, name)
-    runtime = build_runtime(package, secrets_dir)
+    runtime = build_runtime(package, secrets_dir, fetch)
     app = create_app(runtime, package.config.runtime_options, replica_id=replica_id)
     log.info("serving '%s' (%s) on http://%s:%d", runtime.name, package.config.runtime, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

