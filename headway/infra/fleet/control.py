@@ -56,6 +56,7 @@ class ControlPlane:
             t.cancel()
         if self.stop_replicas_on_exit:
             await self.manager.stop_all()
+        self.manager.provider.close()
         self.store.close()
 
     def _sync_autoscaler(self) -> None:

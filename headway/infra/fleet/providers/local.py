@@ -1,20 +1,45 @@
 """Replicas as processes on this machine (the embedded default).
 
-Each replica is `python -m headway serve` in its own session, so it outlives a control plane that
-restarts; its handle records pid, port and the replica id, and `alive` checks the pid still runs
-*that* replica (its command line carries the id), not a process that reused the pid.
+Each replica is `headway serve` in its own session, so it outlives a control plane that restarts;
+its handle records pid, port and the process's start time, and `alive` checks the pid still runs
+*that* process, not one that reused the pid.
+
+A standby process (see standby.py) that has already imported torch and the server is kept ready
+and becomes the next replica, so a cold start does not pay the imports; a deployment whose spec
+sets environment variables gets a fresh interpreter instead (some libraries read their variables
+only at import).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from headway.infra.fleet.providers.base import Handle, Launch, replica_command, replica_env
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return []
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (with the pid, it names one process)."""
+    fields = _stat(pid)
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def _zombie(pid: int) -> bool:
+    fields = _stat(pid)
+    return not fields or fields[0] == "Z"
 
 
 def _free_port(host: str) -> int:
@@ -26,21 +51,52 @@ def _free_port(host: str) -> int:
 class LocalProvider:
     name = "local"
 
-    def __init__(self, log_dir: Path, host: str = "127.0.0.1"):
+    def __init__(self, log_dir: Path, host: str = "127.0.0.1", *, standby: bool = True):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
+        self.standby = standby
         self._procs: dict[int, subprocess.Popen[bytes]] = {}   # the ones this process started (reaped here)
+        self._spare: subprocess.Popen[bytes] | None = None
+        if standby:
+            self._spare = self._new_spare()
+
+    def _new_spare(self) -> subprocess.Popen[bytes]:
+        with open(self.log_dir / "standby.log", "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "headway.infra.fleet.providers.standby"],
+                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self, launch: Launch) -> Handle:
         port = _free_port(self.host)
         log_path = self.log_dir / f"{launch.replica_id}.log"
-        env = {**os.environ, **replica_env(launch)}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(replica_command(launch, self.host, port), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        cmd = replica_command(launch, self.host, port)
+        spare = self._spare
+        if spare is not None and spare.poll() is None and not launch.env:
+            assert spare.stdin is not None
+            order = {"argv": cmd[3:], "env": replica_env(launch), "log": str(log_path)}   # cmd[:3]: python -m headway
+            spare.stdin.write((json.dumps(order) + "\n").encode())
+            spare.stdin.close()
+            proc = spare
+            self._spare = self._new_spare()
+        else:
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env={**os.environ, **replica_env(launch)}, start_new_session=True)
+            if self.standby and (spare is None or spare.poll() is not None):
+                self._spare = self._new_spare()
         self._procs[proc.pid] = proc
-        return {"pid": proc.pid, "port": port, "host": self.host, "log": str(log_path), "replica_id": launch.replica_id}
+        return {"pid": proc.pid, "started": _start_time(proc.pid), "port": port, "host": self.host,
+                "log": str(log_path), "replica_id": launch.replica_id, "standby": proc is spare}
+
+    def close(self) -> None:
+        """Let the standby go (it exits when its stdin closes)."""
+        if self._spare is not None and self._spare.stdin is not None:
+            self._spare.stdin.close()
+            try:
+                self._spare.wait(10)
+            except subprocess.TimeoutExpired:
+                self._spare.kill()
+            self._spare = None
 
     def url(self, handle: Handle) -> str | None:
         return f"http://{handle['host']}:{handle['port']}"
@@ -50,12 +106,8 @@ class LocalProvider:
         proc = self._procs.get(pid)
         if proc is not None:
             return proc.poll() is None
-        try:   # adopted after a restart: not our child; check the pid runs this replica
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return False
-        return handle["replica_id"].encode() in cmdline and stat.rsplit(")", 1)[-1].split()[0] != "Z"
+        # adopted after a restart: not our child; the pid must still be the process we started
+        return _start_time(pid) == handle.get("started") and not _zombie(pid)
 
     def stop(self, handle: Handle, grace_s: float) -> None:
         """SIGTERM, then SIGKILL after `grace_s` (the replica finishes what it has on SIGTERM)."""

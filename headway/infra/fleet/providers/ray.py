@@ -155,6 +155,9 @@ class RayProvider:
         except OSError:
             return f"(the replica's log is on its node, {path})"
 
+    def close(self) -> None:
+        """Replicas are detached actors: they stay for the next control plane to adopt."""
+
     def _poll_forever(self) -> None:
         outstanding: dict[str, Any] = {}     # actor name -> its info() call not answered yet
         while True:
