@@ -155,6 +155,9 @@ class OpenAIServer:
     def completion_call(self, body: Any) -> _Call:
         return self._prepare(body, chat=False)
 
+    def chat_call(self, body: Any) -> _Call:
+        return self._prepare(body, chat=True)
+
     async def _handle(self, request: Request, *, chat: bool) -> Response:
         try:
             try:

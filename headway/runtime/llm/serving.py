@@ -87,14 +87,19 @@ class LLMRuntime(Runtime):
         self.mark_phase("warmed_s")
 
     async def _warm_up(self) -> None:
-        """One short generation before the replica says it is ready, so its first request does not
-        pay the first forward's one-time costs (allocator, kernel selection). Cached under a key of
-        its own: it never matches a user's prefix."""
-        from headway.runtime.llm.sequence import SamplingParams
+        """One short request before the replica says it is ready, through the same path a client's
+        takes (chat template, tokenizer, engine, detokenizer), so the first real request does not
+        pay their one-time costs. Its prompt is cached under a salt of its own."""
+        from headway.runtime.llm.protocol import OpenAIError
 
-        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        async for _ in self.engine.generate([1, 2, 3, 4, 5, 6, 7, 8], params, cache_key=("headway-warm-up",)):
-            pass
+        body = {"model": self.name, "max_tokens": 2, "temperature": 0, "cache_salt": "headway-warm-up"}
+        if self._api is None:
+            return
+        try:
+            call = self._api.chat_call({**body, "messages": [{"role": "user", "content": "Hi"}]})
+        except OpenAIError:      # no chat template: the completions path
+            call = self._api.completion_call({**body, "prompt": "Hi"})
+        await call.collect()
 
     async def shutdown(self) -> None:
         if self.engine is not None:
