@@ -121,6 +121,7 @@ def test_disconnect_frees_kv_at_once(tiny) -> None:
                     in httpx.get(f"{tiny.url}/metrics").text)
     state = httpx.get(f"{tiny.url}/headway/state").json()
     assert state["running"] == 0 and state["preemptions"] == 0
+    assert state["prefill_tokens_per_s"] > 0            # measured by the engine; the router reads it
     assert state["prefix_cache"]["query_tokens"] >= state["prefix_cache"]["hit_tokens"] >= 0
     assert wait_for(lambda: httpx.get(f"{tiny.url}/headway/state").json()["tokens_per_s"] == 0.0, 10)
 

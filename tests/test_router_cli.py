@@ -61,13 +61,15 @@ def test_replica_state_resolution_and_leases() -> None:
     rs = ReplicaSet([a, b])
     a.apply_state({"ready": True, "runtime": "llm", "model": "smol", "max_concurrency": 2, "queued": 1,
                    "in_flight": 2, "adapters": ["sql"], "aliases": ["smollm2"], "kv": {"total_tokens": 100, "used_tokens": 60,
-                   "evictable_tokens": 10}, "prefix_digest": {"block_tokens": 64, "hashes": ["ab", "cd"]}}, 0.002)
-    b.apply_state({"ready": True, "model": "smol", "max_concurrency": 8}, 0.004)
+                   "evictable_tokens": 10}, "prefix_digest": {"block_tokens": 64, "hashes": ["ab", "cd"]},
+                   "prefill_tokens_per_s": 1850.5}, 0.002)
+    b.apply_state({"ready": True, "model": "smol", "max_concurrency": 8, "prefill_tokens_per_s": None}, 0.004)
     a.healthy = b.healthy = True
     assert rs.resolve("smol") == ("smol", None) and rs.resolve("smollm2") == ("smol", None)
     assert rs.resolve("sql") == ("smol", "sql") and rs.resolve("gpt") is None
     v = a.view()
     assert (v.queued, v.max_concurrency, v.kv_free_tokens, v.digest) == (1, 2, 50, frozenset({"ab", "cd"}))
+    assert (v.prefill_tokens_per_s, b.view().prefill_tokens_per_s) == (1850.5, None)
     assert v.load == 2                                   # the published count: other clients' requests too
     rs.acquire(a.url), rs.acquire(a.url), rs.acquire(a.url)
     assert a.view().load == 3                            # this router's own, fresher count; never summed

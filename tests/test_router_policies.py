@@ -27,9 +27,10 @@ def views(*loads: int, conc: int = 8, **kw: object) -> list[ReplicaView]:
 
 
 def send(policy: object, req: RouteRequest, replicas: list[ReplicaView], now: float = 0.0) -> str:
-    """choose + the 'started' event the proxy sends after it."""
+    """choose + the 'started' and 'first_byte' events the proxy sends after it."""
     rid = policy.choose(req, replicas, now)  # type: ignore[attr-defined]
     policy.observe(RouteEvent("started", rid, now, req))  # type: ignore[attr-defined]
+    policy.observe(RouteEvent("first_byte", rid, now, req))  # type: ignore[attr-defined]
     return rid
 
 
@@ -243,6 +244,39 @@ def test_predicted_latency_trades_cache_against_load() -> None:
     heavy = [ReplicaView(owner, in_flight=16, max_concurrency=8), ReplicaView(other, in_flight=0, max_concurrency=8)]
     assert p.choose(RouteRequest("d", prompt=long_prompt + "q"), heavy, 2) == other   # 2 s queue > 1 s prefill
     assert p.stats.last_reason == "load"
+
+
+def test_predicted_latency_counts_prefill_routed_but_not_yet_answered() -> None:
+    p = PredictedLatency(seed=0, prefill_tokens_per_s=1000)
+    rs = views(0, 0)
+    long_req = RouteRequest("d", request_id=1, prompt="x" * 8000)          # ~2,000 tokens, 2 s of prefill
+    first = p.choose(long_req, rs, 0)
+    p.observe(RouteEvent("started", first, 0, long_req))
+    assert p.outstanding == {first: 2000}
+    other = "r1" if first == "r0" else "r0"
+    short = RouteRequest("d", request_id=2, prompt="y" * 400)             # ~100 tokens
+    assert p.choose(short, rs, 0) == other        # same load, but 2,000 tokens ahead of it on `first`
+    p.observe(RouteEvent("started", other, 0, short))
+    p.observe(RouteEvent("first_byte", first, 1, long_req, 1.0))          # the long prompt is prefilled
+    assert p.outstanding == {other: 100}
+    p.observe(RouteEvent("failed", other, 1, short, 1.0))
+    assert p.outstanding == {}
+    # a retry moves a request's share to the replica it is retried on
+    again = RouteRequest("d", request_id=3, prompt="z" * 4000)
+    p.choose(again, rs, 2)
+    p.observe(RouteEvent("started", "r0", 2, again))
+    p.choose(again, rs, 2)
+    p.observe(RouteEvent("started", "r1", 2, again))
+    assert p.outstanding == {"r1": 1000}
+
+
+def test_predicted_latency_uses_each_replicas_published_prefill_rate() -> None:
+    p = PredictedLatency(seed=0, prefill_tokens_per_s=1000)
+    rs = [ReplicaView("slow", max_concurrency=8, prefill_tokens_per_s=500.0),
+          ReplicaView("fast", max_concurrency=8, prefill_tokens_per_s=4000.0)]
+    assert p.scores(RouteRequest("d", prompt="x" * 4000), rs) == {"slow": pytest.approx(2.0),
+                                                                   "fast": pytest.approx(0.25)}
+    assert {send(p, RouteRequest("d", request_id=i, prompt=f"{i}" * 4000), rs) for i in range(5)} == {"fast"}
 
 
 def test_predicted_latency_learns_service_time() -> None:

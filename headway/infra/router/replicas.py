@@ -42,6 +42,7 @@ class Replica:
     digest: frozenset[str] | None = None
     digest_block_tokens: int = 64
     kv_free_tokens: int | None = None
+    prefill_tokens_per_s: float | None = None
     latency_s: float | None = None
     # health
     healthy: bool = False
@@ -74,7 +75,8 @@ class Replica:
                            published_in_flight=self.published_in_flight,
                            max_concurrency=self.limit, adapters=self.adapters, region=self.region,
                            latency_s=self.latency_s, digest=self.digest,
-                           digest_block_tokens=self.digest_block_tokens, kv_free_tokens=self.kv_free_tokens)
+                           digest_block_tokens=self.digest_block_tokens, kv_free_tokens=self.kv_free_tokens,
+                           prefill_tokens_per_s=self.prefill_tokens_per_s)
 
     def apply_state(self, body: dict[str, Any], latency_s: float) -> None:
         self.model = str(body.get("model") or self.model or "")
@@ -94,6 +96,8 @@ class Replica:
         kv = body.get("kv")
         if isinstance(kv, dict) and "total_tokens" in kv:
             self.kv_free_tokens = int(kv["total_tokens"]) - int(kv.get("used_tokens", 0)) + int(kv.get("evictable_tokens", 0))
+        rate = body.get("prefill_tokens_per_s")
+        self.prefill_tokens_per_s = float(rate) if isinstance(rate, (int, float)) and rate > 0 else None
         self.latency_s = latency_s if self.latency_s is None else 0.7 * self.latency_s + 0.3 * latency_s
 
 

@@ -38,6 +38,7 @@ class ReplicaView:
     digest: frozenset[str] | None = None       # published prefix_digest hashes, if any
     digest_block_tokens: int = 64
     kv_free_tokens: int | None = None
+    prefill_tokens_per_s: float | None = None  # the replica's measured prefill rate, if it publishes one
 
     @property
     def load(self) -> int:

@@ -361,6 +361,8 @@ class LLMEngine:
             "prefix_cache": {"hit_rate": round(self.prefix_hit_rate, 4), "hit_tokens": self.cache_hit_tokens,
                              "query_tokens": self.cache_query_tokens},
             "tokens_per_s": round(self.tokens_per_s, 1), "preemptions": self.scheduler.num_preemptions,
+            "prefill_tokens_per_s": (round(1.0 / self.chunker.prefill_token_s, 1)
+                                     if self.chunker.prefill_token_s else None),
             "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64)},
             "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization,
             "device": str(self.device),

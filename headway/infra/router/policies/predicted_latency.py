@@ -2,10 +2,14 @@
 
 For each replica, predicted time to first token = queueing delay expected + prefill time needed:
     queue_s   = load / max_concurrency * service_s
-    prefill_s = (prompt tokens - tokens it likely caches) / prefill_tokens_per_s
-`service_s` is an EWMA of observed request durations for the deployment (`default_service_s`
-until one finishes). The lowest score wins; scores within `tie_fraction` of the best tie and
-one of them is drawn at random, so a burst does not herd onto one replica.
+    prefill_s = (prefill ahead of it + prompt tokens - tokens it likely caches) / prefill rate
+"Prefill ahead of it" is what this router sent the replica and has not seen a first byte of yet:
+the uncached prompt tokens of those requests, which a continuous-batching engine prefills before
+(or alongside) the new one. The prefill rate is the replica's own, as it publishes it (measured
+by its engine), else `prefill_tokens_per_s`. `service_s` is an EWMA of observed request durations
+for the deployment (`default_service_s` until one finishes). The lowest score wins; scores within
+`tie_fraction` of the best tie and one of them is drawn at random, so a burst does not herd onto
+one replica.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ class PredictedLatency(PolicyBase):
         self.tie_fraction = tie_fraction
         self.affinity = PrefixAffinity(chars_per_token)
         self.service_s: dict[str, float] = {}
+        # prefill routed and not yet answered: replica -> uncached prompt tokens; per request the part it added
+        self.outstanding: dict[str, int] = {}
+        self._pending: dict[int, tuple[str, int]] = {}
+        self._uncached: dict[int, dict[str, int]] = {}    # request -> replica -> uncached tokens, from choose()
 
     def scores(self, req: RouteRequest, replicas: Sequence[ReplicaView]) -> dict[str, float]:
         """Predicted seconds to first token on each replica."""
@@ -40,12 +48,20 @@ class PredictedLatency(PolicyBase):
     def _scores(self, req: RouteRequest, replicas: Sequence[ReplicaView], matched: dict[str, int]) -> dict[str, float]:
         total = self.affinity.prompt_tokens(req)
         service = self.service_s.get(req.deployment, self.default_service_s)
-        return {r.id: r.load / max(1, r.max_concurrency) * service
-                + max(0, total - matched[r.id]) / self.prefill_tokens_per_s for r in replicas}
+        out = {}
+        for r in replicas:
+            rate = r.prefill_tokens_per_s or self.prefill_tokens_per_s
+            ahead = self.outstanding.get(r.id, 0)
+            out[r.id] = r.load / max(1, r.max_concurrency) * service + (ahead + max(0, total - matched[r.id])) / rate
+        return out
 
     def choose(self, req: RouteRequest, replicas: Sequence[ReplicaView], now: float) -> ReplicaId:
         require(replicas)
         matched = self.affinity.matched_tokens(req, replicas)
+        total = self.affinity.prompt_tokens(req)
+        self._uncached[req.request_id] = {r.id: max(0, total - matched[r.id]) for r in replicas}
+        if len(self._uncached) > 10_000:          # choices never started (the proxy gave up): forget the oldest
+            self._uncached.pop(next(iter(self._uncached)))
         scores = self._scores(req, replicas, matched)
         best = min(scores.values())
         chosen = self.pick_min(replicas, lambda r: scores[r.id], tolerance=max(1e-9, best * self.tie_fraction))
@@ -54,9 +70,27 @@ class PredictedLatency(PolicyBase):
         return chosen.id
 
     def observe(self, event: RouteEvent) -> None:
+        rid = event.request.request_id
         if event.kind == "started":
             self.affinity.record(event.request, event.replica, event.at)
-        elif event.kind == "finished" and event.duration_s > 0:
+            tokens = self._uncached.pop(rid, {}).get(event.replica, 0)
+            self._settle(rid)                      # a retry: the earlier attempt's share is gone
+            self._pending[rid] = (event.replica, tokens)
+            self.outstanding[event.replica] = self.outstanding.get(event.replica, 0) + tokens
+            return
+        self._settle(rid)                          # first byte, failed or finished: its prefill is done
+        if event.kind == "finished" and event.duration_s > 0:
             dep = event.request.deployment
             old = self.service_s.get(dep)
             self.service_s[dep] = event.duration_s if old is None else old + self.alpha * (event.duration_s - old)
+
+    def _settle(self, request_id: int) -> None:
+        pending = self._pending.pop(request_id, None)
+        if pending is not None:
+            replica, tokens = pending
+            left = self.outstanding.get(replica, 0) - tokens
+            assert left >= 0, f"outstanding prefill of {replica} went negative"
+            if left:
+                self.outstanding[replica] = left
+            else:
+                self.outstanding.pop(replica, None)
