@@ -363,3 +363,11 @@ def test_burst_at_minimum_loses_no_request(plane: Plane, tmp_path: Path) -> None
     assert len({x["pid"] for r in results for x in r}) >= 2, st   # the burst was spread over new replicas
     grew = [e["event"] for e in st["events"] if e["event"].startswith("autoscaler: 1 -> ")]
     assert grew, st["events"]                                     # the autoscaler, not a retry, added them
+
+
+def test_committed_spec_schema_is_the_exported_one() -> None:
+    """`python -m headway.infra.fleet.export_schema` rewrites it when the spec changes."""
+    from headway.infra.fleet.export_schema import SCHEMA_PATH
+    from headway.infra.fleet.spec import json_schema
+
+    assert json.loads(SCHEMA_PATH.read_text()) == json.loads(json.dumps(json_schema()))
