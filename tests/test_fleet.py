@@ -371,3 +371,93 @@ def test_committed_spec_schema_is_the_exported_one() -> None:
     from headway.infra.fleet.spec import json_schema
 
     assert json.loads(SCHEMA_PATH.read_text()) == json.loads(json.dumps(json_schema()))
+
+
+class RecordingProvider:
+    """A provider whose replicas are bookkeeping only: for the manager's ordering rules, which the
+    real-process tests above cannot force deterministically (they also run the real provider)."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+        self.dead: set[str] = set()
+
+    def start(self, launch):
+        self.started.append(launch.replica_id)
+        return {"id": launch.replica_id}
+
+    def url(self, handle):
+        return f"http://{handle['id']}:1"
+
+    def alive(self, handle):
+        return handle["id"] not in self.dead and handle["id"] not in self.stopped
+
+    def stop(self, handle, grace_s):
+        self.stopped.append(handle["id"])
+
+    def log_tail(self, handle, lines=20):
+        return ""
+
+    def close(self) -> None:
+        pass
+
+
+async def test_manager_removes_starting_replicas_first_and_replaces_generations(tmp_path: Path) -> None:
+    from headway.infra.fleet.manager import ReplicaManager
+    from headway.infra.router.proxy import RouterApp
+    from headway.infra.router.replicas import ReplicaSet
+
+    provider = RecordingProvider()
+    router = RouterApp(ReplicaSet([]))
+    m = ReplicaManager(Store(tmp_path / "s.db"), provider, router)
+    spec = validate_spec({"name": "d", "package": "p", "replicas": {"min": 0, "max": 3}})
+    m.apply(spec)
+    m.scale("d", 3)
+    m._reconcile(m.deployments["d"])
+    assert len(provider.started) == 3 and m.counts("d") == (0, 3)
+    first = m.live[provider.started[0]]
+    m._became_ready(first, {"ready": True, "model": "d", "max_concurrency": 4})
+    assert router.replicas.candidates("d")[0].url == first.url
+    m.scale("d", 1)
+    m._reconcile(m.deployments["d"])
+    await asyncio.sleep(0.05)                      # stops run off the loop
+    assert sorted(provider.stopped) == sorted(provider.started[1:])   # the starting ones went, not the serving one
+    assert m.counts("d") == (1, 0)
+    # a spec change that needs new replicas: a new generation starts; the old one serves until it is ready
+    m.apply(spec.model_copy(update={"package": "p2"}))
+    m._reconcile(m.deployments["d"])
+    new_id = provider.started[-1]
+    assert m.live[new_id].generation == 2 and first.phase == "ready"
+    m._became_ready(m.live[new_id], {"ready": True, "model": "d"})
+    m._reconcile(m.deployments["d"])
+    assert first.phase == "draining" and router.replicas.find(first.url).draining
+    routed = router.replicas.find(first.url)
+    router.replicas.acquire(routed.url)            # a request still on the draining replica
+    await m._watch(None, first)                    # draining with a request in flight: stays
+    assert first.phase == "draining" and first.id not in provider.stopped
+    router.replicas.release(routed, ok=True)
+    await m._watch(None, first)
+    await asyncio.sleep(0.05)
+    assert first.id in provider.stopped and first.phase == "stopped"
+    m.check()
+    # a replica that dies is replaced
+    provider.dead.add(new_id)
+    await m._watch(None, m.live[new_id])
+    await asyncio.sleep(0.05)
+    assert new_id not in m.live
+    m.deployments["d"].next_start_at = 0
+    m._reconcile(m.deployments["d"])
+    assert provider.started[-1] != new_id and m.counts("d") == (0, 1)
+
+
+def test_router_first_byte_p95_over_a_window() -> None:
+    from headway.infra.router.proxy import RouterApp
+    from headway.infra.router.replicas import ReplicaSet
+
+    app = RouterApp(ReplicaSet([]))
+    assert app.first_byte_p95("d", 60) is None
+    now = time.monotonic()
+    app.first_byte["d"] = __import__("collections").deque([(now - 120, 9.0)] + [(now, i / 100) for i in range(100)])
+    assert app.first_byte_p95("d", 60) == 0.95       # the old 9 s sample is outside the window
