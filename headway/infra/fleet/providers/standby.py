@@ -17,8 +17,13 @@ import sys
 
 def _preload() -> None:
     import torch  # noqa: F401
+    import uvicorn.lifespan.on  # noqa: F401
+    import uvicorn.protocols.http.httptools_impl  # noqa: F401
+    import uvicorn.protocols.http.h11_impl  # noqa: F401
 
     import headway.cli.main  # noqa: F401
+    import headway.infra.weights  # noqa: F401
+    import headway.library  # noqa: F401
     import headway.runtime.llm.engine  # noqa: F401
     import headway.runtime.llm.openai_api  # noqa: F401
     import headway.runtime.llm.serving  # noqa: F401
