@@ -62,6 +62,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the forward pass.")] = None,
     quantization: Annotated[Optional[str], typer.Option(
         help="LLM weight-only quantization: none (default) or int8.")] = None,
+    speculative: Annotated[Optional[str], typer.Option(
+        help="LLM speculative decoding: ngram or draft (details in headway.yaml engine.speculative).")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
@@ -70,7 +72,8 @@ def serve(
 
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir,
-            engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization})
+            engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization,
+                                             "speculative": speculative})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)

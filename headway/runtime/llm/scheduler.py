@@ -406,8 +406,13 @@ class Scheduler:
             raise ValueError(
                 f"update: got {len(toks)} sampled tokens for {len(plan.sample_seqs)} rows"
             )
-        self._inflight = None
         proposed = {id(it.seq): len(it.proposal) for it in plan.items if it.proposal}
+        runs = [[int(t) for t in r] if isinstance(r, (list, tuple)) else [int(r)] for r in toks]
+        for seq, run in zip(plan.sample_seqs, runs):
+            if not 1 <= len(run) <= 1 + proposed.get(id(seq), 0):
+                raise ValueError(f"update: {seq.seq_id} got {len(run)} tokens for "
+                                 f"{proposed.get(id(seq), 0)} proposed (1 + proposed at most)")
+        self._inflight = None
         for it in plan.items:
             it.seq.num_inflight = 0
         for it in plan.items:
@@ -430,13 +435,9 @@ class Scheduler:
                 self._requests[parent.request_id].append(c)
         eos = set(self.config.eos_token_ids)
         got: list[Sequence] = []
-        for seq, run in zip(plan.sample_seqs, toks):
+        for seq, run in zip(plan.sample_seqs, runs):
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            run = [int(t) for t in run] if isinstance(run, (list, tuple)) else [int(run)]
-            if not run or len(run) > 1 + proposed.get(id(seq), 0):
-                raise ValueError(f"update: {seq.seq_id} got {len(run)} tokens for "
-                                 f"{proposed.get(id(seq), 0)} proposed (1 + proposed at most)")
             if seq.first_token_time is None:
                 seq.first_token_time = now
             got.append(seq)

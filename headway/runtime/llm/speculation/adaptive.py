@@ -3,7 +3,7 @@
 Each sequence keeps an EWMA ``rate`` of per-token acceptance (accepted / judged; proposals
 after the first rejected one are never judged).
 With per-token acceptance ``r``, a run of proposals is accepted for ``r / (1 - r)`` tokens on
-average; the next proposal is that expected run plus one (to find out whether it got longer),
+average; the next proposal is that expected run (rounded) plus one (to find out whether it got longer),
 within ``[1, max_tokens]``. High acceptance grows the proposal to the cap; repeated rejection
 shrinks it to one token, where a miss costs one extra logits row."""
 
@@ -27,7 +27,7 @@ class AdaptiveLength:
 
     def next_length(self) -> int:
         r = min(self.rate, 0.999)
-        return max(1, min(self.max_tokens, math.ceil(r / (1.0 - r)) + 1))
+        return max(1, min(self.max_tokens, math.floor(r / (1.0 - r) + 0.5) + 1))
 
     def observe(self, proposed: int, accepted: int) -> None:
         if proposed <= 0:
