@@ -34,7 +34,7 @@ from headway.runtime.llm.protocol import OpenAIError
 from headway.runtime.llm.radix_cache import RadixCache
 from headway.runtime.llm.runner import ModelRunner
 from headway.runtime.llm.sampling import Sampler
-from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
+from headway.runtime.llm.scheduler import SchedulePlan, Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import FinishReason, SamplingParams, Sequence
 from headway.runtime.llm.speculation import SpeculativeConfig, Speculator
 from headway.runtime.llm.tokenizer import ModelTokenizer
@@ -290,7 +290,7 @@ class LLMEngine:
         self._flush()
 
     def _sample(self, logits: torch.Tensor,
-                plan: Any) -> tuple[list[list[int]], list[list[TokenLogprob] | None]]:
+                plan: SchedulePlan) -> tuple[list[list[int]], list[list[TokenLogprob] | None]]:
         """Per sample row: the tokens to append (a verified proposal: several) and logprobs."""
         if self.speculator is not None and plan.num_proposed:
             runs, lps, stats = self.speculator.sample(logits, plan, self.sampler)
