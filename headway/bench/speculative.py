@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--max-chars", type=int, default=2400, help="characters of each source file in the prompt")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kv-cache-tokens", type=int, default=16384, help="KV pool of each engine")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = ap.parse_args()
     path = resolve(a.model).path
@@ -119,7 +120,7 @@ def main() -> None:
     batches = [int(x) for x in a.batches.split(",")]
     cfg = SpeculativeConfig(method=a.method, num_tokens=a.num_tokens, draft_model_dir=draft_dir,
                             draft_layers=a.draft_layers, max_batch=max(batches))
-    kw: dict[str, Any] = dict(dtype=a.dtype, num_threads=a.threads, kv_cache_tokens=32768)
+    kw: dict[str, Any] = dict(dtype=a.dtype, num_threads=a.threads, kv_cache_tokens=a.kv_cache_tokens)
     base = LLMEngine.launch(path, **kw)
     spec = LLMEngine.launch(path, speculative=cfg, **kw)
     print(f"model {a.model} ({base.dtype}), speculation: {cfg.describe()}")
