@@ -51,6 +51,7 @@ class SpeculativeConfig:
     def describe(self) -> str:
         if self.method == "ngram":
             return f"ngram (n={self.ngram_min}..{self.ngram_max}, up to {self.num_tokens} tokens, batch <= {self.max_batch})"
-        src = self.draft_model_dir.name if self.draft_model_dir else "target"
+        d = self.draft_model_dir
+        src = "target" if d is None else (d.parent.name if d.name == "model" else d.name)  # library dirs end in model/
         layers = f", first {self.draft_layers} layers" if self.draft_layers else ""
         return f"draft ({src}{layers}, up to {self.num_tokens} tokens, batch <= {self.max_batch})"
