@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--draft-model", default=None, help="draft: a library name (same tokenizer)")
     ap.add_argument("--draft-layers", type=int, default=None, help="draft: keep the first N layers")
     ap.add_argument("--num-tokens", type=int, default=8, help="most tokens proposed per step")
+    ap.add_argument("--ngram-min", type=int, default=2)
+    ap.add_argument("--ngram-max", type=int, default=4)
     ap.add_argument("--batches", default="1,4,8,16", help="batch sizes (comma separated)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=192)
@@ -118,7 +120,8 @@ def main() -> None:
     path = resolve(a.model).path
     draft_dir = resolve(a.draft_model).path if a.draft_model else None
     batches = [int(x) for x in a.batches.split(",")]
-    cfg = SpeculativeConfig(method=a.method, num_tokens=a.num_tokens, draft_model_dir=draft_dir,
+    cfg = SpeculativeConfig(method=a.method, num_tokens=a.num_tokens, ngram_min=a.ngram_min, ngram_max=a.ngram_max,
+                            draft_model_dir=draft_dir,
                             draft_layers=a.draft_layers, max_batch=max(batches))
     kw: dict[str, Any] = dict(dtype=a.dtype, num_threads=a.threads, kv_cache_tokens=a.kv_cache_tokens)
     base = LLMEngine.launch(path, **kw)
