@@ -7,6 +7,8 @@ catches a deliberately wrong acceptance rule)."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from headway.runtime.llm.kv_pool import KVPool
@@ -254,3 +256,62 @@ def test_rejection_sampling_matches_the_target_and_the_test_catches_a_wrong_rule
     assert chi2_gof_p(_joint_first_two(logits, params, n, 2, q), target) > 1e-3  # draft
     # the same test fails a classic bug: after a rejection, resampling from p (not p - q)
     assert chi2_gof_p(_joint_first_two(logits, params, n, 3, q, rule=_resample_from_p), target) < 1e-3
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort", "cut"]), st.integers(0, 7),
+                          st.integers(1, 30), st.integers(1, 9)), max_size=50))
+def test_property_runs_keep_the_kv_true(ops) -> None:
+    """Random adds, speculative steps (random proposals, random accepted prefixes), aborts and
+    stop-string cuts on a small pool (so proposals get dropped and sequences preempted and
+    resumed): every slot a running sequence holds, cached prefix included, holds the K/V of
+    its token at its position, i.e. rejected proposals never survive, and the cache only
+    hands out committed tokens."""
+    s = mk(64, max_num_batched_tokens=16, max_running=4, eos_token_ids=(0,))
+    written: dict[int, tuple[int, int]] = {}  # slot -> (token, position): what the forward wrote
+    n = 0
+
+    def do_step(a: int) -> None:
+        props = {q.seq_id: [(a + j) % 6 + 1 for j in range(a % 5)] for q in s.running if not q.in_prefill}
+        plan = s.schedule(proposals=props)
+        for it in plan.items:
+            for tok, pos, slot in zip(it.token_ids, it.positions, it.out_slots):
+                written[slot] = (tok, pos)
+        runs = []
+        for q in plan.sample_seqs:
+            it = next((i for i in plan.items if i.seq is q), None)
+            prop = it.proposal if it is not None else []
+            take = (a + len(q.output_ids)) % (len(prop) + 1)
+            runs.append(prop[:take] + [(a * 3 + len(q.output_ids)) % 7 + 1])
+        s.update(plan, runs)
+
+    def check() -> None:
+        s.check_invariant()
+        for q in s.running:
+            ids = q.all_ids
+            assert q.num_computed <= q.num_tokens
+            for i, slot in enumerate(q.slots):
+                assert written[slot] == (ids[i], i), (q.seq_id, i)
+
+    for op, a, length, mt in ops:
+        if op == "add":
+            s.add(f"r{n}", [(a * 5 + i) % 9 + 1 for i in range(length)], SamplingParams(max_tokens=mt))
+            n += 1
+        elif op == "step":
+            do_step(a)
+        elif op == "abort" and n:
+            s.abort(f"r{a % n}")
+        elif op == "cut":
+            cands = [q for q in s.running if len(q.output_ids) >= 2]
+            if cands:
+                q = cands[a % len(cands)]
+                s.truncate(q, 1 + a % (len(q.output_ids) - 1))
+                s.finish(q, FinishReason.STOP, "x")
+        check()
+    for i in range(2000):
+        if not s.has_work():
+            break
+        do_step(i)
+        check()
+    assert not s.has_work()
+    assert s.cache.locked == 0 and s.pool.num_free + s.cache.evictable == s.pool.total
