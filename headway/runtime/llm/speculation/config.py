@@ -49,9 +49,10 @@ class SpeculativeConfig:
             raise ValueError("invalid speculative config: " + "; ".join(errs))
 
     def describe(self) -> str:
+        limits = f"up to {self.num_tokens} tokens, batch <= {self.max_batch}"
         if self.method == "ngram":
-            return f"ngram (n={self.ngram_min}..{self.ngram_max}, up to {self.num_tokens} tokens, batch <= {self.max_batch})"
-        d = self.draft_model_dir
-        src = "target" if d is None else (d.parent.name if d.name == "model" else d.name)  # library dirs end in model/
+            return f"ngram (n={self.ngram_min}..{self.ngram_max}, {limits})"
+        d = self.draft_model_dir  # a library model's directory is .../<entry>-<hash>/model
+        src = "target" if d is None else (d.parent.name if d.name == "model" else d.name)
         layers = f", first {self.draft_layers} layers" if self.draft_layers else ""
-        return f"draft ({src}{layers}, up to {self.num_tokens} tokens, batch <= {self.max_batch})"
+        return f"draft ({src}{layers}, {limits})"
