@@ -64,6 +64,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the forward pass.")] = None,
     quantization: Annotated[Optional[str], typer.Option(
         help="LLM weight-only quantization: none (default) or int8.")] = None,
+    speculative: Annotated[Optional[str], typer.Option(
+        help="LLM speculative decoding: ngram or draft (details in headway.yaml engine.speculative).")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
                                                 "name); the control plane passes the deployment's.")] = None,
@@ -77,8 +79,8 @@ def serve(
 
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
-            replica_id=replica_id,
-            engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization})
+            replica_id=replica_id, engine_overrides={"dtype": dtype, "num_threads": threads,
+                                                     "quantization": quantization, "speculative": speculative})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Runtime = Literal["custom", "llm", "embeddings", "asr", "tts"]
 RUNTIMES: tuple[str, ...] = ("custom", "llm", "embeddings", "asr", "tts")
@@ -111,6 +111,38 @@ class RuntimeOptions(_Strict):
         return size
 
 
+class SpeculativeOptions(_Strict):
+    """`engine.speculative`: lossless speculative decoding (greedy output unchanged; sampling
+    keeps the target's distribution exactly)."""
+
+    method: Literal["ngram", "draft"] = Field(
+        "ngram", examples=["ngram"],
+        description="ngram: propose the continuation of the last n tokens' earlier occurrence in the "
+        "request's own prompt+output (free; pays on input-grounded tasks such as editing a given file). "
+        "draft: a smaller model with the same tokenizer proposes.")
+    num_tokens: int = Field(8, ge=1, le=32, examples=[8],
+                            description="Most tokens proposed per step; the live length follows acceptance.")
+    ngram_min: int = Field(2, ge=1, le=16, examples=[2], description="Shortest n-gram matched (ngram).")
+    ngram_max: int = Field(4, ge=1, le=16, examples=[4], description="Longest n-gram matched, tried first (ngram).")
+    draft_model: str | None = Field(
+        None, examples=["qwen2.5-coder-0.5b-instruct"],
+        description="Draft model (draft): a library name or a local path; it must share the target's tokenizer. "
+        "Left out: the target itself cut to draft_layers.")
+    draft_layers: int | None = Field(None, ge=1, examples=[4],
+                                     description="Keep only the draft's first N layers (draft).")
+    max_batch: int = Field(16, ge=1, examples=[16],
+                           description="Speculate only while at most this many sequences run (measured default).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeOptions:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(f"ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})")
+        if self.method == "draft" and self.draft_model is None and self.draft_layers is None:
+            raise ValueError("method 'draft' needs draft_model (e.g. qwen2.5-coder-0.5b-instruct) or "
+                             "draft_layers (e.g. 4: the target cut to its first 4 layers)")
+        return self
+
+
 class LLMEngineOptions(_Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Weights and KV dtype; auto picks the faster one on the device.",
@@ -139,6 +171,15 @@ class LLMEngineOptions(_Strict):
         description="Weight-only quantization of the decoder layers' linear weights (int8: one scale per "
         "output channel; embeddings and LM head stay unquantized). Off by default; when on, the server "
         "logs it and /headway/state reports it. `headway eval ppl` measures what it costs.")
+    speculative: SpeculativeOptions | None = Field(
+        None, examples=[{"method": "ngram", "num_tokens": 8}],
+        description="Speculative decoding (off when left out). `headway serve --speculative ngram` turns it on "
+        "with the defaults; a string is shorthand for {method: ...}.")
+
+    @field_validator("speculative", mode="before")
+    @classmethod
+    def _speculative_shorthand(cls, v: Any) -> Any:
+        return {"method": v} if isinstance(v, str) else v
 
 
 class EmbeddingsEngineOptions(_Strict):

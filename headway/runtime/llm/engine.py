@@ -34,8 +34,9 @@ from headway.runtime.llm.protocol import OpenAIError
 from headway.runtime.llm.radix_cache import RadixCache
 from headway.runtime.llm.runner import ModelRunner
 from headway.runtime.llm.sampling import Sampler
-from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
+from headway.runtime.llm.scheduler import SchedulePlan, Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import FinishReason, SamplingParams, Sequence
+from headway.runtime.llm.speculation import SpeculativeConfig, Speculator
 from headway.runtime.llm.tokenizer import ModelTokenizer
 
 log = logging.getLogger("headway.llm")
@@ -74,7 +75,7 @@ class LLMEngine:
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
                  num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5,
-                 quantization: str = "none"):
+                 quantization: str = "none", speculative: SpeculativeConfig | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or default_device())
@@ -93,6 +94,7 @@ class LLMEngine:
         self.chunker = PrefillChunker(budget=max_num_batched_tokens, itl_factor=itl_factor)
         self.prefix_caching = enable_prefix_caching
         self.sampler = Sampler()
+        self.speculator = self._speculator(speculative, Path(model_dir)) if speculative else None
         self.metrics = EngineMetrics(model_name)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
@@ -109,6 +111,18 @@ class LLMEngine:
         log.info("engine ready: %s, dtype=%s, quantization=%s, device=%s, %d KV slots, max_model_len=%d",
                  Path(model_dir).name, str(self.dtype).removeprefix("torch."), self.quantization, self.device,
                  self.runner.num_slots, self.max_model_len)
+        if self.speculator is not None:
+            log.info("speculative decoding: %s", self.speculator.config.describe())
+
+    def _speculator(self, cfg: SpeculativeConfig, model_dir: Path) -> Speculator:
+        if cfg.method == "ngram":
+            return Speculator(cfg)
+        from headway.runtime.llm.speculation.draft import DraftProposer
+
+        draft = DraftProposer(cfg.draft_model_dir or model_dir, target_vocab=self.runner.vocab_size,
+                              num_layers=cfg.draft_layers, dtype=self.dtype, device=self.device,
+                              num_slots=self.runner.num_slots)
+        return Speculator(cfg, draft=draft)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -247,7 +261,8 @@ class LLMEngine:
         running = self.scheduler.running
         decodes = sum(1 for s in running if not s.in_prefill)
         prefilling = len(running) - decodes + len(self.scheduler.waiting)
-        plan = self.scheduler.schedule(prefill_cap=self.chunker.prefill_cap(decodes, prefilling))
+        proposals = self.speculator.propose(running) if self.speculator is not None else None
+        plan = self.scheduler.schedule(prefill_cap=self.chunker.prefill_cap(decodes, prefilling), proposals=proposals)
         for seq in plan.finished:
             self._emit(seq, [], None)
         if plan.preempted:
@@ -257,27 +272,46 @@ class LLMEngine:
                 time.sleep(0.001)  # nothing runnable this instant (waiting for memory)
             return
         logits = self.runner.forward(plan.to_forward_batch(self.device))
-        out = self.sampler.sample(logits, plan.sample_seqs) if plan.sample_seqs else None
-        got = self.scheduler.update(plan, out.tokens if out else [])
-        decoded = sum(1 for it in plan.items if len(it.token_ids) == 1)
+        runs, lps = self._sample(logits, plan)
+        before = {id(s): len(s.output_ids) for s in plan.sample_seqs}
+        got = self.scheduler.update(plan, runs)
+        decoded = sum(1 for it in plan.items if len(it.token_ids) == 1 + len(it.proposal))
         self.chunker.observe(decoded, plan.num_tokens - decoded, time.perf_counter() - started)
         self.steps += 1
         rows = {id(s): i for i, s in enumerate(plan.sample_seqs)}
         now = time.monotonic()
+        emitted = 0
         for seq in got:
-            row = rows[id(seq)]
-            lp = None
-            if out is not None and seq.params.logprobs and out.logprobs[row] is not None:
-                lp = TokenLogprob(seq.output_ids[-1], float(out.logprobs[row]), list(out.top_logprobs[row] or []))
-            self._emit(seq, [seq.output_ids[-1]], lp, now)
-        self._count_tokens(len(got), now)
+            new = seq.output_ids[before[id(seq)]:]
+            lp = lps[rows[id(seq)]]
+            emitted += self._emit(seq, new, lp[: len(new)] if lp else None, now)
+        self._count_tokens(emitted, now)
         self._gauges()
         self._flush()
 
-    def _emit(self, seq: Sequence, token_ids: list[int], lp: TokenLogprob | None, now: float | None = None) -> None:
+    def _sample(self, logits: torch.Tensor,
+                plan: SchedulePlan) -> tuple[list[list[int]], list[list[TokenLogprob] | None]]:
+        """Per sample row: the tokens to append (a verified proposal: several) and logprobs."""
+        if self.speculator is not None and plan.num_proposed:
+            runs, lps, stats = self.speculator.sample(logits, plan, self.sampler)
+            self.metrics.speculation(stats.proposed, stats.accepted, stats.verified,
+                                     self.speculator.acceptance_rate, self.speculator.mean_accepted_length)
+            return runs, lps
+        if not plan.sample_seqs:
+            return [], []
+        out = self.sampler.sample(logits, plan.sample_seqs)
+        lps: list[list[TokenLogprob] | None] = [
+            [TokenLogprob(t, float(lp), list(top or []))] if s.params.logprobs and lp is not None else None
+            for s, t, lp, top in zip(plan.sample_seqs, out.tokens, out.logprobs, out.top_logprobs)]
+        return [[t] for t in out.tokens], lps
+
+    def _emit(self, seq: Sequence, token_ids: list[int], lps: list[TokenLogprob] | None,
+              now: float | None = None) -> int:
+        """Stream the sequence's new tokens; returns how many were kept (a stop string inside
+        a run of accepted tokens cuts the run there)."""
         req = self._requests.get(seq.request_id)
         if req is None:
-            return
+            return 0
         now = now or time.monotonic()
         detok = req.detoks.get(seq.index)
         if detok is None:
@@ -295,7 +329,17 @@ class LLMEngine:
         if token_ids:
             req.last_token_at[seq.index] = now
         text = ""
-        if token_ids:  # special tokens (EOS) decode to no text
+        if len(token_ids) > 1 and seq.params.stop:  # find the token that completes a stop string
+            for i, tok in enumerate(token_ids):
+                delta = detok.push([tok])
+                text += delta.text
+                if delta.stop is not None:
+                    cut = len(seq.output_ids) - (len(token_ids) - i - 1)
+                    self.scheduler.truncate(seq, cut)
+                    token_ids, lps = token_ids[: i + 1], lps[: i + 1] if lps else None
+                    self.scheduler.finish(seq, FinishReason.STOP, delta.stop)
+                    break
+        elif token_ids:  # special tokens (EOS) decode to no text
             delta = detok.push(token_ids)
             text = delta.text
             if delta.stop is not None:
@@ -303,13 +347,14 @@ class LLMEngine:
         if seq.is_finished and seq.finish_reason is not FinishReason.ABORT and detok.stopped is None:
             text += detok.flush()
         reason = seq.finish_reason.value if seq.is_finished and seq.finish_reason else None
-        req.send([ChoiceDelta(seq.index, text, token_ids, [lp] if lp else None, reason)])
+        req.send([ChoiceDelta(seq.index, text, token_ids, lps or None, reason)])
         if seq.is_finished:
             self._record_finish(seq)
             req.finished.add(seq.index)
             if len(req.finished) >= req.n:
                 self._requests.pop(req.request_id, None)
                 req.send(_DONE)
+        return len(token_ids)
 
     def _record_finish(self, seq: Sequence) -> None:
         if seq.finish_reason is not None:
@@ -367,4 +412,14 @@ class LLMEngine:
             "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization,
             "device": str(self.device),
             "max_model_len": self.max_model_len,
+            "speculative": self._speculation_state(),
         }
+
+    def _speculation_state(self) -> dict[str, Any] | None:
+        sp = getattr(self, "speculator", None)
+        if sp is None:
+            return None
+        return {"method": sp.config.method, "num_tokens": sp.config.num_tokens, "max_batch": sp.config.max_batch,
+                "proposed_tokens": sp.proposed, "accepted_tokens": sp.accepted,
+                "acceptance_rate": round(sp.acceptance_rate, 4),
+                "mean_accepted_length": round(sp.mean_accepted_length, 3)}

@@ -48,7 +48,27 @@ class EngineMetrics:
                                     registry=r).labels(model)
         self.tokens_per_s = Gauge("headway_llm_generation_tokens_per_second",
                                   "Output tokens per second over the last few seconds.", m, registry=r).labels(model)
+        self.spec_proposed = Counter("headway_llm_spec_proposed_tokens", "Tokens proposed by speculative decoding.",
+                                     m, registry=r).labels(model)
+        self.spec_accepted = Counter("headway_llm_spec_accepted_tokens",
+                                     "Proposed tokens the target accepted (speculative decoding).", m,
+                                     registry=r).labels(model)
+        self.spec_verified = Counter("headway_llm_spec_verified_sequences",
+                                     "Sequence-steps whose proposal the target verified.", m, registry=r).labels(model)
+        self.spec_acceptance = Gauge("headway_llm_spec_acceptance_rate",
+                                     "Accepted / proposed tokens since start (speculative decoding).", m,
+                                     registry=r).labels(model)
+        self.spec_mean_accepted = Gauge("headway_llm_spec_mean_accepted_length",
+                                        "Accepted tokens per verified sequence-step since start.", m,
+                                        registry=r).labels(model)
         self.model = model
+
+    def speculation(self, proposed: int, accepted: int, verified: int, rate: float, mean_len: float) -> None:
+        self.spec_proposed.inc(proposed)
+        self.spec_accepted.inc(accepted)
+        self.spec_verified.inc(verified)
+        self.spec_acceptance.set(rate)
+        self.spec_mean_accepted.set(mean_len)
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model, reason).inc()

@@ -60,13 +60,18 @@ class ScheduledSeq:
     context_slots: list[int]  # the full context, position order (ends with out_slots)
     num_samples: int  # logits rows drawn from the last token: 0 (mid-prefill), 1, or n (fork)
     children: list[Sequence] = field(default_factory=list)  # forked siblings (n > 1)
+    # speculative decoding: proposed tokens computed after the last known one (their K/V is
+    # written; the scheduler keeps it only for the accepted ones)
+    proposal: list[int] = field(default_factory=list)
 
 
 @dataclass
 class SchedulePlan:
     step: int
     items: list[ScheduledSeq] = field(default_factory=list)
-    sample_seqs: list[Sequence] = field(default_factory=list)  # one per logits row, in order
+    # one per logits row, in order; then, after these rows, one extra row per proposed token
+    # of each item with a proposal, in item order (``proposal_rows``)
+    sample_seqs: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # finished while scheduling
 
@@ -78,16 +83,37 @@ class SchedulePlan:
     def is_empty(self) -> bool:
         return not self.items
 
+    @property
+    def num_proposed(self) -> int:
+        return sum(len(it.proposal) for it in self.items)
+
+    def proposal_rows(self) -> dict[int, list[int]]:
+        """``id(seq)`` -> the logits rows of its verification, in position order: its sample
+        row (logits after the last known token) then one row after each proposed token."""
+        sample_row = {id(s): i for i, s in enumerate(self.sample_seqs)}
+        rows: dict[int, list[int]] = {}
+        nxt = len(self.sample_seqs)
+        for it in self.items:
+            if it.proposal:
+                k = len(it.proposal)
+                rows[id(it.seq)] = [sample_row[id(it.seq)], *range(nxt, nxt + k)]
+                nxt += k
+        return rows
+
     def to_forward_batch(self, device: str | torch.device = "cpu") -> ForwardBatch:
         ids: list[int] = []
         pos: list[int] = []
         outs: list[int] = []
         logit_idx: list[int] = []
+        extra: list[int] = []
         for it in self.items:
             ids.extend(it.token_ids)
             pos.extend(it.positions)
             outs.extend(it.out_slots)
-            logit_idx.extend([len(ids) - 1] * it.num_samples)
+            k = len(it.proposal)
+            logit_idx.extend([len(ids) - 1 - k] * it.num_samples)
+            extra.extend(range(len(ids) - k, len(ids)))
+        logit_idx.extend(extra)
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=device)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -20,7 +21,8 @@ class ModelRunner:
     """Loads a Hugging Face model directory and runs ``forward(ForwardBatch)``.
 
     KV capacity: ``num_slots`` if given, else as many slots as fit in ``kv_memory_gb``
-    (default 1 GiB), capped at 16 x ``max_position_embeddings``.
+    (default 1 GiB), capped at 16 x ``max_position_embeddings``. ``num_layers`` keeps only the
+    first layers (then the final norm and LM head): a cheap draft model for speculation.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class ModelRunner:
         kv_memory_gb: float | None = None,
         num_threads: int | None = None,
         quantization: str | None = None,
+        num_layers: int | None = None,
     ) -> None:
         if num_threads is not None:
             if num_threads < 1:
@@ -43,8 +46,17 @@ class ModelRunner:
         self.device = torch.device(device)
         self.config = ModelConfig.from_model_dir(self.model_dir)
         self.quantization = None if quantization in (None, "none") else quantization
+        weights = WeightStore(self.model_dir, self.dtype, self.device, self.quantization)
+        if num_layers is not None:
+            n = self.config.num_layers
+            if not 1 <= num_layers <= n:
+                raise ValueError(f"num_layers must be in [1, {n}] for {self.model_dir.name}, got {num_layers}")
+            self.config = dataclasses.replace(self.config, num_layers=num_layers,
+                                              layer_windows=self.config.layer_windows[:num_layers],
+                                              layer_ropes=self.config.layer_ropes[:num_layers])
+            weights.skip_layers_from(num_layers)
         with torch.inference_mode():
-            self.model = build_model(self.config, WeightStore(self.model_dir, self.dtype, self.device, self.quantization))
+            self.model = build_model(self.config, weights)
         self.num_slots = self._slot_count(num_slots, kv_memory_gb)
         self.kv = KVCacheTensors(
             self.config.num_layers,

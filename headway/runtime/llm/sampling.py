@@ -57,6 +57,32 @@ def _col(vals: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(vals, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Float32 logits after the repetition (prompt+output) and presence/frequency (output)
+    penalties of each row's params; the logits themselves when no row has one."""
+    n, vocab = logits.shape
+    params = [r.params for r in rows]
+    uniform = all(p == params[0] for p in params)
+    x = logits.float()
+    reps = [p.repetition_penalty for p in params]
+    if any(r != 1.0 for r in reps):
+        ids = _pad([list(r.prompt_ids) + list(r.output_ids) for r in rows], vocab, x.device)
+        seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=x.device)
+        seen.scatter_(1, ids, True)
+        seen = seen[:, :vocab]
+        rp = _col(reps, x) if not uniform else torch.tensor(reps[0], device=x.device)
+        x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+    pres = [p.presence_penalty for p in params]
+    freq = [p.frequency_penalty for p in params]
+    if any(pres) or any(freq):
+        ids = _pad([list(r.output_ids) for r in rows], vocab, x.device)
+        counts = torch.zeros(n, vocab + 1, dtype=x.dtype, device=x.device)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=x.dtype))
+        counts = counts[:, :vocab]
+        x = x - _col(freq, x) * counts - _col(pres, x) * (counts > 0).to(x.dtype)
+    return x
+
+
 class Sampler:
     def __init__(self, seed: int | None = None) -> None:
         self._gen = torch.Generator(device="cpu")
@@ -74,27 +100,7 @@ class Sampler:
         if n == 0:
             return SampleOutput([], [], [])
         params = [r.params for r in rows]
-        p0 = params[0]
-        uniform = all(p == p0 for p in params)
-        x = logits.float()
-
-        # penalties
-        reps = [p.repetition_penalty for p in params]
-        if any(r != 1.0 for r in reps):
-            ids = _pad([list(r.prompt_ids) + list(r.output_ids) for r in rows], vocab, x.device)
-            seen = torch.zeros(n, vocab + 1, dtype=torch.bool, device=x.device)
-            seen.scatter_(1, ids, True)
-            seen = seen[:, :vocab]
-            rp = _col(reps, x) if not uniform else torch.tensor(reps[0], device=x.device)
-            x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
-        pres = [p.presence_penalty for p in params]
-        freq = [p.frequency_penalty for p in params]
-        if any(pres) or any(freq):
-            ids = _pad([list(r.output_ids) for r in rows], vocab, x.device)
-            counts = torch.zeros(n, vocab + 1, dtype=x.dtype, device=x.device)
-            counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=x.dtype))
-            counts = counts[:, :vocab]
-            x = x - _col(freq, x) * counts - _col(pres, x) * (counts > 0).to(x.dtype)
+        x = apply_penalties(logits, rows)
 
         temps = [p.temperature for p in params]
         all_greedy = all(t == 0.0 for t in temps)

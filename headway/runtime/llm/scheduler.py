@@ -16,6 +16,14 @@ sequences insert prompt+output into the cache and unlock. n > 1: the prompt pref
 then forks into n sequences sampled from the same logits row, sharing the prompt's slots
 through the cache (one lock each).
 
+Speculative decoding: ``schedule(proposals=...)`` lets a decoding sequence compute its last
+token plus proposed ones in one step (slots for all of them; short of slots, the proposal is
+dropped before anyone is preempted). ``update`` then takes a run of tokens for that row: the
+accepted proposals and the target's next token. It appends them up to the first stop (EOS,
+stop id, max_tokens, full pool) and frees the slots of every proposed position past the kept
+run, so a sequence never holds K/V of a token it does not have and the cache only ever
+receives committed tokens.
+
 Invariant (``check_invariant``, asserted in tests every step):
     pool.free + cache.evictable + cache.locked + sum(seq.num_private_slots) == pool.total
 
@@ -44,7 +52,7 @@ The engine step loop::
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Sequence as Seq
+from collections.abc import Hashable, Mapping, Sequence as Seq
 
 import torch
 
@@ -180,7 +188,7 @@ class Scheduler:
         for s in self.waiting:
             assert not s.slots and s.lock_node is None
         for s in self.running:
-            assert s.num_computed <= s.num_tokens
+            assert s.num_computed - s.num_inflight <= s.num_tokens
 
     # ---- internals ------------------------------------------------------------------
     def _release(self, seq: Sequence, keep_in_cache: bool) -> None:
@@ -227,23 +235,25 @@ class Scheduler:
             self.cache.evict(short)
         return self.pool.num_free >= n
 
-    def _emit(self, plan: SchedulePlan, seq: Sequence, n: int, now: float) -> None:
+    def _emit(self, plan: SchedulePlan, seq: Sequence, n: int, now: float, proposal: Seq[int] = ()) -> None:
         out = self.pool.alloc(n)
         assert out is not None
         start = seq.num_computed
         seq.slots.extend(out)
         seq.num_inflight = n
+        known = n - len(proposal)
         item = ScheduledSeq(
             seq=seq,
-            token_ids=seq.token_slice(start, start + n),
+            token_ids=seq.token_slice(start, start + known) + list(proposal),
             positions=list(range(start, start + n)),
             out_slots=out,
             context_slots=list(seq.slots),
             num_samples=0,
+            proposal=list(proposal),
         )
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = now
-        if seq.num_computed == seq.num_tokens:  # the last known token: sample the next one
+        if start + known == seq.num_tokens:  # the last known token: sample the next one
             item.num_samples = 1
             plan.sample_seqs.append(seq)
             if seq.fork_pending:
@@ -264,9 +274,12 @@ class Scheduler:
         return resumed + aged + rest
 
     # ---- one step -------------------------------------------------------------------
-    def schedule(self, now: float | None = None, prefill_cap: int | None = None) -> SchedulePlan:
+    def schedule(self, now: float | None = None, prefill_cap: int | None = None,
+                 proposals: Mapping[str, Seq[int]] | None = None) -> SchedulePlan:
         """Form one step. ``prefill_cap`` (optional) bounds this step's prefill tokens, so a
-        step that carries running decodes stays short (the engine's ``PrefillChunker``)."""
+        step that carries running decodes stays short (the engine's ``PrefillChunker``).
+        ``proposals`` (optional): ``seq_id`` -> tokens proposed after a decoding sequence's
+        last token, computed with it this step (speculative decoding; see module docstring)."""
         if self._inflight is not None:
             raise RuntimeError(
                 f"schedule() called again before update() of step {self._inflight.step}'s plan"
@@ -297,15 +310,22 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            proposal: Seq[int] = ()
             if not seq.in_prefill:
                 if decode_left == 0 or id(seq) not in allowed:
                     continue
-                need = 1
+                proposal = (proposals or {}).get(seq.seq_id, ())
+                room = self.pool.total - seq.num_tokens - 1  # the run must fit the context
+                proposal = proposal[: max(0, room)]
+                need = 1 + len(proposal)
             else:
                 need = min(seq.num_tokens - seq.num_computed, prefill_left)
                 if need == 0:
                     continue
             while not self._reserve(need):
+                if proposal:  # short of slots: drop the proposal before preempting anyone
+                    proposal, need = (), 1
+                    continue
                 if seq.in_prefill:
                     avail = self.pool.num_free + self.cache.evictable
                     if avail > 0:
@@ -330,7 +350,7 @@ class Scheduler:
             else:
                 decode_left -= 1
             scheduled.add(id(seq))
-            self._emit(plan, seq, need, now)
+            self._emit(plan, seq, need, now, proposal)
 
         for rank, s in enumerate(chosen):  # round-robin order for the next short step
             if id(s) in scheduled:
@@ -369,11 +389,13 @@ class Scheduler:
         return plan
 
     def update(
-        self, plan: SchedulePlan, sampled: Seq[int] | torch.Tensor, now: float | None = None
+        self, plan: SchedulePlan, sampled: Seq[int | Seq[int]] | torch.Tensor, now: float | None = None
     ) -> list[Sequence]:
-        """Apply one step's sampled tokens (one per ``plan.sample_seqs`` row). Appends them,
-        finishes sequences on EOS / stop token ids / max_tokens / full context, and forks
-        n > 1 requests. Returns the sequences that received a token, in row order."""
+        """Apply one step's sampled tokens (one per ``plan.sample_seqs`` row; a row that
+        verified a proposal may get a run of tokens: accepted proposals + the next token).
+        Appends them, finishes sequences on EOS / stop token ids / max_tokens / full context
+        (a run is cut after its first stop), and forks n > 1 requests. Returns the sequences
+        that received tokens, in row order."""
         now = time.monotonic() if now is None else now
         toks = sampled.tolist() if isinstance(sampled, torch.Tensor) else list(sampled)
         if plan.is_empty and not toks:
@@ -384,6 +406,12 @@ class Scheduler:
             raise ValueError(
                 f"update: got {len(toks)} sampled tokens for {len(plan.sample_seqs)} rows"
             )
+        proposed = {id(it.seq): len(it.proposal) for it in plan.items if it.proposal}
+        runs = [[int(t) for t in r] if isinstance(r, (list, tuple)) else [int(r)] for r in toks]
+        for seq, run in zip(plan.sample_seqs, runs):
+            if not 1 <= len(run) <= 1 + proposed.get(id(seq), 0):
+                raise ValueError(f"update: {seq.seq_id} got {len(run)} tokens for "
+                                 f"{proposed.get(id(seq), 0)} proposed (1 + proposed at most)")
         self._inflight = None
         for it in plan.items:
             it.seq.num_inflight = 0
@@ -407,20 +435,48 @@ class Scheduler:
                 self._requests[parent.request_id].append(c)
         eos = set(self.config.eos_token_ids)
         got: list[Sequence] = []
-        for seq, tok in zip(plan.sample_seqs, toks):
+        for seq, run in zip(plan.sample_seqs, runs):
             if seq.status is not SeqStatus.RUNNING:
                 continue
-            seq.output_ids.append(int(tok))
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            p = seq.params
             got.append(seq)
-            if tok in eos and not p.ignore_eos:
-                self.finish(seq, FinishReason.STOP, None, now)
-            elif tok in p.stop_token_ids:
-                self.finish(seq, FinishReason.STOP, int(tok), now)
-            elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
-                self.finish(seq, FinishReason.LENGTH, None, now)
-            elif seq.num_tokens >= self.pool.total:
-                self.finish(seq, FinishReason.LENGTH, None, now)
+            p = seq.params
+            reason: tuple[FinishReason, int | None] | None = None
+            for tok in run:
+                seq.output_ids.append(tok)
+                if tok in eos and not p.ignore_eos:
+                    reason = (FinishReason.STOP, None)
+                elif tok in p.stop_token_ids:
+                    reason = (FinishReason.STOP, tok)
+                elif p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
+                    reason = (FinishReason.LENGTH, None)
+                elif seq.num_tokens >= self.pool.total:
+                    reason = (FinishReason.LENGTH, None)
+                if reason is not None:
+                    break
+            if id(seq) in proposed:
+                self._drop_uncommitted(seq)
+            if reason is not None:
+                self.finish(seq, reason[0], reason[1], now)
         return got
+
+    def _drop_uncommitted(self, seq: Sequence) -> None:
+        """Free the slots past the sequence's last known token (K/V of rejected or cut
+        proposals): a decoding sequence holds exactly ``num_tokens - 1`` computed tokens."""
+        keep = max(seq.num_tokens - 1, seq.cached_len)
+        if len(seq.slots) > keep:
+            self.pool.free(seq.slots[keep:])
+            del seq.slots[keep:]
+
+    def truncate(self, seq: Sequence, num_output: int) -> None:
+        """Cut the output to its first ``num_output`` tokens (a stop string found inside a
+        run of accepted tokens: nothing past it is kept), freeing the K/V past the new end.
+        Call between ``update`` and the next ``schedule``, before ``finish``."""
+        if self._inflight is not None:
+            raise RuntimeError("truncate() while a plan is in flight")
+        if not 1 <= num_output <= len(seq.output_ids):
+            raise ValueError(f"truncate: num_output must be in [1, {len(seq.output_ids)}], got {num_output}")
+        del seq.output_ids[num_output:]
+        if seq.status is SeqStatus.RUNNING:
+            self._drop_uncommitted(seq)

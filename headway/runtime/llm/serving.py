@@ -75,11 +75,22 @@ class LLMRuntime(Runtime):
         if fetched:
             self.startup["fetch"] = {**fetched, "wall_s": round(time.perf_counter() - t, 3)}
         o = self.options
+        speculative = None
+        if o.speculative is not None:
+            from headway.runtime.llm.speculation import SpeculativeConfig
+
+            s = o.speculative
+            draft_dir = None
+            if s.method == "draft" and s.draft_model is not None:
+                draft_dir = await asyncio.to_thread(model_dir_for, s.draft_model, self.package.root)
+            speculative = SpeculativeConfig(method=s.method, num_tokens=s.num_tokens, ngram_min=s.ngram_min,
+                                            ngram_max=s.ngram_max, draft_model_dir=draft_dir,
+                                            draft_layers=s.draft_layers, max_batch=s.max_batch)
         self.engine = await asyncio.to_thread(
             LLMEngine.launch, model_dir, dtype=o.dtype, max_model_len=o.max_model_len, kv_cache_tokens=o.kv_cache_tokens,
             max_num_batched_tokens=o.max_num_batched_tokens, max_running=o.max_running,
             enable_prefix_caching=o.enable_prefix_caching, num_threads=o.num_threads, model_name=self.name,
-            itl_factor=o.prefill_itl_factor, quantization=o.quantization)
+            itl_factor=o.prefill_itl_factor, quantization=o.quantization, speculative=speculative)
         if self._api is not None:
             self._api.engine = self.engine
         self.mark_phase("loaded_s")

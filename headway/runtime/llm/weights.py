@@ -74,6 +74,14 @@ class WeightStore:
         """Mark ``name`` as deliberately unused (e.g. ``lm_head.weight`` of a tied model)."""
         self._taken.add(name)
 
+    def skip_layers_from(self, n: int) -> None:
+        """Mark the tensors of decoder layers ``n`` and up as deliberately unused (a model cut
+        to its first ``n`` layers)."""
+        for name in self._where:
+            parts = name.split(".")
+            if name.startswith("model.layers.") and len(parts) > 2 and parts[2].isdigit() and int(parts[2]) >= n:
+                self._taken.add(name)
+
     def finish(self) -> None:
         """Raise if the checkpoint has tensors the model did not use."""
         unexpected = sorted(set(self._where) - self._taken)
