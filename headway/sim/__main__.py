@@ -72,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--scale-down-delay", type=float, default=30.0)
     f.add_argument("--initial-replicas", type=int, default=None, help="ready at t=0 (default: the oracle's)")
     f.add_argument("--ttft-objective", type=float, default=2.0, help="the SLA: TTFT within this many seconds")
+    f.add_argument("--tpot-objective", type=float, default=0.05,
+                   help="and mean seconds per output token within this (0: no TPOT objective)")
     f.add_argument("--activator-timeout", type=float, default=120.0)
     f.add_argument("--service-model", type=Path, default=None, help="JSON from python -m headway.sim.fit --json")
     f.add_argument("--speedup", type=float, default=1.0, help="replicas this many times faster than the fitted model")
@@ -93,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  panic_window_s=a.panic_window, panic_threshold=a.panic_threshold,
                                  scale_down_delay_s=a.scale_down_delay, startup_s=a.startup)
         sim = SimConfig(max_concurrency=a.max_concurrency, startup_s=a.startup, startup_spread_s=a.startup_spread,
-                        ttft_objective_s=a.ttft_objective, activator_timeout_s=a.activator_timeout, seed=a.seed)
+                        ttft_objective_s=a.ttft_objective,
+                        tpot_objective_s=a.tpot_objective or None, activator_timeout_s=a.activator_timeout, seed=a.seed)
         t0 = time.perf_counter()
         trace = build_trace(a)
         rows = compare(trace, names, config, sim, model, router=a.router, initial_replicas=a.initial_replicas)
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {exc}") from None
     print(f"trace {trace.name}: {len(trace):,} requests over {trace.duration_s:g} s {trace.params}; "
           f"startup {a.startup:g} s; router {a.router}; service model: {model}")
-    print(render(rows, a.ttft_objective))
+    print(render(rows, sim.ttft_objective_s, sim.tpot_objective_s))
     if "oracle" in names and "headway" in names:
         print("target: " + verdict(rows))
     print(f"simulated {len(names)} policies in {time.perf_counter() - t0:.1f} s wall "

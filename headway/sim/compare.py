@@ -45,5 +45,5 @@ def compare(trace: Trace, names: Sequence[str], config: AutoscaleConfig, sim: Si
     for name in names:
         result = simulate(trace, make_autoscaler(name, config, schedule), make_policy(router, seed=sim.seed), sim,
                           model, window_s=config.window_s)
-        rows.append(summarize(result, sim.ttft_objective_s))
+        rows.append(summarize(result, sim.ttft_objective_s, sim.tpot_objective_s))
     return with_oracle_ratio(rows)

@@ -2,7 +2,7 @@
 
 It computes, per second s of the trace, the concurrency the trace will bring if every request
 starts at its arrival and runs for its service time at a batch of `target_concurrency`
-(`need_load(s)`: requests whose run overlaps [s, s+1)), and the replicas that carry it at
+(`load_per_second(s)`: the most requests in service at once during [s, s+1)), and the replicas that carry it at
 `target_concurrency` each, with no headroom: need(s) = ceil(load(s) / target_concurrency).
 Its decision at time t is max(need) over [t, t + startup_s + tick]: what it asks for now is
 ready exactly when the load arrives, and a replica is kept through a dip shorter than a
@@ -23,21 +23,23 @@ from headway.sim.service import ServiceModel
 
 
 def load_per_second(trace: Trace, model: ServiceModel, batch: int) -> np.ndarray:
-    """Requests in service during each second [s, s+1) if each started on arrival."""
+    """The most requests in service at once during each second [s, s+1) if each started on arrival."""
     seconds = int(math.ceil(trace.duration_s)) + 1
     if not len(trace):
         return np.zeros(seconds)
     t = np.asarray(trace.times)
-    itl = model.itl(batch)
     dur = (model.prefill_base_s + np.asarray(trace.prompt_tokens) / model.prefill_tokens_per_s
-           + np.asarray(trace.output_tokens) * itl)
-    first = np.floor(t).astype(np.int64)
-    last = np.floor(t + dur).astype(np.int64)            # the last second the request overlaps
-    span = int(last.max()) + 2
-    delta = np.zeros(max(span, seconds) + 1)
-    np.add.at(delta, first, 1)
-    np.add.at(delta, last + 1, -1)
-    return np.cumsum(delta)[: max(span, seconds)]
+           + np.asarray(trace.output_tokens) * model.itl(batch))
+    at = np.concatenate([t, t + dur])
+    delta = np.concatenate([np.ones(len(t)), -np.ones(len(t))])
+    order = np.lexsort((delta, at))             # by time; at a tie an end before a start
+    at, level = at[order], np.cumsum(delta[order])
+    seconds = max(seconds, int(at[-1]) + 2)
+    peak = np.zeros(seconds)
+    np.maximum.at(peak, at.astype(np.int64), level)
+    before = np.searchsorted(at, np.arange(seconds), side="left") - 1   # the level each second starts at
+    carried = np.where(before >= 0, level[np.maximum(before, 0)], 0.0)
+    return np.maximum(peak, carried)
 
 
 def oracle_schedule(trace: Trace, model: ServiceModel, target_concurrency: float, startup_s: float,

@@ -12,8 +12,10 @@ Drives the policies the way the live loops do:
 - a request that finds none waits in the activator (FIFO, at most `activator_size`); it is
   placed as soon as room frees, and dropped if it has waited `activator_timeout_s`.
 Events are kept in one heap (replica ready, a replica's next completion); arrivals and ticks
-are two sorted streams merged with it. Latency is time to first token: arrival to first
-token, including the activator wait, the prefill and one decode step.
+are two sorted streams merged with it. A request meets the SLA when its time to first token
+(arrival to first token: the activator wait, the prefill and one decode step) is within
+`ttft_objective_s` and its mean time per output token after the first (TPOT, which grows with
+the replica's batch) within `tpot_objective_s`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class SimConfig:
     startup_spread_s: float = 0.0       # each startup drawn uniformly from startup_s +- this
     tick_s: float = 1.0                 # the control loop's period
     ttft_objective_s: float = 2.0       # the SLA: time to first token within this
+    tpot_objective_s: float | None = 0.05  # and (if set) mean time per output token after the first within this
     activator_size: int = 1_000_000
     activator_timeout_s: float = 120.0
     initial_replicas: int = 0           # ready at t=0
@@ -58,6 +61,8 @@ class SimConfig:
         if self.startup_s < 0 or not 0 <= self.startup_spread_s <= self.startup_s:
             errors.append(f"need startup_s >= 0 and 0 <= startup_spread_s <= startup_s, got "
                           f"{self.startup_s}, {self.startup_spread_s}")
+        if self.tpot_objective_s is not None and self.tpot_objective_s <= 0:
+            errors.append(f"tpot_objective_s must be > 0 (or None for no TPOT objective), got {self.tpot_objective_s}")
         if self.tick_s <= 0 or self.ttft_objective_s <= 0 or self.activator_timeout_s < 0 or self.tail_s < 0:
             errors.append("tick_s and ttft_objective_s must be > 0, activator_timeout_s and tail_s >= 0")
         if errors:
@@ -70,6 +75,7 @@ class RunResult:
     requests: int
     ttft_s: array                       # per request; NaN when it never started (dropped, unfinished)
     e2e_s: array
+    tpot_s: array                       # mean seconds per output token after the first; NaN if not finished
     dropped: int = 0                    # timed out in the activator or found it full
     unfinished: int = 0                 # still held when the tail ran out
     replica_seconds: float = 0.0        # every replica from asked-for to gone, starting time included
@@ -121,7 +127,7 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
     n_req = len(times)
     nan = float("nan")
     res = RunResult(getattr(autoscaler, "name", type(autoscaler).__name__), n_req,
-                    array("d", [nan]) * n_req, array("d", [nan]) * n_req)
+                    array("d", [nan]) * n_req, array("d", [nan]) * n_req, array("d", [nan]) * n_req)
     admitted = array("d", [nan]) * n_req
     rng = random.Random(cfg.seed)
     heap: list[tuple[float, int, int, Replica, int]] = []
@@ -194,7 +200,8 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
                     release(now)
             elif version == r.version:
                 for i in fleet.complete(r, now):
-                    res.e2e_s[i] = now - times[i]
+                    e2e = res.e2e_s[i] = now - times[i]
+                    res.tpot_s[i] = (e2e - res.ttft_s[i]) / max(1, outputs[i] - 1)
                     router.observe(RouteEvent("finished", r.id, now, RouteRequest("sim", i), now - admitted[i]))
                 if queue and fleet.views:
                     release(now)
