@@ -191,8 +191,8 @@ def test_from_zero_requests_wait_in_the_activator_or_time_out() -> None:
     waits = simulate(trace, StartupAware(ACFG), make_policy("least-load"), SIM, MODEL)
     assert waits.dropped == 0 and served(waits) == 4
     ttft = np.frombuffer(waits.ttft_s, dtype=np.float64)
-    # the first decision after the first arrival (tick at 101) asks for a replica; ready 10 s later
-    assert ttft[0] == pytest.approx(101 + 10 - 100 + 0.1 + MODEL.itl(1), abs=0.01) and (ttft > 8).all()
+    # the first arrival finds no replica: decided at once (not at the next tick), ready 10 s later
+    assert ttft[0] == pytest.approx(10 + 0.1 + MODEL.itl(1), abs=1e-6) and (ttft > 8).all()
     impatient = SimConfig(**{**SIM.__dict__, "activator_timeout_s": 3.0})
     gone = simulate(trace, StartupAware(ACFG), make_policy("least-load"), impatient, MODEL)
     assert gone.dropped == 4 and served(gone) == 0
@@ -203,17 +203,19 @@ def test_the_loop_drives_the_policy_objects_it_is_given() -> None:
     trace = arrivals.poisson(4.0, 120, 0, arrivals.Tokens(prompt_median=100, output_median=50))
     policy, router = Constant(5), Recording(SIM.max_concurrency)
     r = simulate(trace, policy, router, SIM, MODEL, keep_timeline=True)
-    ticks = [t for t, _ in policy.seen]
+    first, ticks = policy.seen[0][0], [t for t, _ in policy.seen[1:]]
+    assert first == trace.times[0] < 1.0 and policy.seen[0][1].queued == 1  # from zero: at once
     assert ticks[:3] == [1.0, 2.0, 3.0] and all(b - a == pytest.approx(1.0) for a, b in zip(ticks, ticks[1:]))
     assert r.replicas_started == 5 and r.peak_replicas == 5 and r.scale_ups == 1 and r.scale_downs == 0
     at = {round(t): m for t, m in policy.seen}
     assert (at[5].ready, at[5].starting) == (0, 5) and (at[12].ready, at[12].starting) == (5, 0)
     assert at[12].startup_s == pytest.approx(10.0) and at[5].startup_s is None
-    m = at[60]
-    assert m.samples[-1][0] == 60 and len(m.samples) == 60 and m.latency_p95_s is not None
+    assert all(now - 61 <= t <= now for now, m in policy.seen for t, _ in m.samples)  # the window and a tick
+    m = at[90]
+    assert [t for t, _ in m.samples] == list(range(29, 91)) and m.latency_p95_s is not None
     assert router.chosen == len(trace) == served(r)
     assert router.events == {"started": len(trace), "finished": len(trace)}
-    assert r.replica_seconds == pytest.approx(5 * (r.end_s - 1.0))  # asked for at the first tick, kept
+    assert r.replica_seconds == pytest.approx(5 * (r.end_s - first))  # asked for at the first arrival, kept
 
 
 def test_the_oracle_uses_no_more_replica_seconds_than_any_policy() -> None:

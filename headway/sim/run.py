@@ -2,10 +2,11 @@
 
 Drives the policies the way the live loops do:
 - every `tick_s` (simulated) the loop samples concurrency (requests in flight on replicas plus
-  requests waiting in the activator), and calls `autoscaler.decide()` with the last
-  `keep_samples_s` of samples, the ready and starting counts, the activator's depth, the mean
+  requests waiting in the activator), and calls `autoscaler.decide()` with the samples of the
+  last `window_s` and a tick, the ready and starting counts, the activator's depth, the mean
   measured startup time and the p95 time to first token of the last stable window; it then
-  starts or lets go the difference to the decision;
+  starts or lets go the difference to the decision; a request that arrives to a deployment
+  with no replica at all is decided on at once, not at the next tick;
 - every request that finds a ready replica with room is placed by `router.choose()` among
   exactly those replicas; `observe()` hears `started` and `finished` (as the live router's
   proxy reports them);
@@ -50,7 +51,6 @@ class SimConfig:
     activator_size: int = 1_000_000
     activator_timeout_s: float = 120.0
     initial_replicas: int = 0           # ready at t=0
-    keep_samples_s: float = 120.0       # concurrency history handed to the policy
     tail_s: float = 1800.0              # after the trace, how long in-flight work may still finish
     seed: int = 0
 
@@ -141,7 +141,7 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
     fleet = Fleet(model, cfg.max_concurrency, schedule)
     by_id = fleet.by_id
     latency = _Latency(round(window_s / cfg.tick_s))
-    samples: deque[tuple[float, float]] = deque(maxlen=max(1, round(cfg.keep_samples_s / cfg.tick_s)))
+    samples: deque[tuple[float, float]] = deque()   # the stable window and a tick, as the live loop keeps
     startups: list[float] = []
     queue: deque[int] = deque()
 
@@ -172,6 +172,32 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
             else:
                 place(i, now)
 
+    def control(now: float) -> None:
+        """One control step: sample, decide, start or let go the difference."""
+        while queue and now - times[queue[0]] > cfg.activator_timeout_s:
+            queue.popleft()
+            res.dropped += 1
+        samples.append((now, float(fleet.in_flight + len(queue))))
+        while samples[0][0] < now - window_s - cfg.tick_s:
+            samples.popleft()
+        p95 = latency.roll()
+        m = DeploymentMetrics(tuple(samples), ready=len(fleet.ready), starting=len(fleet.starting),
+                              queued=len(queue), startup_s=sum(startups) / len(startups) if startups else None,
+                              latency_p95_s=p95)
+        desired = autoscaler.decide(m, now).desired
+        total = len(fleet.ready) + len(fleet.starting)
+        if desired > total:
+            res.scale_ups += 1
+            for _ in range(desired - total):
+                start_replica(now)
+        elif desired < total:
+            res.scale_downs += 1
+            fleet.remove(total - desired, now)
+        held = len(fleet.ready) + len(fleet.starting) + len(fleet.draining)
+        res.peak_replicas = max(res.peak_replicas, held)
+        if keep_timeline:
+            res.timeline.append((now, held, desired, samples[-1][1]))
+
     for _ in range(cfg.initial_replicas):
         r = fleet.start(0.0, 0.0)
         fleet.mark_ready(r, 0.0)
@@ -189,6 +215,8 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
                     queue.append(i_arr)
                 else:
                     res.dropped += 1
+                if not fleet.ready and not fleet.starting:
+                    control(now)  # from zero: decided at once, not at the next tick (as the live loop does)
             else:
                 place(i_arr, now)
             i_arr += 1
@@ -208,27 +236,7 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
         else:
             now = next_tick
             next_tick += cfg.tick_s
-            while queue and now - times[queue[0]] > cfg.activator_timeout_s:
-                queue.popleft()
-                res.dropped += 1
-            samples.append((now, float(fleet.in_flight + len(queue))))
-            p95 = latency.roll()
-            m = DeploymentMetrics(tuple(samples), ready=len(fleet.ready), starting=len(fleet.starting),
-                                  queued=len(queue), startup_s=sum(startups) / len(startups) if startups else None,
-                                  latency_p95_s=p95)
-            desired = autoscaler.decide(m, now).desired
-            total = len(fleet.ready) + len(fleet.starting)
-            if desired > total:
-                res.scale_ups += 1
-                for _ in range(desired - total):
-                    start_replica(now)
-            elif desired < total:
-                res.scale_downs += 1
-                fleet.remove(total - desired, now)
-            held = len(fleet.ready) + len(fleet.starting) + len(fleet.draining)
-            res.peak_replicas = max(res.peak_replicas, held)
-            if keep_timeline:
-                res.timeline.append((now, held, desired, samples[-1][1]))
+            control(now)
             if i_arr >= n_req and not queue and fleet.in_flight == 0 and now >= trace.duration_s:
                 break
             if now >= end_by:
