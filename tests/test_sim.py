@@ -61,7 +61,7 @@ class Constant:
 
 
 class Recording(LeastLoad):
-    """The real least-load policy, recording the candidates and events it gets."""
+    """The real least-load policy, recording the candidates and events it gets (it listens)."""
 
     def __init__(self, cap: int):
         super().__init__(seed=0)

@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sim = SimConfig(max_concurrency=a.max_concurrency, startup_s=a.startup, startup_spread_s=a.startup_spread,
                         ttft_objective_s=a.ttft_objective,
                         tpot_objective_s=a.tpot_objective or None, activator_timeout_s=a.activator_timeout, seed=a.seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         trace = build_trace(a)
         rows = compare(trace, names, config, sim, model, router=a.router, initial_replicas=a.initial_replicas)
     except ValueError as exc:
@@ -107,8 +107,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(render(rows, sim.ttft_objective_s, sim.tpot_objective_s))
     if "oracle" in names and "headway" in names:
         print("target: " + verdict(rows))
-    print(f"simulated {len(names)} policies in {time.perf_counter() - t0:.1f} s wall "
-          f"({', '.join(f'{s.policy} {s.wall_s:.1f} s' for s in rows)})")
+    print(f"simulated {len(names)} policies in {time.perf_counter() - t0:.1f} s wall, "
+          f"{time.process_time() - c0:.1f} s CPU; per policy: "
+          + ", ".join(f"{s.policy} {s.wall_s:.1f} s ({trace.duration_s / s.wall_s:.0f}x real time, "
+                      f"{s.requests / s.wall_s / 1e3:.0f}k requests/s, peak {s.peak_replicas} replicas)" for s in rows))
     if a.json:
         a.json.write_text(json.dumps({"trace": {"name": trace.name, "requests": len(trace), **trace.params},
                                       "argv": vars(a) | {"json": str(a.json), "service_model": str(a.service_model)},

@@ -26,7 +26,7 @@ STARTING, READY, DRAINING, GONE = "starting", "ready", "draining", "gone"
 
 
 class Replica:
-    __slots__ = ("id", "phase", "scheduled_at", "ready_at", "gone_at", "v", "v_at", "n", "fin", "version")
+    __slots__ = ("id", "phase", "scheduled_at", "ready_at", "gone_at", "v", "v_at", "n", "fin", "version", "views")
 
     def __init__(self, rid: str, scheduled_at: float, ready_at: float):
         self.id = rid
@@ -39,6 +39,7 @@ class Replica:
         self.n = 0                                # requests held
         self.fin: list[tuple[float, int]] = []    # (v at which it finishes, request index), a heap
         self.version = 0                          # bumps when its next completion moves (stale events skip)
+        self.views: dict[int, ReplicaView] = {}   # its view at each load, made once (views are immutable)
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,9 @@ class Fleet:
         if r.n >= self.cap:
             self._drop_view(r)
             return
-        view = ReplicaView(r.id, in_flight=r.n, published_in_flight=r.n, max_concurrency=self.cap)
+        view = r.views.get(r.n)
+        if view is None:
+            view = r.views[r.n] = ReplicaView(r.id, in_flight=r.n, published_in_flight=r.n, max_concurrency=self.cap)
         i = self.slot.get(r.id)
         if i is None:
             self.slot[r.id] = len(self.views)

@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from headway.infra.autoscale.types import AutoscalePolicy, DeploymentMetrics
+from headway.infra.router.policies.base import PolicyBase
 from headway.infra.router.types import RouteEvent, RouteRequest, RoutingPolicy
 from headway.sim.arrivals import Trace
 from headway.sim.fleet import Fleet, Replica
@@ -154,6 +155,9 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
         seq += 1
         heapq.heappush(heap, (r.ready_at, seq, _READY, r, 0))
 
+    # events go to a router that listens (least-load and round-robin keep PolicyBase's no-op)
+    listens = getattr(type(router), "observe", None) is not PolicyBase.observe
+
     def place(i: int, now: float) -> None:
         req = RouteRequest("sim", i)
         r = by_id[router.choose(req, fleet.views, now)]
@@ -161,7 +165,8 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
         res.ttft_s[i] = ttft
         admitted[i] = now
         latency.add(ttft)
-        router.observe(RouteEvent("started", r.id, now, req))
+        if listens:
+            router.observe(RouteEvent("started", r.id, now, req))
 
     def release(now: float) -> None:
         timeout = cfg.activator_timeout_s
@@ -230,7 +235,8 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
                 for i in fleet.complete(r, now):
                     e2e = res.e2e_s[i] = now - times[i]
                     res.tpot_s[i] = (e2e - res.ttft_s[i]) / max(1, outputs[i] - 1)
-                    router.observe(RouteEvent("finished", r.id, now, RouteRequest("sim", i), now - admitted[i]))
+                    if listens:
+                        router.observe(RouteEvent("finished", r.id, now, RouteRequest("sim", i), now - admitted[i]))
                 if queue and fleet.views:
                     release(now)
         else:
