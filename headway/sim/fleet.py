@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from headway.infra.router.types import ReplicaView
 from headway.sim.service import ServiceModel
@@ -40,12 +39,6 @@ class Replica:
         self.fin: list[tuple[float, int]] = []    # (v at which it finishes, request index), a heap
         self.version = 0                          # bumps when its next completion moves (stale events skip)
         self.views: dict[int, ReplicaView] = {}   # its view at each load, made once (views are immutable)
-
-
-@dataclass(frozen=True)
-class Completion:
-    request: int
-    replica: str
 
 
 class Fleet:

@@ -6,7 +6,8 @@
   for when it will be needed, not when the load has already arrived. A rise counts from its
   onset: the line over the last two startups is used when its slope is significant (t > 2)
   and adds at least a fifth of the load within a startup; else the stable window's line when
-  its slope is significant; else the stable-window mean;
+  its slope is significant; else the stable-window mean. A rise that adds less than a replica
+  within a startup is noise to it (no forecast);
 - on a ramp down (the stable window's line falls significantly and fits it, R^2 >= 0.8: a
   ramp, not a step) it sizes for the line's value now and lets replicas go without the
   scale-down delay (except to zero); after a step down the delay holds as usual;
@@ -96,10 +97,11 @@ class StartupAware:
         short = window_mean(m.samples, now, cfg.panic_window_s)
         level, slope, tstat, fit = line(m.samples, now, cfg.window_s)
         onset = line(m.samples, now, min(cfg.window_s, max(cfg.panic_window_s, 2 * startup)))
-        if onset[2] > self.SIGNIFICANT and onset[1] * startup >= self.ONSET_GAIN * max(onset[0], cfg.per_replica):
+        if onset[2] > self.SIGNIFICANT and onset[1] * startup >= max(self.ONSET_GAIN * onset[0], cfg.per_replica):
             level, slope, tstat, fit = onset
         ramp_down = tstat < -self.SIGNIFICANT and fit >= self.RAMP_FIT
-        if tstat > self.SIGNIFICANT:  # a ramp up, followed one startup ahead (at most 2x now, plus one)
+        if tstat > self.SIGNIFICANT and slope * startup >= cfg.per_replica:  # a ramp up worth a replica
+            # followed one startup ahead (at most 2x now, plus one)
             forecast = min(level + slope * startup, 2 * short + cfg.per_replica)
         elif ramp_down:
             forecast = stable = max(level, short)
