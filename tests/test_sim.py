@@ -114,6 +114,22 @@ def test_service_model_fit_and_validation() -> None:
         linear_fit([1, 1], [2, 3])
 
 
+@pytest.mark.slow
+def test_the_fit_path_measures_the_real_engine() -> None:
+    """headway.sim.fit on the engine in process (tinycoder-test: random weights, fast): decode
+    steps per batch size, prefill per prompt length, and a valid model through them."""
+    from headway.library import resolve
+    from headway.sim.fit import measure
+
+    decode, prefill = measure(resolve("tinycoder-test", install=False, progress=False).path, [1, 8], [32, 512],
+                              steps=4, dtype="float32")
+    assert set(decode) == {1, 8} and set(prefill) == {32, 512}
+    assert all(0 < s < 5 for s in [*decode.values(), *prefill.values()])
+    assert prefill[512] > prefill[32]  # 16x the tokens
+    m = fit(decode, prefill, "tinycoder-test")
+    assert m.itl(8) >= m.itl(1) > 0 and m.prefill_s(512) > m.prefill_s(32)
+
+
 # ---- the fleet ------------------------------------------------------------------------------
 
 def run_fleet(fleet: Fleet, events: list[tuple[float, object]], until: float) -> list[tuple[float, int]]:
