@@ -143,5 +143,7 @@ def test_a_rise_counts_from_its_onset() -> None:
     # the 60 s line rises 2.2 within a startup, less than a replica (4): no forecast, the mean
     assert late.decide(DeploymentMetrics(rise, ready=10), 100).desired == 11
     assert KnativeKPA(cfg).decide(DeploymentMetrics(rise, ready=10), 100).desired == 11
+    young = samples(lambda t: 40 + max(0.0, 4 * (t - 92)), 100, span=20)  # 20 s of history: no trend yet
+    assert StartupAware(cfg).decide(DeploymentMetrics(young, ready=10), 100).reason != "forecast"
     noise = samples(lambda t: 40 + (1 if int(t) % 2 else -1), 100, span=120)  # noise is no trend
     assert StartupAware(cfg).decide(DeploymentMetrics(noise, ready=10), 100).desired == 10

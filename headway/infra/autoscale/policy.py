@@ -7,7 +7,8 @@
   onset: the line over the last two startups is used when its slope is significant (t > 2)
   and adds at least a fifth of the load within a startup; else the stable window's line when
   its slope is significant; else the stable-window mean. A rise that adds less than a replica
-  within a startup is noise to it (no forecast);
+  within a startup is noise to it (no forecast), and so is any trend in less than half a
+  stable window of history;
 - on a ramp down (the stable window's line falls significantly and fits it, R^2 >= 0.8: a
   ramp, not a step) it sizes for the line's value now and lets replicas go without the
   scale-down delay (except to zero); after a step down the delay holds as usual;
@@ -99,6 +100,8 @@ class StartupAware:
         onset = line(m.samples, now, min(cfg.window_s, max(cfg.panic_window_s, 2 * startup)))
         if onset[2] > self.SIGNIFICANT and onset[1] * startup >= max(self.ONSET_GAIN * onset[0], cfg.per_replica):
             level, slope, tstat, fit = onset
+        if not m.samples or now - m.samples[0][0] < cfg.window_s / 2:
+            tstat = 0.0  # too little history for a trend (a deployment just started): the mean
         ramp_down = tstat < -self.SIGNIFICANT and fit >= self.RAMP_FIT
         if tstat > self.SIGNIFICANT and slope * startup >= cfg.per_replica:  # a ramp up worth a replica
             # followed one startup ahead (at most 2x now, plus one)
