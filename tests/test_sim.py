@@ -238,6 +238,17 @@ def test_the_loop_drives_the_policy_objects_it_is_given() -> None:
     assert r.replica_seconds == pytest.approx(5 * (r.end_s - first))  # asked for at the first arrival, kept
 
 
+def test_warmup_keeps_the_initial_fleet_and_asks_nothing() -> None:
+    trace = arrivals.poisson(2.0, 90, 0, arrivals.Tokens(prompt_median=100, output_median=50))
+    policy = Constant(1)
+    cfg = SimConfig(**{**SIM.__dict__, "initial_replicas": 3, "warmup_s": 30.0})
+    r = simulate(trace, policy, make_policy("least-load"), cfg, MODEL, keep_timeline=True)
+    assert policy.seen[0][0] == 30.0 and len(policy.seen[0][1].samples) == 30  # a full history at the first call
+    assert r.peak_replicas == 3 and r.scale_downs == 1 and (r.timeline[0][0], r.timeline[0][2]) == (30.0, 1)
+    with pytest.raises(ValueError, match="warmup_s must be >= 0"):
+        SimConfig(warmup_s=-1)
+
+
 def test_the_oracle_uses_no_more_replica_seconds_than_any_policy() -> None:
     trace = small_bursty(0, duration=900)
     rows = compare(trace, ["headway", "knative-kpa", "ray-serve", "oracle"], ACFG, SIM, MODEL)

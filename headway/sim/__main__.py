@@ -71,6 +71,8 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--panic-threshold", type=float, default=2.0)
     f.add_argument("--scale-down-delay", type=float, default=30.0)
     f.add_argument("--initial-replicas", type=int, default=None, help="ready at t=0 (default: the oracle's)")
+    f.add_argument("--warmup", type=float, default=None,
+                   help="seconds before the autoscaler is first consulted (default: the stable window)")
     f.add_argument("--ttft-objective", type=float, default=2.0, help="the SLA: TTFT within this many seconds")
     f.add_argument("--tpot-objective", type=float, default=0.05,
                    help="and mean seconds per output token within this (0: no TPOT objective)")
@@ -96,7 +98,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  scale_down_delay_s=a.scale_down_delay, startup_s=a.startup)
         sim = SimConfig(max_concurrency=a.max_concurrency, startup_s=a.startup, startup_spread_s=a.startup_spread,
                         ttft_objective_s=a.ttft_objective,
-                        tpot_objective_s=a.tpot_objective or None, activator_timeout_s=a.activator_timeout, seed=a.seed)
+                        tpot_objective_s=a.tpot_objective or None,
+                        warmup_s=a.window if a.warmup is None else a.warmup,
+                        activator_timeout_s=a.activator_timeout, seed=a.seed)
         t0, c0 = time.perf_counter(), time.process_time()
         trace = build_trace(a)
         rows = compare(trace, names, config, sim, model, router=a.router, initial_replicas=a.initial_replicas)

@@ -6,7 +6,9 @@ Drives the policies the way the live loops do:
   last `window_s` and a tick, the ready and starting counts, the activator's depth, the mean
   measured startup time and the p95 time to first token of the last stable window; it then
   starts or lets go the difference to the decision; a request that arrives to a deployment
-  with no replica at all is decided on at once, not at the next tick;
+  with no replica at all is decided on at once, not at the next tick; during `warmup_s` the
+  initial replicas serve and samples are taken, but no decision is asked for (every policy
+  starts with the same fleet and a full window, not from a cold start it never sees live);
 - every request that finds a ready replica with room is placed by `router.choose()` among
   exactly those replicas; `observe()` hears `started` and `finished` (as the live router's
   proxy reports them);
@@ -52,6 +54,7 @@ class SimConfig:
     activator_size: int = 1_000_000
     activator_timeout_s: float = 120.0
     initial_replicas: int = 0           # ready at t=0
+    warmup_s: float = 0.0               # the autoscaler is first consulted after this (samples still taken)
     tail_s: float = 1800.0              # after the trace, how long in-flight work may still finish
     seed: int = 0
 
@@ -66,6 +69,8 @@ class SimConfig:
             errors.append(f"tpot_objective_s must be > 0 (or None for no TPOT objective), got {self.tpot_objective_s}")
         if self.tick_s <= 0 or self.ttft_objective_s <= 0 or self.activator_timeout_s < 0 or self.tail_s < 0:
             errors.append("tick_s and ttft_objective_s must be > 0, activator_timeout_s and tail_s >= 0")
+        if self.warmup_s < 0:
+            errors.append(f"warmup_s must be >= 0, got {self.warmup_s}")
         if errors:
             raise ValueError("invalid simulator config: " + "; ".join(errors))
 
@@ -186,6 +191,8 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
         while samples[0][0] < now - window_s - cfg.tick_s:
             samples.popleft()
         p95 = latency.roll()
+        if now < cfg.warmup_s and (fleet.ready or fleet.starting):
+            return  # warming up: the initial fleet serves while the window fills
         m = DeploymentMetrics(tuple(samples), ready=len(fleet.ready), starting=len(fleet.starting),
                               queued=len(queue), startup_s=sum(startups) / len(startups) if startups else None,
                               latency_p95_s=p95)
@@ -206,6 +213,7 @@ def simulate(trace: Trace, autoscaler: AutoscalePolicy, router: RoutingPolicy, c
     for _ in range(cfg.initial_replicas):
         r = fleet.start(0.0, 0.0)
         fleet.mark_ready(r, 0.0)
+    res.peak_replicas = cfg.initial_replicas
 
     i_arr, next_tick, now = 0, cfg.tick_s, 0.0
     end_by = trace.duration_s + cfg.tail_s
