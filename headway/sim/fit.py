@@ -3,9 +3,10 @@
     python -m headway.sim.fit [--model smollm2-135m-instruct] [--batches 1,4,8,16,32] [--json out.json]
 
 Runs `LLMEngine` steps directly (no server, no HTTP): for each batch size, that many
-requests are prefilled (not timed) and then `--steps` decode steps are timed; ITL(batch) =
-a + b * batch is fitted by least squares. Prefill is timed alone on one prompt per length
-(`--prompts`), and prefill_s(p) = c + p / rate fitted the same way. Prints the fitted
+requests are prefilled (not timed) and then `--steps` decode steps are timed (their median);
+ITL(batch) = a + b * batch is fitted by least squares. Prefill is timed alone on one prompt
+per length (`--prompts`, the least of three), and prefill_s(p) = c + p / rate fitted the same
+way. Prints the fitted
 `ServiceModel` (paste it into `headway/sim/service.py` as DEFAULT) and the measurements.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,14 +42,16 @@ def fit(decode: dict[int, float], prefill: dict[int, float], source: str) -> Ser
 
 
 def measure(model_dir: Path, batches: Sequence[int], prompts: Sequence[int], *, context: int = 128,
-            steps: int = 16, dtype: str = "bfloat16") -> tuple[dict[int, float], dict[int, float]]:
-    """Seconds per decode step at each batch size, and seconds to prefill each prompt length alone."""
+            steps: int = 16, repeats: int = 3, dtype: str = "bfloat16",
+            threads: int | None = None) -> tuple[dict[int, float], dict[int, float]]:
+    """Median seconds per decode step at each batch size, and the least seconds of `repeats`
+    to prefill each prompt length alone."""
     from headway.runtime.llm.engine import LLMEngine
     from headway.runtime.llm.sequence import SamplingParams
 
     top = max(batches)
     engine = LLMEngine(model_dir, dtype=dtype, max_running=top, max_num_batched_tokens=max(2048, max(prompts)),
-                       enable_prefix_caching=False)
+                       enable_prefix_caching=False, num_threads=threads)
     rng = random.Random(0)
     vocab = engine.tokenizer.vocab_size - 1
 
@@ -63,10 +67,13 @@ def measure(model_dir: Path, batches: Sequence[int], prompts: Sequence[int], *, 
     drain()
     prefill: dict[int, float] = {}
     for length in prompts:  # one prompt alone: its prefill is the first step(s) until its first token
-        add(f"p{length}", length, 1)
-        t0 = time.perf_counter()
-        drain()
-        prefill[length] = time.perf_counter() - t0
+        runs = []
+        for k in range(repeats):
+            add(f"p{length}-{k}", length, 1)
+            t0 = time.perf_counter()
+            drain()
+            runs.append(time.perf_counter() - t0)
+        prefill[length] = min(runs)  # the least disturbed of the repeats (the machine may be shared)
     decode: dict[int, float] = {}
     for batch in batches:
         for i in range(batch):
@@ -74,10 +81,12 @@ def measure(model_dir: Path, batches: Sequence[int], prompts: Sequence[int], *, 
         while any(s.in_prefill for s in engine.scheduler.running) or engine.scheduler.waiting:
             engine._step()  # prefill (not timed)
         engine._step()
-        t0 = time.perf_counter()
+        times = []
         for _ in range(steps):
+            t0 = time.perf_counter()
             engine._step()
-        decode[batch] = (time.perf_counter() - t0) / steps
+            times.append(time.perf_counter() - t0)
+        decode[batch] = statistics.median(times)
         drain()
     engine.stop()
     return decode, prefill
@@ -90,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--prompts", default="128,512,1024", help="prompt lengths timed for prefill, comma-separated")
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: the engine's); 1 holds up better on a machine others load")
     ap.add_argument("--json", type=Path, default=None, help="also write the fit and measurements here")
     a = ap.parse_args(argv)
     from headway.library import resolve
@@ -99,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if min(batches) < 1 or min(prompts) < 1 or a.steps < 1:
         raise SystemExit("--batches, --prompts and --steps must be positive integers")
     t0 = time.perf_counter()
-    decode, prefill = measure(resolve(a.model).path, batches, prompts, steps=a.steps, dtype=a.dtype)
+    decode, prefill = measure(resolve(a.model).path, batches, prompts, steps=a.steps, dtype=a.dtype, threads=a.threads)
     model = fit(decode, prefill, f"{a.model} {a.dtype}, fitted by headway.sim.fit")
     for batch, s in decode.items():
         print(f"decode batch {batch:3d}: {s * 1e3:7.1f} ms/step  (fit {model.itl(batch) * 1e3:7.1f})")
