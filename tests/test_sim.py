@@ -214,8 +214,8 @@ def test_from_zero_requests_wait_in_the_activator_or_time_out() -> None:
     gone = simulate(trace, StartupAware(ACFG), make_policy("least-load"), impatient, MODEL)
     assert gone.dropped == 4 and served(gone) == 0
     assert summarize(gone, 2.0).sla_attainment == 0.0 and summarize(waits, 20.0).sla_attainment == 1.0
-    full = simulate(trace, StartupAware(ACFG), make_policy("least-load"), SimConfig(**{**SIM.__dict__, "activator_size": 0}),
-                    MODEL)
+    no_room = SimConfig(**{**SIM.__dict__, "activator_size": 0})
+    full = simulate(trace, StartupAware(ACFG), make_policy("least-load"), no_room, MODEL)
     assert full.dropped == 4  # a full activator turns requests away at once
 
 
@@ -258,7 +258,8 @@ def test_the_oracle_uses_no_more_replica_seconds_than_any_policy() -> None:
         assert by[name].replica_seconds >= by["oracle"].replica_seconds, name
     assert "vs knative-kpa" in verdict(rows) and "SLA" in verdict(rows)
     schedule = oracle_schedule(trace, MODEL, ACFG.target_concurrency, SIM.startup_s)
-    assert max(schedule) > 2 * min(schedule[:100]) and Oracle(schedule).decide(DeploymentMetrics([]), 1e9).desired == schedule[-1]
+    assert max(schedule) > 2 * min(schedule[:100])
+    assert Oracle(schedule).decide(DeploymentMetrics([]), 1e9).desired == schedule[-1]
     with pytest.raises(ValueError, match="unknown autoscaling policy 'kpa'; choose from"):
         compare(trace, ["kpa"], ACFG, SIM, MODEL)
 

@@ -48,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--trace", default="bursty", help=f"{', '.join(TRACES)}, or a JSONL file of "
                    '{"t": s, "prompt_tokens": n, "output_tokens": m}')
     t.add_argument("--duration", type=float, default=3600.0, help="simulated seconds")
-    t.add_argument("--rate", type=float, default=10.0, help="requests/s: poisson's rate, bursty's base, diurnal's trough")
+    t.add_argument("--rate", type=float, default=10.0,
+                   help="requests/s: poisson's rate, bursty's base, diurnal's trough")
     t.add_argument("--burst-factor", type=float, default=10.0, help="bursts (and diurnal's peak) at this x the rate")
     t.add_argument("--rise", type=float, default=120.0, help="seconds a burst takes to ramp up and down (0: steps)")
     t.add_argument("--mean-gap", type=float, default=600.0, help="mean seconds between bursts")

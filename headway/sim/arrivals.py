@@ -63,7 +63,8 @@ def from_rate(name: str, rate: RateFn, peak: float, duration_s: float, seed: int
     t = np.sort(rng.uniform(0.0, duration_s, n))
     keep = rng.uniform(0.0, peak, n) < rate(t)
     t = t[keep]
-    return Trace(name, t.tolist(), _lognormal(rng, len(t), tokens.prompt_median, tokens.prompt_sigma, tokens.max_tokens),
+    prompts = _lognormal(rng, len(t), tokens.prompt_median, tokens.prompt_sigma, tokens.max_tokens)
+    return Trace(name, t.tolist(), prompts,
                  _lognormal(rng, len(t), tokens.output_median, tokens.output_sigma, tokens.max_tokens),
                  duration_s, params)
 
@@ -132,7 +133,8 @@ def replay(path: str | Path) -> Trace:
             row = (float(obj["t"]), int(obj["prompt_tokens"]), int(obj["output_tokens"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}:{no}: expected a JSON object like "
-                             f'{{"t": 1.25, "prompt_tokens": 300, "output_tokens": 120}}, got {line[:80]!r} ({exc})') from None
+                             f'{{"t": 1.25, "prompt_tokens": 300, "output_tokens": 120}}, '
+                             f"got {line[:80]!r} ({exc})") from None
         if row[0] < 0 or row[1] < 0 or row[2] < 1:
             raise ValueError(f"{path}:{no}: need t >= 0, prompt_tokens >= 0 and output_tokens >= 1, got {row}")
         rows.append(row)

@@ -118,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"prefill {length:5d} tokens: {s * 1e3:7.1f} ms  (fit {model.prefill_s(length) * 1e3:7.1f})")
     print(f"fitted in {time.perf_counter() - t0:.1f} s: {model!r}")
     if a.json:
-        a.json.write_text(json.dumps({"model": model.__dict__, "decode_step_s": decode, "prefill_s": prefill}, indent=1))
+        out = {"model": model.__dict__, "decode_step_s": decode, "prefill_s": prefill}
+        a.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -75,13 +75,15 @@ def _secs(x: float) -> str:
 
 def render(rows: Sequence[Summary], ttft_objective_s: float, tpot_objective_s: float | None = None) -> str:
     tpot = "" if tpot_objective_s is None else f", TPOT <= {1e3 * tpot_objective_s:g} ms"
-    head = (f"| policy | SLA (TTFT <= {ttft_objective_s:g} s{tpot}) | TTFT p50 / p95 / p99 s | TPOT p95 ms | e2e p50 / p95 s | "
+    head = (f"| policy | SLA (TTFT <= {ttft_objective_s:g} s{tpot}) | TTFT p50 / p95 / p99 s | TPOT p95 ms | "
+            "e2e p50 / p95 s | "
             "replica-s | vs oracle | ups / downs | started | peak | dropped |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in rows:
         ratio = "—" if s.rs_vs_oracle is None else f"{s.rs_vs_oracle:.2f}x"
         lines.append(f"| {s.policy} | {100 * s.sla_attainment:.2f} % | {_secs(s.ttft_p50_s)} / {_secs(s.ttft_p95_s)} / "
-                     f"{_secs(s.ttft_p99_s)} | {1e3 * s.tpot_p95_s:.0f} | {_secs(s.e2e_p50_s)} / {_secs(s.e2e_p95_s)} | {s.replica_seconds:,.0f} | "
+                     f"{_secs(s.ttft_p99_s)} | {1e3 * s.tpot_p95_s:.0f} | {_secs(s.e2e_p50_s)} / {_secs(s.e2e_p95_s)} | "
+                     f"{s.replica_seconds:,.0f} | "
                      f"{ratio} | {s.scale_ups} / {s.scale_downs} | {s.replicas_started} | {s.peak_replicas} | "
                      f"{s.dropped + s.unfinished} |")
     return "\n".join(lines)
@@ -95,7 +97,8 @@ def verdict(rows: Sequence[Summary], ours: str = "headway", sla: float = 0.99, r
         return f"no verdict: need rows for '{ours}' and 'oracle'"
     me = by[ours]
     parts = [f"SLA {100 * me.sla_attainment:.2f} % (>= {100 * sla:g} %: {'yes' if me.sla_attainment >= sla else 'NO'})",
-             f"replica-s {me.rs_vs_oracle:.2f}x oracle (<= {rs_ratio:g}x: {'yes' if me.rs_vs_oracle <= rs_ratio else 'NO'})"]
+             f"replica-s {me.rs_vs_oracle:.2f}x oracle "
+             f"(<= {rs_ratio:g}x: {'yes' if me.rs_vs_oracle <= rs_ratio else 'NO'})"]
     for s in rows:
         if s.policy in (ours, "oracle"):
             continue
