@@ -3,9 +3,11 @@ Serve's default, on hand-made metric histories."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from headway.infra.autoscale.policy import KnativeKPA, RayServeDefault, StartupAware, trend
+from headway.infra.autoscale.policy import KnativeKPA, RayServeDefault, StartupAware, line, trend
 from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics
 
 CFG = AutoscaleConfig(min_replicas=0, max_replicas=50, target_concurrency=8, target_utilization=0.5,
@@ -103,3 +105,45 @@ def test_ray_serve_waits_out_its_delays() -> None:
     assert p.decide(DeploymentMetrics(down(200), ready=8), 200).desired == 8
     assert p.decide(DeploymentMetrics(down(700), ready=8), 700).desired == 8
     assert p.decide(DeploymentMetrics(down(800), ready=8), 800).desired == 1  # after 600 s
+
+
+def test_line_fits_and_reports_significance() -> None:
+    level, slope, t, r2 = line(samples(lambda t: 2 * t + 1, 100), 100, 20)
+    assert (level, slope, r2) == pytest.approx((201, 2, 1)) and t == math.inf
+    flat = line(samples(lambda t: 7, 100), 100, 20)
+    assert flat == (7.0, 0.0, 0.0, 0.0)
+    step = line(samples(lambda t: 40 if t <= 90 else 8, 100), 100, 20)
+    assert step[1] < 0 and step[3] < 0.76  # a step fits a line poorly (R^2 <= 3/4): not a ramp
+
+
+def test_a_ramp_down_is_followed_without_the_delay_but_a_step_down_is_held() -> None:
+    p = StartupAware(CFG)
+    down = lambda now: samples(lambda t: max(8.0, 100 - 2 * (t - 50)) if t > 50 else 100, now)  # noqa: E731
+    assert p.decide(DeploymentMetrics(down(50), ready=25), 50).desired == 25
+    d = p.decide(DeploymentMetrics(down(75), ready=25), 75)   # the line says 50 now, the short window 53
+    assert d.desired == math.ceil(53 / CFG.per_replica) and d.reason == "stable"
+    kpa = KnativeKPA(CFG)
+    kpa.decide(DeploymentMetrics(down(50), ready=25), 50)
+    assert kpa.decide(DeploymentMetrics(down(75), ready=25), 75).desired == 25   # KPA holds the delay
+    held = StartupAware(CFG)
+    step = lambda now: samples(lambda t: 100 if t < 60 else 20, now)  # noqa: E731
+    held.decide(DeploymentMetrics(step(59), ready=25), 59)
+    assert held.decide(DeploymentMetrics(step(75), ready=25), 75).desired == 25  # a step: the delay holds
+
+
+def test_a_rise_counts_from_its_onset() -> None:
+    """Flat at 40, then rising 4/s for the last 8 s: the 60 s window's line barely moves; the
+    onset line (two startups, 20 s) sees the rise and sizes one startup ahead."""
+    cfg = AutoscaleConfig(**{**CFG.__dict__, "window_s": 60})
+    rise = samples(lambda t: 40 + max(0.0, 4 * (t - 92)), 100, span=120)
+    ours = StartupAware(cfg).decide(DeploymentMetrics(rise, ready=10), 100)
+    late = StartupAware(cfg)
+    late.ONSET_GAIN = math.inf  # the stable window's line only
+    assert ours.reason == "forecast" and ours.desired == 20       # ceil((61.9 + 1.55 * 10) / 4)
+    # the 60 s line rises 2.2 within a startup, less than a replica (4): no forecast, the mean
+    assert late.decide(DeploymentMetrics(rise, ready=10), 100).desired == 11
+    assert KnativeKPA(cfg).decide(DeploymentMetrics(rise, ready=10), 100).desired == 11
+    young = samples(lambda t: 40 + max(0.0, 4 * (t - 92)), 100, span=20)  # 20 s of history: no trend yet
+    assert StartupAware(cfg).decide(DeploymentMetrics(young, ready=10), 100).reason != "forecast"
+    noise = samples(lambda t: 40 + (1 if int(t) % 2 else -1), 100, span=120)  # noise is no trend
+    assert StartupAware(cfg).decide(DeploymentMetrics(noise, ready=10), 100).desired == 10

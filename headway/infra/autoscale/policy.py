@@ -1,10 +1,17 @@
 """Autoscaling policies: Headway's startup-aware policy and two baselines, all pure.
 
 `StartupAware` (Headway's):
-- sizes the deployment for the larger of the stable-window mean concurrency and a forecast
-  of the short-window concurrency one startup ahead (its trend over the stable window times the
-  deployment's measured startup time): capacity is asked for when it will be needed, not when
-  the load has already arrived;
+- follows the trend line of concurrency (least squares) rather than its lagging window mean:
+  on a ramp up it sizes for the line's value one measured startup ahead, so capacity is asked
+  for when it will be needed, not when the load has already arrived. A rise counts from its
+  onset: the line over the last two startups is used when its slope is significant (t > 2)
+  and adds at least a fifth of the load within a startup; else the stable window's line when
+  its slope is significant; else the stable-window mean. A rise that adds less than a replica
+  within a startup is noise to it (no forecast), and so is any trend in less than half a
+  stable window of history;
+- on a ramp down (the stable window's line falls significantly and fits it, R^2 >= 0.8: a
+  ramp, not a step) it sizes for the line's value now and lets replicas go without the
+  scale-down delay (except to zero); after a step down the delay holds as usual;
 - panics like Knative when the short window wants `panic_threshold` times the ready capacity
   (a burst: it sizes for the short window without extrapolating the step, and never scales
   down until the panic ends);
@@ -28,15 +35,29 @@ from collections.abc import Sequence
 from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics, ScaleDecision, window_mean
 
 
-def trend(samples: Sequence[tuple[float, float]], now: float, window_s: float) -> float:
-    """Least-squares slope (concurrency per second) of the samples in the window; 0 if flat or too few."""
+def line(samples: Sequence[tuple[float, float]], now: float, window_s: float) -> tuple[float, float, float, float]:
+    """The least-squares line through the samples in the window: (its value at `now`, slope per
+    second, t statistic of the slope, R^2). Flat or too few samples: slope, t and R^2 are 0."""
     pts = [(t, c) for t, c in samples if now - window_s < t <= now]
     if len(pts) < 3:
-        return 0.0
-    mt = sum(t for t, _ in pts) / len(pts)
-    mc = sum(c for _, c in pts) / len(pts)
+        return (pts[-1][1] if pts else 0.0), 0.0, 0.0, 0.0
+    n = len(pts)
+    mt = sum(t for t, _ in pts) / n
+    mc = sum(c for _, c in pts) / n
     var = sum((t - mt) ** 2 for t, _ in pts)
-    return 0.0 if var == 0 else sum((t - mt) * (c - mc) for t, c in pts) / var
+    total = sum((c - mc) ** 2 for _, c in pts)
+    if var == 0 or total == 0:
+        return mc, 0.0, 0.0, 0.0
+    slope = sum((t - mt) * (c - mc) for t, c in pts) / var
+    residual = max(0.0, total - slope * slope * var)
+    se = math.sqrt(residual / (n - 2) / var)
+    tstat = slope / se if se > 0 else math.copysign(math.inf, slope)
+    return mc + slope * (now - mt), slope, tstat, 1.0 - residual / total
+
+
+def trend(samples: Sequence[tuple[float, float]], now: float, window_s: float) -> float:
+    """Least-squares slope (concurrency per second) of the samples in the window; 0 if flat or too few."""
+    return line(samples, now, window_s)[1]
 
 
 class _Hold:
@@ -59,6 +80,9 @@ def _clamp(cfg: AutoscaleConfig, n: int) -> int:
 
 class StartupAware:
     name = "headway"
+    SIGNIFICANT = 2.0     # |t| of a trend's slope above this is a trend, not noise
+    ONSET_GAIN = 0.2      # the onset line is used when it adds at least this fraction within a startup
+    RAMP_FIT = 0.8        # R^2 above which a fall is a ramp (a step fits a line at most 0.75)
 
     def __init__(self, config: AutoscaleConfig):
         self.cfg = config
@@ -72,9 +96,20 @@ class StartupAware:
         startup = cfg.startup_s if m.startup_s is None else m.startup_s
         stable = window_mean(m.samples, now, cfg.window_s)
         short = window_mean(m.samples, now, cfg.panic_window_s)
-        slope = max(0.0, trend(m.samples, now, cfg.window_s))
-        # a ramp is followed one startup ahead; never more than twice what is here now plus a replica
-        forecast = min(short + slope * startup, 2 * short + cfg.per_replica)
+        level, slope, tstat, fit = line(m.samples, now, cfg.window_s)
+        onset = line(m.samples, now, min(cfg.window_s, max(cfg.panic_window_s, 2 * startup)))
+        if onset[2] > self.SIGNIFICANT and onset[1] * startup >= max(self.ONSET_GAIN * onset[0], cfg.per_replica):
+            level, slope, tstat, fit = onset
+        if not m.samples or now - m.samples[0][0] < cfg.window_s / 2:
+            tstat = 0.0  # too little history for a trend (a deployment just started): the mean
+        ramp_down = tstat < -self.SIGNIFICANT and fit >= self.RAMP_FIT
+        if tstat > self.SIGNIFICANT and slope * startup >= cfg.per_replica:  # a ramp up worth a replica
+            # followed one startup ahead (at most 2x now, plus one)
+            forecast = min(level + slope * startup, 2 * short + cfg.per_replica)
+        elif ramp_down:
+            forecast = stable = max(level, short)
+        else:
+            forecast = stable
         want_stable = math.ceil(stable / cfg.per_replica)
         want_short = math.ceil(short / cfg.per_replica)
         if want_short >= cfg.panic_threshold * max(m.ready, 1) and want_short > total:
@@ -95,6 +130,8 @@ class StartupAware:
         if (m.queued > 0 or short > 0) and rec < 1:
             rec, reason = 1, "from-zero" if total == 0 else reason
         held = self._hold.push(now, rec)
+        if ramp_down and not panic and rec > 0:
+            held = rec  # the line says where the load is going: no delay on a ramp down (to zero: the delay)
         if panic:
             held = max(held, total)
         desired = _clamp(cfg, held)
