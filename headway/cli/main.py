@@ -207,5 +207,14 @@ app.add_typer(eval_app, name="eval", help="Model quality and cost: perplexity wi
 app.command("route", help="Run a router in front of replicas.")(route)
 register_fleet(app)
 
+
+@app.command("sim", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                      "help_option_names": []})
+def sim(ctx: typer.Context) -> None:
+    """Simulate a deployment's autoscaling under a trace (`headway sim --help` for the options)."""
+    from headway.sim.__main__ import main as sim_main
+
+    sim_main(ctx.args)
+
 if __name__ == "__main__":
     app()
