@@ -27,6 +27,7 @@ import torch
 from headway.runtime.llm.chunking import PrefillChunker
 from headway.runtime.llm.detokenizer import IncrementalDetokenizer
 from headway.runtime.llm.device import choose_dtype, default_device
+from headway.runtime.llm.grammar import GrammarCompiler, GrammarMasker
 from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.metrics import EngineMetrics
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
@@ -93,6 +94,9 @@ class LLMEngine:
         self.chunker = PrefillChunker(budget=max_num_batched_tokens, itl_factor=itl_factor)
         self.prefix_caching = enable_prefix_caching
         self.sampler = Sampler()
+        self.grammars = GrammarCompiler(self.tokenizer.tokenizer, vocab_size=cfg.vocab_size,
+                                        stop_token_ids=list(eos))  # compiles off this loop
+        self.masker = GrammarMasker()
         self.metrics = EngineMetrics(model_name)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
@@ -145,6 +149,7 @@ class LLMEngine:
         self._commands.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.grammars.shutdown()
 
     # ---- the asyncio side -------------------------------------------------------------------
 
@@ -257,8 +262,11 @@ class LLMEngine:
                 time.sleep(0.001)  # nothing runnable this instant (waiting for memory)
             return
         logits = self.runner.forward(plan.to_forward_batch(self.device))
+        self.masker.mask(logits, plan.sample_seqs)  # grammar rows: disallowed tokens -> -inf
         out = self.sampler.sample(logits, plan.sample_seqs) if plan.sample_seqs else None
         got = self.scheduler.update(plan, out.tokens if out else [])
+        for seq in self.masker.accept(got):  # the grammar is complete
+            self.scheduler.finish(seq, FinishReason.STOP)
         decoded = sum(1 for it in plan.items if len(it.token_ids) == 1)
         self.chunker.observe(decoded, plan.num_tokens - decoded, time.perf_counter() - started)
         self.steps += 1
@@ -365,4 +373,5 @@ class LLMEngine:
             "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization,
             "device": str(self.device),
             "max_model_len": self.max_model_len,
+            "grammar": self.grammars.stats(),
         }
