@@ -95,7 +95,7 @@ class GrammarCompiler:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"cache_hits": self.hits, "compiles": self.misses, "errors": self.errors,
-                    "cached": len(self._cache)}
+                    "cached": len(self._cache), "compiling": sum(not f.done() for f in self._cache.values())}
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

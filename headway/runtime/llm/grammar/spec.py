@@ -59,11 +59,15 @@ class GrammarSpec:
 
     @classmethod
     def json_schema(cls, schema: Any, *, strict: bool = True, param: str | None = None) -> GrammarSpec:
-        if isinstance(schema, bool):
-            schema = {} if schema else {"not": {}}
+        if schema is False:
+            raise GrammarError("a schema of false allows no output at all", param)
+        if schema is True:
+            schema = {}
         if not isinstance(schema, dict):
             raise GrammarError(f"a JSON schema must be a JSON object, got {type(schema).__name__}", param)
-        return cls("json_schema", canonical_json(schema), bool(strict), param)
+        from headway.runtime.llm.grammar.schema_check import checked_schema
+
+        return cls("json_schema", canonical_json(checked_schema(schema, param)), bool(strict), param)
 
     @classmethod
     def regex(cls, pattern: str, param: str | None = None) -> GrammarSpec:

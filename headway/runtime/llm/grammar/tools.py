@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from headway.runtime.llm.grammar.schema_check import checked_schema
 from headway.runtime.llm.grammar.spec import GrammarError, GrammarSpec
 
 CALL_OPEN = "<tool_call>"
@@ -38,7 +39,7 @@ def call_begin(name: str) -> str:
 
 
 def functions_of(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """name -> parameters schema, from OpenAI ``tools`` (already shape-checked by protocol)."""
+    """name -> parameters schema (checked), from OpenAI ``tools`` (shape-checked by protocol)."""
     out: dict[str, dict[str, Any]] = {}
     for i, t in enumerate(tools):
         fn = t["function"]
@@ -47,7 +48,8 @@ def functions_of(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             raise GrammarError(f"function name {name!r} appears twice; names must be unique",
                                f"tools.{i}.function.name")
         params = fn.get("parameters")
-        out[name] = params if params is not None else {"type": "object", "properties": {}}
+        out[name] = checked_schema(params, f"tools.{i}.function.parameters") if params is not None else {
+            "type": "object", "properties": {}}
     return out
 
 
@@ -106,8 +108,8 @@ def _held(buf: str, marker: str) -> int:
 @dataclass
 class ToolCallParser:
     """Splits generated text into content and tool calls as it arrives (``feed``), holding back
-    only what may still turn out to be a marker. ``finish`` flushes at the end. Whitespace-only
-    content around calls (the separator between calls) is dropped once a call was seen."""
+    only what may still turn out to be a marker. ``finish`` flushes at the end. Whitespace before
+    a call and after the last one (the separator between calls) is dropped once a call was seen."""
 
     calls: list[dict[str, str]] = field(default_factory=list)  # {"id", "name", "arguments"}
     _state: str = "text"
@@ -155,19 +157,18 @@ class ToolCallParser:
             self._args(self._buf, deltas)
         elif self._buf:
             content = self._content(self._buf)
-        if self._ws and not self.calls:
+        if not self.calls:
             content += self._ws
         self._buf = self._ws = ""
         return content, deltas
 
     def _content(self, text: str) -> str:
-        if not text:
-            return ""
-        if not text.strip():
-            self._ws += text
-            return ""
-        out, self._ws = self._ws + text, ""
-        return out
+        """Content to emit now; trailing whitespace waits to see what follows (dropped before a
+        call or at the end once there were calls), so the split of the input never matters."""
+        text = self._ws + text
+        body = text.rstrip()
+        self._ws = text[len(body):]
+        return body
 
     def _args(self, text: str, deltas: list[ToolCallDelta]) -> None:
         if text:
