@@ -350,8 +350,9 @@ class LLMEngine:
     # ---- the replica-state contract ---------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """The latest snapshot taken by the loop thread (never reads live structures)."""
-        return dict(self._snapshot)
+        """The latest snapshot taken by the loop thread (never reads live structures), and the
+        grammar compiler's counters (its own lock keeps them)."""
+        return {**self._snapshot, "grammar": self.grammars.stats()}
 
     def _refresh_snapshot(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -373,5 +374,4 @@ class LLMEngine:
             "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization,
             "device": str(self.device),
             "max_model_len": self.max_model_len,
-            "grammar": self.grammars.stats(),
         }
