@@ -30,7 +30,7 @@ from headway.runtime.llm.grammar.spec import GrammarError, GrammarSpec
 
 CALL_OPEN = "<tool_call>"
 CALL_END = "}\n</tool_call>"
-_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+_HEAD = re.compile(r'<tool_call>\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:')
 _MAX_HEAD = 512  # longer than any grammatical head: the text was not a call after all
 
 
@@ -171,6 +171,8 @@ class ToolCallParser:
         return body
 
     def _args(self, text: str, deltas: list[ToolCallDelta]) -> None:
+        if not self.calls[-1]["arguments"]:
+            text = text.lstrip()  # the space after "arguments": is not part of them
         if text:
             self.calls[-1]["arguments"] += text
             deltas.append(ToolCallDelta(len(self.calls) - 1, text))
