@@ -27,6 +27,7 @@ import torch
 from headway.runtime.llm.chunking import PrefillChunker
 from headway.runtime.llm.detokenizer import IncrementalDetokenizer
 from headway.runtime.llm.device import choose_dtype, default_device
+from headway.runtime.llm.grammar import GrammarCompiler, GrammarMasker
 from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.metrics import EngineMetrics
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
@@ -95,6 +96,9 @@ class LLMEngine:
         self.prefix_caching = enable_prefix_caching
         self.sampler = Sampler()
         self.speculator = self._speculator(speculative, Path(model_dir)) if speculative else None
+        self.grammars = GrammarCompiler(self.tokenizer.tokenizer, vocab_size=cfg.vocab_size,
+                                        stop_token_ids=list(eos))  # compiles off this loop
+        self.masker = GrammarMasker()
         self.metrics = EngineMetrics(model_name)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
@@ -159,6 +163,7 @@ class LLMEngine:
         self._commands.put(("wake",))
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.grammars.shutdown()
 
     # ---- the asyncio side -------------------------------------------------------------------
 
@@ -272,9 +277,14 @@ class LLMEngine:
                 time.sleep(0.001)  # nothing runnable this instant (waiting for memory)
             return
         logits = self.runner.forward(plan.to_forward_batch(self.device))
+        # grammar rows (and each proposed position of theirs): disallowed tokens -> -inf
+        self.masker.mask(logits, plan.sample_seqs, plan.proposal_rows(),
+                         {id(it.seq): it.proposal for it in plan.items if it.proposal})
         runs, lps = self._sample(logits, plan)
         before = {id(s): len(s.output_ids) for s in plan.sample_seqs}
         got = self.scheduler.update(plan, runs)
+        for seq in self.masker.accept(got, before):  # the grammar is complete
+            self.scheduler.finish(seq, FinishReason.STOP)
         decoded = sum(1 for it in plan.items if len(it.token_ids) == 1 + len(it.proposal))
         self.chunker.observe(decoded, plan.num_tokens - decoded, time.perf_counter() - started)
         self.steps += 1
@@ -387,8 +397,9 @@ class LLMEngine:
     # ---- the replica-state contract ---------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """The latest snapshot taken by the loop thread (never reads live structures)."""
-        return dict(self._snapshot)
+        """The latest snapshot taken by the loop thread (never reads live structures), and the
+        grammar compiler's counters (its own lock keeps them)."""
+        return {**self._snapshot, "grammar": self.grammars.stats()}
 
     def _refresh_snapshot(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -6,6 +6,7 @@ Owns the translation between OpenAI's wire format and the engine's `generate()` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import uuid
@@ -15,6 +16,8 @@ from typing import Any, Protocol
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from headway.runtime.llm.grammar import GrammarCompiler, GrammarError, GrammarSpec, ToolCallParser, constraint_for
+from headway.runtime.llm.grammar.tools import chat_messages, functions_of
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
 from headway.runtime.llm.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError,
                                           parse_request)
@@ -26,6 +29,7 @@ from headway.server.disconnect import ClientGone, cancel_on_disconnect
 class GenerateEngine(Protocol):
     tokenizer: ModelTokenizer
     max_model_len: int
+    grammars: GrammarCompiler
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, *, cache_key: str | None = None
                  ) -> AsyncIterator[list[ChoiceDelta]]: ...
@@ -129,12 +133,18 @@ class OpenAIServer:
             req = parse_request(ChatCompletionRequest, body)
             self._check_model(req.model)
             try:
-                messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                            for m in req.messages]
+                messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {}),
+                             **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
+                             **({"tool_call_id": m.tool_call_id} if m.tool_call_id else {})} for m in req.messages]
             except ValueError as exc:
                 raise OpenAIError(str(exc), param="messages") from None
-            prompts = [self.engine.tokenizer.encode_chat(
-                messages, add_generation_prompt=req.add_generation_prompt, **(req.chat_template_kwargs or {}))]
+            tok = self.engine.tokenizer
+            tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+            messages, tools_arg = chat_messages(
+                messages, tools if req.effective_tool_choice != "none" else None,
+                template_renders_tools="tools" in (tok.chat_template or ""))
+            prompts = [tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=tools_arg,
+                                       **(req.chat_template_kwargs or {}))]
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             req = parse_request(CompletionRequest, body)
@@ -149,8 +159,28 @@ class OpenAIServer:
                                        logprobs)) for ids in prompts]
         except ValueError as exc:  # SamplingParams' own checks: a bad parameter, never a server error
             raise OpenAIError(str(exc)) from None
+        try:
+            spec = constraint_for(req)
+        except GrammarError as exc:
+            raise OpenAIError(exc.message, param=exc.param) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        return _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt)
+        return _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt, grammar=spec)
+
+    async def compile(self, spec: GrammarSpec, req: Any) -> Any:
+        """The compiled grammar; an invalid one is a 400 naming the field (for tools: the
+        first function whose parameters schema does not compile)."""
+        try:
+            return await self.engine.grammars.compile(spec)
+        except GrammarError as exc:
+            if spec.kind == "structural_tag" and getattr(req, "tools", None):
+                fns = functions_of([t.model_dump(exclude_none=True) for t in req.tools])
+                for i, schema in enumerate(fns.values()):
+                    try:
+                        await self.engine.grammars.compile(GrammarSpec.json_schema(
+                            schema, param=f"tools.{i}.function.parameters"))
+                    except GrammarError as bad:
+                        raise OpenAIError(bad.message, param=bad.param) from None
+            raise OpenAIError(exc.message, param=exc.param) from None
 
     def completion_call(self, body: Any) -> _Call:
         return self._prepare(body, chat=False)
@@ -165,6 +195,7 @@ class OpenAIServer:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise OpenAIError(f"the request body is not valid JSON: {exc}") from None
             call = self._prepare(body, chat=chat)
+            await call.ready()
         except OpenAIError as exc:
             return _error_response(exc)
         if call.req.stream:
@@ -182,16 +213,29 @@ class _Call:
     """One API call: one or more prompts, each with n choices, merged into one response."""
 
     def __init__(self, server: OpenAIServer, req: Any, jobs: list[tuple[list[int], SamplingParams]], rid: str,
-                 chat: bool, cache_key: str | None):
+                 chat: bool, cache_key: str | None, grammar: GrammarSpec | None = None):
         self.s, self.req, self.jobs, self.rid, self.chat, self.cache_key = server, req, jobs, rid, chat, cache_key
         self.created = int(time.time())
         self.prompt_tokens = sum(len(ids) for ids, _ in jobs)
         self.completion_tokens = 0
+        self.spec = grammar
+        # chat with tools the model may call: its text is split into content and tool_calls
+        self.tool_parsing = chat and getattr(req, "effective_tool_choice", "none") != "none"
+
+    async def ready(self) -> None:
+        """Compile the request's grammar (cached by key) before any of it reaches the engine:
+        the step loop never waits for a compile. Raises OpenAIError (400) if it is invalid."""
+        if self.spec is None:
+            return
+        g = await self.s.compile(self.spec, self.req)
+        self.jobs = [(ids, dataclasses.replace(p, grammar=g)) for ids, p in self.jobs]
+        self.spec = None
 
     async def deltas(self) -> AsyncIterator[list[ChoiceDelta]]:
         """All prompts' deltas, re-indexed so choice index = prompt_index * n + i."""
         import asyncio
 
+        await self.ready()
         n = self.req.n
         queue: asyncio.Queue[list[ChoiceDelta] | BaseException | None] = asyncio.Queue()
 
@@ -242,7 +286,16 @@ class _Call:
         choices = []
         for i in range(total):
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                message: dict[str, Any] = {"role": "assistant", "content": texts[i]}
+                if self.tool_parsing:
+                    parser = ToolCallParser()
+                    content = parser.feed(texts[i])[0] + parser.finish()[0]
+                    if parser.calls:
+                        message = {"role": "assistant", "content": content or None, "tool_calls": [
+                            {"id": c["id"], "type": "function",
+                             "function": {"name": c["name"], "arguments": c["arguments"]}} for c in parser.calls]}
+                        reasons[i] = "tool_calls" if reasons[i] == "stop" else reasons[i]
+                choices.append({"index": i, "message": message,
                                 "logprobs": self.s._chat_logprobs(lps[i]) if want_lp else None,
                                 "finish_reason": reasons[i]})
             else:
@@ -259,6 +312,7 @@ class _Call:
         usage_field = {"usage": None} if self.req.include_usage else {}
         want_lp = self.jobs[0][1].logprobs
         offsets = [0] * (len(self.jobs) * self.req.n)
+        parsers = [ToolCallParser() for _ in offsets] if self.tool_parsing else []
         try:
             if self.chat:
                 yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -270,7 +324,11 @@ class _Call:
                     if not d.text and not d.finish_reason:
                         continue
                     if self.chat:
-                        choice: dict[str, Any] = {"index": d.index, "delta": {"content": d.text} if d.text else {},
+                        delta = _tool_delta(parsers[d.index], d) if parsers else (
+                            {"content": d.text} if d.text else {})
+                        if parsers and not delta and not d.finish_reason:
+                            continue  # held back: may be the start of a tool call
+                        choice: dict[str, Any] = {"index": d.index, "delta": delta,
                                                   "logprobs": self.s._chat_logprobs(d.logprobs or []) if want_lp else None}
                     else:
                         choice = {"index": d.index, "text": d.text,
@@ -278,6 +336,8 @@ class _Call:
                                   if want_lp else None}
                         offsets[d.index] += len(d.text)
                     choice["finish_reason"] = d.finish_reason
+                    if parsers and d.finish_reason == "stop" and parsers[d.index].calls:
+                        choice["finish_reason"] = "tool_calls"
                     choices.append(choice)
                 if choices:
                     yield _sse({**head, "choices": choices, **usage_field})
@@ -289,3 +349,18 @@ class _Call:
         except Exception as exc:  # a stream that dies ends with an error event, never silently
             yield _sse({"error": {"message": f"generation failed: {type(exc).__name__}: {exc}",
                                   "type": "server_error", "param": None, "code": None}})
+
+
+def _tool_delta(parser: ToolCallParser, d: ChoiceDelta) -> dict[str, Any]:
+    """A chat stream delta from a choice's new text: content, and OpenAI ``tool_calls`` chunks
+    (the first chunk of a call carries its id, type and name; later ones argument text)."""
+    content, calls = parser.feed(d.text)
+    if d.finish_reason:
+        more_content, more_calls = parser.finish()
+        content, calls = content + more_content, calls + more_calls
+    delta: dict[str, Any] = {"content": content} if content else {}
+    if calls:
+        delta["tool_calls"] = [
+            {"index": c.index, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            if c.id else {"index": c.index, "function": {"arguments": c.arguments}} for c in calls]
+    return delta

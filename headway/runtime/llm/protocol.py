@@ -59,6 +59,62 @@ class ChatMessage(_Lenient):
         return "".join(parts)
 
 
+class JSONSchemaFormat(_Lenient):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}, "strict": true}')
+        return self
+
+
+class StructuredOutputs(_Lenient):
+    """Extension (vLLM's name): exactly one of a JSON schema, a regex or an EBNF grammar."""
+
+    json_: dict[str, Any] | bool | None = Field(None, alias="json")
+    regex: str | None = None
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [k for k, v in (("json", self.json_), ("regex", self.regex), ("grammar", self.grammar)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of json, regex, grammar (got {', '.join(given) or 'none'})")
+        return self
+
+
+class FunctionDefinition(_Lenient):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class _FunctionName(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: _FunctionName
+
+
 class _SamplingFields(_Lenient):
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
@@ -78,6 +134,8 @@ class _SamplingFields(_Lenient):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     cache_salt: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # extension: regex / EBNF / JSON schema
 
     @field_validator("stop")
     @classmethod
@@ -95,6 +153,9 @@ class _SamplingFields(_Lenient):
     def _stream_options(self) -> _SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.structured_outputs is not None and self.response_format is not None and \
+                self.response_format.type != "text":
+            raise ValueError("response_format and structured_outputs cannot be combined; give one")
         return self
 
     @property
@@ -110,12 +171,42 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
+
+    @model_validator(mode="after")
+    def _tools(self) -> ChatCompletionRequest:
+        names = [t.function.name for t in self.tools or []]
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ValueError("tool_choice needs tools: give the functions the model may call")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names function '{choice.function.name}', which is not in tools "
+                             f"(tools: {', '.join(names)})")
+        if self.effective_tool_choice != "none" and (
+                self.structured_outputs is not None
+                or (self.response_format is not None and self.response_format.type != "text")):
+            raise ValueError("tool calls cannot be combined with response_format or structured_outputs; "
+                             'set tool_choice to "none" or drop the output format')
+        return self
+
+    @property
+    def effective_tool_choice(self) -> str | dict[str, Any]:
+        """OpenAI's default: "auto" when tools are given, else "none"; a named choice as a dict."""
+        if not self.tools:
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice
 
     @property
     def output_limit(self) -> int | None:

@@ -30,7 +30,9 @@ class SamplingParams:
     repetition_penalty follows Hugging Face (divide positive logits / multiply negative ones
     of every token seen in prompt+output; 1.0 off); presence/frequency penalties follow
     OpenAI (subtract ``presence * [count > 0] + frequency * count`` over the output tokens;
-    0.0 off). max_tokens None = until EOS or the KV pool's limit."""
+    0.0 off). max_tokens None = until EOS or the KV pool's limit. ``grammar`` (compiled off the
+    step loop by ``grammar.GrammarCompiler``) constrains every sampled token; the sequence
+    finishes ("stop") when it is complete."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -47,6 +49,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    grammar: Any = None  # a compiled grammar.Grammar the output must follow (masked every step)
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -158,6 +161,7 @@ class Sequence:
     lock_node: Any = None  # RadixNode locked by this sequence, or None
     fork_pending: bool = False  # n > 1 and the prompt's prefill has not finished yet
     generator: torch.Generator | None = None
+    grammar: Any = None  # grammar.GrammarState once masking starts (params.grammar set); own per fork
     # metrics
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
