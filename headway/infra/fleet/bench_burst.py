@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import httpx
+
+from headway.infra.fleet.local_plane import local_plane
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -115,21 +114,8 @@ def main() -> None:
     from headway.library import resolve
 
     resolve(args.model)
-    state = tempfile.mkdtemp(prefix="headway-burst-")
-    control = f"http://127.0.0.1:{args.port}"
-    plane = subprocess.Popen([sys.executable, "-m", "headway", "up", "--port", str(args.port), "--state-dir", state,
-                              "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = []
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(control + "/health/live", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with local_plane(args.port) as control:
         for label, max_r in (("autoscaled", args.max_replicas), ("pinned at min", 1)):
             name = "burst-auto" if max_r > 1 else "burst-pinned"
             spec = {"name": name, "package": args.model, "replicas": {"min": 1, "max": max_r},
@@ -147,9 +133,6 @@ def main() -> None:
             while any(d["name"] == name for d in
                       httpx.get(f"{control}/headway/control/deployments", timeout=10).json()["deployments"]):
                 time.sleep(0.2)
-    finally:
-        plane.terminate()
-        plane.wait(60)
     print(f"\n{args.factor}x burst ({args.base} -> {args.base * args.factor} streams for {args.burst_s:g} s), "
           f"{args.model}, {args.tokens} tokens each")
     print(f"{'deployment':<16}{'sent':>6}{'lost':>6}{'replicas':>10}{'TTFT p50':>10}{'p95':>8}{'p99':>8}"

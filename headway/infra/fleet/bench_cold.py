@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from headway.infra.fleet.local_plane import local_plane
 
 PHASES = ("process_s", "started_s", "fetched_s", "loaded_s", "warmed_s", "ready_s")
 
@@ -47,23 +46,7 @@ def _api(url: str, method: str, path: str, body: object = None) -> dict:
 
 
 def run(model: str, runs: int, port: int, cache: str | None, cpu: float) -> dict:
-    state = tempfile.mkdtemp(prefix="headway-cold-")
-    env = {**os.environ}
-    if cache:
-        env["HEADWAY_CACHE"] = cache
-    plane = subprocess.Popen([sys.executable, "-m", "headway", "up", "--port", str(port), "--state-dir", state,
-                              "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(url + "/health/live", timeout=1)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with local_plane(port, {"HEADWAY_CACHE": cache} if cache else None) as url:
         cold, warm, breakdowns = [], [], []
         for i in range(runs):
             name = f"cold-{i}"
@@ -84,9 +67,6 @@ def run(model: str, runs: int, port: int, cache: str | None, cpu: float) -> dict
                   + ", ".join(f"{k} {rep['breakdown'].get(k, float('nan')):.2f}" for k in PHASES), flush=True)
         return {"cold": cold, "warm": warm, "breakdown": {k: statistics.median(b[k] for b in breakdowns if k in b)
                                                            for k in PHASES if any(k in b for b in breakdowns)}}
-    finally:
-        plane.terminate()
-        plane.wait(30)
 
 
 def main() -> None:
