@@ -112,7 +112,11 @@ class GrammarCompiler:
     def _compiler(self) -> Any:
         with self._xgr_lock:
             if self._xgr is None:
-                import xgrammar as xgr
+                try:
+                    import xgrammar as xgr
+                except ImportError as exc:
+                    raise RuntimeError("structured output needs xgrammar: pip install --no-deps xgrammar==0.1.27 "
+                                       "(scripts/setup does; its triton dependency is only for GPU kernels)") from exc
                 from transformers import PreTrainedTokenizerFast
 
                 hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer)
