@@ -51,9 +51,16 @@ def up(
     from headway.infra.router.server import serve
 
     if ray is not None:
+        try:
+            import ray as _  # noqa: F401
+        except ImportError:
+            _fail("--ray needs Ray: pip install 'ray==2.60.0' (or headway[ray])")
         from headway.infra.fleet.providers.ray import RayProvider
 
-        provider: Any = RayProvider(ray, state_dir / "logs")
+        try:
+            provider: Any = RayProvider(ray, state_dir / "logs")
+        except ConnectionError as exc:
+            _fail(f"cannot join the Ray cluster at {ray}: {exc}")
     else:
         from headway.infra.fleet.providers.local import LocalProvider
 
