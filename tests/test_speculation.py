@@ -315,3 +315,20 @@ def test_property_runs_keep_the_kv_true(ops) -> None:
         check()
     assert not s.has_work()
     assert s.cache.locked == 0 and s.pool.num_free + s.cache.evictable == s.pool.total
+
+
+def test_speculator_proposes_within_max_tokens_and_stops_above_max_batch() -> None:
+    from headway.runtime.llm.speculation import Speculator
+
+    s = mk(256, max_running=4)
+    rep = [1, 2, 3, 4, 5, 6, 7, 8, 9] * 3
+    prefill(s, "a", rep, max_tokens=50)  # output [7]: only "7" matches (n=1); its latest occurrence
+    sp = Speculator(SpeculativeConfig(method="ngram", ngram_min=1, num_tokens=6, max_batch=1))
+    props = sp.propose(s.running)
+    assert props == {"a": [8, 9, 7]}  # is the prompt's last 7, followed by 8 9 and the output's 7
+    b = prefill(s, "b", rep, max_tokens=2)
+    assert sp.propose(s.running) == {}  # two running > max_batch=1: off
+    sp = Speculator(SpeculativeConfig(method="ngram", ngram_min=1, num_tokens=6, max_batch=2))
+    props = sp.propose(s.running)
+    # b has 1 of 2 tokens: the step's own token reaches max_tokens, so nothing to propose
+    assert len(b.output_ids) == 1 and "b" not in props and props["a"]

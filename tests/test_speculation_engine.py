@@ -8,11 +8,11 @@ distribution of sampled tokens unchanged (chi-square over many seeds)."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
 
+from headway.bench.speculative import grounded_prompt
 from headway.library import resolve
 from headway.runtime.llm.engine import LLMEngine
 from headway.runtime.llm.sequence import SamplingParams
@@ -20,7 +20,6 @@ from headway.runtime.llm.speculation import SpeculativeConfig
 
 pytestmark = pytest.mark.slow  # loads SmolLM2 three times (~10 s) and decodes a few hundred tokens
 
-CODE = (Path(__file__).parents[1] / "headway" / "runtime" / "llm" / "kv_pool.py").read_text()[1200:2400]
 
 
 def chat(tok, text: str) -> list[int]:  # type: ignore[no-untyped-def]
@@ -61,7 +60,7 @@ def engines():
 def test_greedy_output_is_identical(engines) -> None:
     base, ngram, draft = engines
     tok = base.tokenizer.tokenizer
-    grounded = chat(tok, "Repeat this Python code exactly, with the class renamed to SlotPool:\n" + CODE)
+    grounded = grounded_prompt(base, 0, 2400)  # a source file to hand back with a comment added
     prompts = [grounded, chat(tok, "Write a short poem about the sea."),
                chat(tok, "List three prime numbers and explain why they are prime.")]
     params = SamplingParams(temperature=0, max_tokens=64)
@@ -75,8 +74,8 @@ def test_greedy_output_is_identical(engines) -> None:
         assert st["proposed_tokens"] > 0 and st["accepted_tokens"] > 0
     before = ngram.state()["speculative"]
     run(ngram, [grounded], params)
-    after = ngram.state()["speculative"]  # the grounded prompt copies: most proposals accepted
-    assert (after["accepted_tokens"] - before["accepted_tokens"]) > 0.5 * (
+    after = ngram.state()["speculative"]  # the grounded prompt copies: many proposals accepted
+    assert (after["accepted_tokens"] - before["accepted_tokens"]) > 0.35 * (
         after["proposed_tokens"] - before["proposed_tokens"]) > 10
     text = base.metrics.render().decode()
     spec_metrics = ngram.metrics.render().decode()
@@ -87,8 +86,7 @@ def test_greedy_output_is_identical(engines) -> None:
 
 def test_stops_logprobs_and_n_inside_accepted_runs(engines) -> None:
     base, ngram, _ = engines
-    tok = base.tokenizer.tokenizer
-    prompt = chat(tok, "Repeat this Python code exactly:\n" + CODE)
+    prompt = grounded_prompt(base, 1, 2400)
     full = run(base, [prompt], SamplingParams(temperature=0, max_tokens=64))[0][0]
     # a stop string that ends mid-output: the spec engine must cut at the same place
     stop = full["text"][40:52]

@@ -130,7 +130,7 @@ class SpeculativeOptions(_Strict):
         "Left out: the target itself cut to draft_layers.")
     draft_layers: int | None = Field(None, ge=1, examples=[4],
                                      description="Keep only the draft's first N layers (draft).")
-    max_batch: int = Field(16, ge=1, examples=[16],
+    max_batch: int = Field(64, ge=1, examples=[8],
                            description="Speculate only while at most this many sequences run (measured default).")
 
     @model_validator(mode="after")
