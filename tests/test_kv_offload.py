@@ -195,3 +195,46 @@ def test_a_prompt_evicted_then_asked_again_is_restored_not_recomputed() -> None:
     before = tier.restored_tokens
     seq, computed = run("a3", a, key="salt")  # another isolation key: nothing restored
     assert tier.restored_tokens == before and seq.num_cached_prompt_tokens == 0 and computed == 100
+
+
+# ---- the real engine (SmolLM2) -----------------------------------------------------------------
+
+def generate(engine, rid: str, prompt: list[int], key=None, max_tokens: int = 12):
+    seq = engine.scheduler.add(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                               cache_key=key)
+    for _ in range(2000):
+        if not engine.scheduler.has_work():
+            break
+        engine._step()
+        engine.scheduler.check_invariant()
+        engine.offload.check()
+    assert not engine.scheduler.has_work()
+    return seq
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_output_with_a_restored_prefix_equals_recomputing_it() -> None:
+    from headway.bench.text import TextGenerator
+    from headway.library import resolve
+    from headway.runtime.llm.engine import LLMEngine
+
+    engine = LLMEngine(resolve("smollm2-135m-instruct").path, dtype="float32", kv_cache_tokens=640,
+                       kv_offload_tokens=4096, max_num_batched_tokens=512)
+    rng = random.Random(0)
+    gen = TextGenerator(engine.tokenizer.tokenizer)
+    a, b = (engine.tokenizer.encode(gen.text(380, rng)) for _ in range(2))
+    first = generate(engine, "a1", a)  # computed
+    assert first.num_cached_prompt_tokens == 0
+    generate(engine, "b", b)  # a and b do not fit together: a is evicted, into the tier
+    assert engine.offload.offloaded_tokens >= len(a) and engine.cache.peek(None, a) == 0
+    again = generate(engine, "a2", a)
+    assert again.num_cached_prompt_tokens == len(a) - 1  # all but the last prompt token restored
+    assert engine.offload.restored_tokens == len(a) - 1
+    assert again.output_ids == first.output_ids
+    # under another isolation key nothing is restored: computed again, same output
+    salted = generate(engine, "a3", a, key="salt")
+    assert salted.num_cached_prompt_tokens == 0 and engine.offload.restored_tokens == len(a) - 1
+    assert salted.output_ids == first.output_ids
+    state = engine._take_snapshot()["kv_offload"]
+    assert state["restored_tokens"] == len(a) - 1 and 0 < state["used_tokens"] <= 4096
+    assert 0 < state["hit_rate"] < 1
