@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 import zlib
+from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.radix_cache import RadixCache, RadixNode
 from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import SamplingParams
+from tests.conftest import running_server
 
 LAYERS = 2
 
@@ -199,7 +202,7 @@ def test_a_prompt_evicted_then_asked_again_is_restored_not_recomputed() -> None:
 
 # ---- the real engine (SmolLM2) -----------------------------------------------------------------
 
-def generate(engine, rid: str, prompt: list[int], key=None, max_tokens: int = 12):
+def generate(engine, rid: str, prompt: list[int], key=None, max_tokens: int = 8):
     seq = engine.scheduler.add(rid, prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                                cache_key=key)
     for _ in range(2000):
@@ -218,11 +221,11 @@ def test_smollm2_greedy_output_with_a_restored_prefix_equals_recomputing_it() ->
     from headway.library import resolve
     from headway.runtime.llm.engine import LLMEngine
 
-    engine = LLMEngine(resolve("smollm2-135m-instruct").path, dtype="float32", kv_cache_tokens=640,
+    engine = LLMEngine(resolve("smollm2-135m-instruct").path, dtype="float32", kv_cache_tokens=400,
                        kv_offload_tokens=4096, max_num_batched_tokens=512)
     rng = random.Random(0)
     gen = TextGenerator(engine.tokenizer.tokenizer)
-    a, b = (engine.tokenizer.encode(gen.text(380, rng)) for _ in range(2))
+    a, b = (engine.tokenizer.encode(gen.text(220, rng)) for _ in range(2))
     first = generate(engine, "a1", a)  # computed
     assert first.num_cached_prompt_tokens == 0
     generate(engine, "b", b)  # a and b do not fit together: a is evicted, into the tier
@@ -238,3 +241,45 @@ def test_smollm2_greedy_output_with_a_restored_prefix_equals_recomputing_it() ->
     state = engine._take_snapshot()["kv_offload"]
     assert state["restored_tokens"] == len(a) - 1 and 0 < state["used_tokens"] <= 4096
     assert 0 < state["hit_rate"] < 1
+
+
+# ---- the served replica: flag, /headway/state, /metrics -----------------------------------------
+
+@pytest.mark.slow
+def test_served_replica_restores_and_reports_the_tier(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "headway.yaml").write_text("name: tiny-offload\nruntime: llm\nmodel:\n  source: tinycoder-test\n"
+                                      "engine:\n  kv_cache_tokens: 256\n  num_threads: 1\n")
+    with running_server(["serve", str(pkg), "--kv-offload-tokens", "2048"], tmp_path) as srv:
+        state = httpx.get(f"{srv.url}/headway/state").json()
+        assert state["kv_offload"]["capacity_tokens"] == 2048
+
+        def complete(prompt: list[int]) -> str:
+            r = httpx.post(f"{srv.url}/v1/completions", timeout=60, json={
+                "model": "tiny-offload", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        a, b = list(range(100, 250)), list(range(300, 450))
+        first = complete(a)
+        complete(b)  # 150 + 150 tokens do not fit in 256 slots: a moves to the tier
+        assert complete(a) == first
+        state = httpx.get(f"{srv.url}/headway/state").json()["kv_offload"]
+        assert state["restored_tokens"] >= len(a) - 1 and state["offloaded_tokens"] >= len(a)
+        assert 0 < state["used_tokens"] <= 2048 and 0 < state["hit_rate"] <= 1
+        metrics = httpx.get(f"{srv.url}/metrics").text
+        line = next(ln for ln in metrics.splitlines()
+                    if ln.startswith('headway_llm_kv_offload_restored_tokens_total{model="tiny-offload"}'))
+        assert float(line.split()[-1]) == state["restored_tokens"]
+        for name in ("offloaded_tokens_total", "missed_tokens_total", "dropped_tokens_total", "capacity_tokens",
+                     "used_tokens", "hit_rate"):
+            assert f"headway_llm_kv_offload_{name}" in metrics, name
+
+
+def test_tier_is_off_by_default_and_rejects_bad_sizes() -> None:
+    from headway.package.schema import LLMEngineOptions
+
+    assert LLMEngineOptions().kv_offload_tokens == 0
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        LLMEngineOptions(kv_offload_tokens=-1)
