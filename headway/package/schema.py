@@ -121,7 +121,7 @@ class LLMEngineOptions(_Strict):
     kv_cache_tokens: int | None = Field(None, ge=16, description="KV pool size in tokens.",
                                         examples=[65536])
     kv_offload_tokens: int = Field(
-        0, ge=0, examples=[262144],
+        0, ge=0, examples=[65536],
         description="Host-memory KV tier in tokens (0 = off): prefixes evicted from the KV pool move there "
         "and are restored on a hit instead of recomputed. Needs enable_prefix_caching.")
     max_num_batched_tokens: int = Field(512, ge=16, description="Per-step token budget.",

@@ -186,8 +186,9 @@ class KVOffloadTier:
             child.last_access = now
             for j in range(max(0, start - i), m):
                 if child.slots[j] == HOLLOW:
-                    (h,) = self.pool.alloc(1) or [None]
-                    assert h is not None
+                    got = self.pool.alloc(1)
+                    assert got is not None  # need <= free: counted above
+                    h = got[0]
                     child.slots[j] = h
                     child.stored += 1
                     src.append(main_slots[i + j - start])
