@@ -4,6 +4,7 @@
   against requests with a system prompt never seen before (miss), interleaved, one at a time.
 - `prefill-stall`: streams decoding while a long prompt arrives; the ITL of those streams
   while the long prompt is being prefilled, against their ITL outside that window.
+- `offload`: TTFT of a long prefix restored from the KV offload tier vs recomputed (headway/bench/offload.py).
 - `roofline`: the engine's steady-state decode throughput at a batch size, in process, as a
   fraction of the machine's measured matmul FLOP/s at the engine's own GEMM shapes.
 """
@@ -248,3 +249,8 @@ def burst(
     console.print(f"headway vs as-many-waiting: prefill {out['prefill_speedup']:.2f}x faster, "
                   f"whole burst {out['total_speedup']:.2f}x faster")
     _write(out, json_path)
+
+
+from headway.bench.offload import offload as _offload  # noqa: E402  (its own module: two engines in process)
+
+app.command("offload")(_offload)

@@ -66,6 +66,8 @@ def serve(
         help="LLM weight-only quantization: none (default) or int8.")] = None,
     speculative: Annotated[Optional[str], typer.Option(
         help="LLM speculative decoding: ngram or draft (details in headway.yaml engine.speculative).")] = None,
+    kv_offload_tokens: Annotated[Optional[int], typer.Option(
+        help="LLM host-memory KV tier in tokens: evicted prefixes are restored from it (0 = off).")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
                                                 "name); the control plane passes the deployment's.")] = None,
@@ -80,7 +82,8 @@ def serve(
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
             replica_id=replica_id, engine_overrides={"dtype": dtype, "num_threads": threads,
-                                                     "quantization": quantization, "speculative": speculative})
+                                                     "quantization": quantization, "speculative": speculative,
+                                                     "kv_offload_tokens": kv_offload_tokens})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)

@@ -152,6 +152,10 @@ class LLMEngineOptions(_Strict):
                                       examples=[4096])
     kv_cache_tokens: int | None = Field(None, ge=16, description="KV pool size in tokens.",
                                         examples=[65536])
+    kv_offload_tokens: int = Field(
+        0, ge=0, examples=[65536],
+        description="Host-memory KV tier in tokens (0 = off): prefixes evicted from the KV pool move there "
+        "and are restored on a hit instead of recomputed. Needs enable_prefix_caching.")
     max_num_batched_tokens: int = Field(512, ge=16, description="Per-step token budget.",
                                         examples=[512])
     max_running: int = Field(64, ge=1, description="Sequences in the running batch at most.",

@@ -28,6 +28,7 @@ from headway.runtime.llm.chunking import PrefillChunker
 from headway.runtime.llm.detokenizer import IncrementalDetokenizer
 from headway.runtime.llm.device import choose_dtype, default_device
 from headway.runtime.llm.grammar import GrammarCompiler, GrammarMasker
+from headway.runtime.llm.kv_offload import KVOffloadTier
 from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.metrics import EngineMetrics
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
@@ -76,7 +77,8 @@ class LLMEngine:
                  max_model_len: int | None = None, kv_cache_tokens: int | None = None,
                  max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
                  num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5,
-                 quantization: str = "none", speculative: SpeculativeConfig | None = None):
+                 quantization: str = "none", speculative: SpeculativeConfig | None = None,
+                 kv_offload_tokens: int = 0):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or default_device())
@@ -89,9 +91,13 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or cfg.max_position, self.runner.num_slots - 1)
         self.pool = KVPool(self.runner.num_slots)
         self.cache = RadixCache(self.pool)
+        # the host tier under the prefix cache (kv_offload.py); nothing to restore without prefix caching
+        self.offload = (KVOffloadTier(kv_offload_tokens, self.runner.kv)
+                        if kv_offload_tokens and enable_prefix_caching else None)
         eos = tuple(sorted(self.tokenizer.eos_token_ids))
         self.scheduler = Scheduler(self.pool, self.cache, SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens, max_running=max_running, eos_token_ids=eos))
+            max_num_batched_tokens=max_num_batched_tokens, max_running=max_running, eos_token_ids=eos),
+            offload=self.offload)
         self.chunker = PrefillChunker(budget=max_num_batched_tokens, itl_factor=itl_factor)
         self.prefix_caching = enable_prefix_caching
         self.sampler = Sampler()
@@ -117,6 +123,9 @@ class LLMEngine:
                  self.runner.num_slots, self.max_model_len)
         if self.speculator is not None:
             log.info("speculative decoding: %s", self.speculator.config.describe())
+        if self.offload is not None:
+            log.info("KV offload tier: %d tokens in host memory (%.0f MiB)", self.offload.capacity,
+                     self.offload.nbytes / 2**20)
 
     def _speculator(self, cfg: SpeculativeConfig, model_dir: Path) -> Speculator:
         if cfg.method == "ngram":
@@ -393,6 +402,8 @@ class LLMEngine:
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_usage.set((total - self.pool.num_free - self.cache.evictable) / total)
         self.metrics.cache_hit_rate.set(self.prefix_hit_rate)
+        if self.offload is not None:
+            self.metrics.observe_offload(self.offload.stats())
 
     # ---- the replica-state contract ---------------------------------------------------------
 
@@ -424,6 +435,7 @@ class LLMEngine:
             "device": str(self.device),
             "max_model_len": self.max_model_len,
             "speculative": self._speculation_state(),
+            "kv_offload": self.offload.stats() if self.offload is not None else None,
         }
 
     def _speculation_state(self) -> dict[str, Any] | None:

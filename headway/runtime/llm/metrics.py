@@ -70,6 +70,31 @@ class EngineMetrics:
         self.spec_acceptance.set(rate)
         self.spec_mean_accepted.set(mean_len)
 
+    def observe_offload(self, stats: dict[str, float | int]) -> None:
+        """The KV offload tier's counters (kv_offload.KVOffloadTier.stats), as deltas since the last call."""
+        if not hasattr(self, "_offload_seen"):
+            r, m = self.registry, ["model"]
+            self._offload_seen: dict[str, float | int] = {}
+            self._offload_counters = {
+                name: Counter(f"headway_llm_kv_offload_{name}", help, m, registry=r).labels(self.model)
+                for name, help in (
+                    ("offloaded_tokens", "Tokens whose K/V moved from the main KV pool to the host tier on eviction."),
+                    ("restored_tokens", "Prompt tokens restored from the host tier instead of recomputed (hits)."),
+                    ("missed_tokens", "Prompt tokens past the main-cache match not found in the host tier (misses)."),
+                    ("dropped_tokens", "Tokens the host tier's own LRU eviction dropped."))}
+            self._offload_gauges = {
+                name: Gauge(f"headway_llm_kv_offload_{name}", help, m, registry=r).labels(self.model)
+                for name, help in (("capacity_tokens", "Host tier capacity in tokens."),
+                                   ("used_tokens", "Tokens held in the host tier."),
+                                   ("hit_rate", "Restored / looked-up prompt tokens in the host tier, since start."))}
+        for name, c in self._offload_counters.items():
+            delta = stats[name] - self._offload_seen.get(name, 0)
+            if delta > 0:
+                c.inc(delta)
+            self._offload_seen[name] = stats[name]
+        for name, g in self._offload_gauges.items():
+            g.set(stats[name])
+
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model, reason).inc()
 

@@ -23,7 +23,7 @@ length is a multiple of ``block_tokens``, a short hex hash chained block by bloc
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 from headway.digest import chain_hashes, chain_step, root_hash
 from headway.runtime.llm.kv_pool import KVPool
@@ -42,6 +42,15 @@ def _common(edge: list[int], tokens: Sequence[int], i: int) -> int:
     while m < lim and edge[m] == tokens[i + m]:
         m += 1
     return m
+
+
+def _path(node: RadixNode) -> list[int]:
+    """Token ids from the root to the end of ``node``'s edge."""
+    parts: list[list[int]] = []
+    while node.parent is not None:
+        parts.append(node.tokens)
+        node = node.parent
+    return [t for p in reversed(parts) for t in p]
 
 
 class RadixNode:
@@ -74,11 +83,16 @@ class RadixNode:
         return f"RadixNode(len={len(self.tokens)}, lock={self.lock_ref}, kids={len(self.children)})"
 
 
+# (key, the token path from the root to the leaf's end, the leaf's slots = the path's tail)
+OnEvict = Callable[[Hashable, list[int], list[int]], object]
+
+
 class RadixCache:
     """Token-granular radix prefix cache over a ``KVPool``."""
 
-    def __init__(self, pool: KVPool) -> None:
+    def __init__(self, pool: KVPool, on_evict: OnEvict | None = None) -> None:
         self.pool = pool
+        self.on_evict = on_evict  # sees each evicted leaf before its slots are freed (kv_offload)
         self._roots: dict[Hashable, RadixNode] = {}
         self._clock = 0
         self._evictable = 0
@@ -271,6 +285,8 @@ class RadixCache:
             _, _, nd = heapq.heappop(heap)
             parent = nd.parent
             assert parent is not None and nd.lock_ref == 0 and not nd.children
+            if self.on_evict is not None:
+                self.on_evict(nd.key, _path(nd), nd.slots)
             del parent.children[nd.tokens[0]]
             self.pool.free(nd.slots)
             freed += len(nd.slots)

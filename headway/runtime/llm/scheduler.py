@@ -56,6 +56,7 @@ from collections.abc import Hashable, Mapping, Sequence as Seq
 
 import torch
 
+from headway.runtime.llm.kv_offload import KVOffloadTier, restore_prefix
 from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.plan import ScheduledSeq, SchedulePlan, SchedulerConfig
 from headway.runtime.llm.radix_cache import RadixCache
@@ -84,11 +85,15 @@ class Scheduler:
         pool: KVPool,
         cache: RadixCache | None = None,
         config: SchedulerConfig | None = None,
+        offload: KVOffloadTier | None = None,
     ) -> None:
         self.pool = pool
+        self.offload = offload  # host tier: admission restores evicted prefixes from it
         self.cache = cache if cache is not None else RadixCache(pool)
         if self.cache.pool is not pool:
             raise ValueError("the radix cache must be built over the same KVPool")
+        if offload is not None:
+            self.cache.on_evict = offload.offload  # evicted prefixes move to the host tier
         self.config = config or SchedulerConfig()
         self.waiting: list[Sequence] = []  # arrival order (preempted ones re-enter at front)
         self.running: list[Sequence] = []  # admission order: oldest first
@@ -369,6 +374,9 @@ class Scheduler:
                 seq.cache_key, seq.all_ids[: seq.num_tokens - 1], record=first
             )
             self.cache.lock(node)
+            if self.offload is not None:  # continue the match in the host tier (kv_offload)
+                m, slots, node = restore_prefix(self.offload, self.cache, self._reserve, seq.cache_key,
+                                                seq.all_ids[: seq.num_tokens - 1], (m, slots, node), record=first)
             chunk = min(seq.num_tokens - m, prefill_left)
             if not self._reserve(chunk + cfg.admission_headroom):
                 self.cache.unlock(node)

@@ -90,7 +90,8 @@ class LLMRuntime(Runtime):
             LLMEngine.launch, model_dir, dtype=o.dtype, max_model_len=o.max_model_len, kv_cache_tokens=o.kv_cache_tokens,
             max_num_batched_tokens=o.max_num_batched_tokens, max_running=o.max_running,
             enable_prefix_caching=o.enable_prefix_caching, num_threads=o.num_threads, model_name=self.name,
-            itl_factor=o.prefill_itl_factor, quantization=o.quantization, speculative=speculative)
+            itl_factor=o.prefill_itl_factor, quantization=o.quantization, speculative=speculative,
+            kv_offload_tokens=o.kv_offload_tokens)
         if self._api is not None:
             self._api.engine = self.engine
         self.mark_phase("loaded_s")
