@@ -48,7 +48,20 @@ class EngineMetrics:
                                     registry=r).labels(model)
         self.tokens_per_s = Gauge("headway_llm_generation_tokens_per_second",
                                   "Output tokens per second over the last few seconds.", m, registry=r).labels(model)
+        self.lora_requests = Counter("headway_llm_lora_requests", "Requests by LoRA adapter.", ["model", "adapter"],
+                                     registry=r)
+        self.lora_loads = Counter("headway_llm_lora_loads", "LoRA adapters made resident.", m, registry=r).labels(model)
+        self.lora_evictions = Counter("headway_llm_lora_evictions", "LoRA adapters evicted from memory.", m,
+                                      registry=r).labels(model)
         self.model = model
+
+    def lora_event(self, event: str, adapter: str) -> None:
+        if event == "request":
+            self.lora_requests.labels(self.model, adapter).inc()
+        elif event == "load":
+            self.lora_loads.inc()
+        elif event == "evict":
+            self.lora_evictions.inc()
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model, reason).inc()
