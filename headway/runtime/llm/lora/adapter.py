@@ -8,9 +8,9 @@ optionally ``use_rslora``) and ``adapter_model.safetensors`` with tensors named 
 
 The engine fuses q/k/v and gate/up into one matmul, so the adapter is laid out the same way at
 load: per layer and fused module, ``a`` is ``[in, parts * r]`` (the parts' A matrices side by
-side, transposed) and ``b`` is ``[parts * r, out]``, block-diagonal (part i's ``B.T * scale`` in
-rows ``i*r..(i+1)*r`` and the columns of its output slice). A targeted module missing from a
-layer, or a part not targeted, is zeros.
+side, transposed) and ``bs[i]`` is part i's ``B.T * scale`` (``[r, out_i]``), which adds to the
+columns of the fused output that part owns. A targeted module missing from a layer, or a part
+not targeted, is zeros.
 """
 
 from __future__ import annotations
@@ -56,18 +56,19 @@ def part_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 @dataclass
 class LoraWeights:
-    """One adapter in the fused layout: ``modules[kind][layer] = (a [in, parts*r], b [parts*r, out])``
+    """One adapter in the fused layout: ``modules[kind][layer] = (a [in, parts*r], [b_i [r, out_i]])``
     for every fused module kind it targets (all layers present; zeros where PEFT had none)."""
 
     name: str
     path: Path
     rank: int
     scale: float
-    modules: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    modules: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layers in self.modules.values() for ab in layers for t in ab)
+        return sum(t.numel() * t.element_size() for layers in self.modules.values() for a, bs in layers
+                   for t in (a, *bs))
 
 
 def _config(path: Path) -> dict:
@@ -168,22 +169,21 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, *, max_rank: int
             missing = "lora_B" if "A" in ab else "lora_A"
             raise AdapterError(f"{st}: layer {layer} {module} has no {missing} weight")
     kinds = sorted({PART_OF[m][0] for _, m in found}, key=list(FUSED).index)
-    modules: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    modules: dict[str, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
     for kind in kinds:
         parts = FUSED[kind]
         fin = shapes[parts[0]][0]
-        outs = [shapes[p][1] for p in parts]
         layers = []
         for layer in range(cfg.num_layers):
             a = torch.zeros(fin, len(parts) * r, dtype=torch.float32)
-            b = torch.zeros(len(parts) * r, sum(outs), dtype=torch.float32)
-            col = 0
+            bs = []
             for i, p in enumerate(parts):
+                b = torch.zeros(r, shapes[p][1], dtype=torch.float32)
                 ab = found.get((layer, p))
                 if ab is not None:
                     a[:, i * r:(i + 1) * r] = ab["A"].float().t()
-                    b[i * r:(i + 1) * r, col:col + outs[i]] = ab["B"].float().t() * scale
-                col += outs[i]
-            layers.append((a.to(device=device, dtype=dtype).contiguous(), b.to(device=device, dtype=dtype).contiguous()))
+                    b[:] = ab["B"].float().t() * scale
+                bs.append(b.to(device=device, dtype=dtype).contiguous())
+            layers.append((a.to(device=device, dtype=dtype).contiguous(), bs))
         modules[kind] = layers
     return LoraWeights(name, path, r, scale, modules)

@@ -137,14 +137,15 @@ class AdapterCache:
         total = sum(k for _, k in runs)
         masks: dict[str, torch.Tensor] = {}
         for kind, layout in self.layouts.items():
-            if not layout.width or not any(n in layout.ranges for n in names):
+            if not layout.width or not any(n in layout.names for n in names):
                 continue
             mask = torch.zeros(total, layout.width, dtype=self.dtype, device=self.device)
+            block = len(layout.outs) * layout.rank
             row = 0
             for n, k in runs:
-                rng = layout.ranges.get(n) if n is not None else None
-                if rng is not None:
-                    mask[row:row + k, rng[0]:rng[1]] = 1
+                if n is not None and n in layout.names:
+                    s = layout.names.index(n)
+                    mask[row:row + k, s * block:(s + 1) * block] = 1
                 row += k
             masks[kind] = mask
         self.ctx.step = LoraStep(single=None, masks=masks)
@@ -203,22 +204,32 @@ class AdapterCache:
         return self._linears
 
     def _restack(self) -> None:
-        """Rebuild every module's side-by-side stack from the resident adapters."""
+        """Rebuild every module's side-by-side stack from the resident adapters, each padded to
+        the largest resident rank (see ``linear``)."""
         linears = self._attach()
         for kind, lins in linears.items():
-            layout = KindLayout()
-            owners = [(n, w.modules[kind]) for n, w in self.resident.items() if kind in w.modules]
-            for n, layers in owners:
-                width = layers[0][0].shape[1]
-                layout.ranges[n] = (layout.width, layout.width + width)
-                layout.width += width
+            owners = [(n, w.rank, w.modules[kind]) for n, w in self.resident.items() if kind in w.modules]
+            col = 0
+            R = max((r for _, r, _ in owners), default=0)
+            layout = KindLayout(names=[n for n, _, _ in owners], rank=R)
+            if owners:
+                first = owners[0][2][0][1]
+                for b in first:
+                    layout.outs.append((col, col + b.shape[1]))
+                    col += b.shape[1]
             self.layouts[kind] = layout
             for i, lin in enumerate(lins):
-                if owners:
-                    lin.stack.a = torch.cat([layers[i][0] for _, layers in owners], dim=1).contiguous()
-                    lin.stack.b = torch.cat([layers[i][1] for _, layers in owners], dim=0).contiguous()
-                else:
-                    lin.stack.a = lin.stack.b = None
+                if not owners:
+                    lin.stack.a, lin.stack.bs = None, []
+                    continue
+                a_cols, b_parts = [], [[] for _ in layout.outs]
+                for _, r, layers in owners:
+                    a, bs = layers[i]
+                    for p, b in enumerate(bs):
+                        a_cols.append(_pad_cols(a[:, p * r:(p + 1) * r], R))
+                        b_parts[p].append(_pad_rows(b, R))
+                lin.stack.a = torch.cat(a_cols, dim=1).contiguous()
+                lin.stack.bs = [torch.cat(bp, dim=0).contiguous() for bp in b_parts]
 
     def check_invariant(self) -> None:
         assert len(self.resident) <= self.max_loras, (len(self.resident), self.max_loras)
@@ -226,7 +237,7 @@ class AdapterCache:
         for name, k in self.refs.items():
             assert k > 0 and name in self.resident, (name, k)
         for kind, layout in self.layouts.items():
-            assert set(layout.ranges) <= set(self.resident), (kind, layout.ranges)
+            assert set(layout.names) <= set(self.resident), (kind, layout.names)
             for lin in (self._linears or {}).get(kind, []):
                 width = 0 if lin.stack.a is None else lin.stack.a.shape[1]
                 assert width == layout.width, (kind, width, layout.width)
@@ -235,3 +246,11 @@ class AdapterCache:
         return {"resident": list(self.resident), "resident_mb": round(self.resident_bytes / 2**20, 1),
                 "max_loras": self.max_loras, "memory_mb": round(self.memory_bytes / 2**20, 1),
                 "loads": self.loads, "evictions": self.evictions, "requests": dict(self.requests)}
+
+
+def _pad_cols(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if t.shape[1] == n else torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1])], dim=1)
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if t.shape[0] == n else torch.cat([t, t.new_zeros(n - t.shape[0], t.shape[1])], dim=0)

@@ -1,17 +1,22 @@
 """Applying the resident adapters inside the forward pass: ``LoraLinear`` and ``LoraStep``.
 
 ``LoraLinear`` wraps one fused projection of the base model (qkv, o, gate_up, down of one
-layer) and adds the LoRA deltas of the rows that carry an adapter. The weights of every
-resident adapter for that projection sit side by side in one ``ModuleStack``
-(``a [in, C]``, ``b [C, out]``; adapter ``n`` owns columns ``ranges[n]`` of ``a`` and rows
-``ranges[n]`` of ``b``), so a step costs the same few ops whatever its mix of adapters:
+layer) and adds the LoRA deltas of the rows that carry an adapter. The resident adapters'
+weights for that projection sit side by side in one ``ModuleStack``, each padded to the
+largest resident rank ``R``: ``a [in, S * P * R]`` (adapter-major, then part: q/k/v or
+gate/up, ``P`` parts) and, per part, ``bs[p] [S * R, out_p]``. A step costs a handful of ops
+whatever its mix of adapters:
 
-- every row on one adapter: ``y += (x @ a[:, s:e]) @ b[s:e]``             (2 matmuls)
-- a mix (and base rows):    ``y += ((x @ a) * mask) @ b``                  (2 matmuls, 1 mul)
+- every row on adapter ``s``: ``h = x @ a[:, s*P*R:(s+1)*P*R]``, then per part
+  ``y[:, part] += h[:, p*R:(p+1)*R] @ bs[p][s*R:(s+1)*R]``
+- a mix (and base rows): ``h = (x @ a) * mask`` where ``mask[t, c]`` is 1 when column ``c``
+  belongs to row ``t``'s adapter (0 for base rows), then per part
+  ``y[:, part] += h[:, all adapters' part-p columns] @ bs[p]``
 
-where ``mask[t, c]`` is 1 when column ``c`` belongs to row ``t``'s adapter (0 for base rows).
-The mix costs ``C / r`` times the single-adapter LoRA flops, which stays small next to the base
-matmul for the few adapters a replica keeps resident (``max_loras``).
+The mix costs ``S`` times the single-adapter LoRA flops: small next to the base matmul for the
+few adapters a replica keeps resident (``max_loras``), and one op sequence instead of one per
+adapter (on a CPU the op count, not the flops, is what a decode step of a small model pays).
+Block-diagonal fused B matrices were tried first: their zeros were 70% of the bytes read.
 """
 
 from __future__ import annotations
@@ -23,18 +28,24 @@ import torch
 
 @dataclass
 class ModuleStack:
-    """The resident adapters' weights for one fused projection of one layer."""
+    """The resident adapters' weights for one fused projection of one layer (see module doc)."""
 
-    a: torch.Tensor | None = None  # [in, C]
-    b: torch.Tensor | None = None  # [C, out]
+    a: torch.Tensor | None = None  # [in, S * P * R]
+    bs: list[torch.Tensor] = field(default_factory=list)  # per part: [S * R, out_p]
 
 
 @dataclass
 class KindLayout:
-    """Which columns of a module kind's stacks belong to which adapter (the same for every layer)."""
+    """The stacks' shape for one module kind, the same in every layer: the adapters in stack
+    order, the padded rank ``rank`` and the fused output's column slice of every part."""
 
-    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
-    width: int = 0
+    names: list[str] = field(default_factory=list)
+    rank: int = 0
+    outs: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def width(self) -> int:
+        return len(self.names) * len(self.outs) * self.rank
 
 
 @dataclass
@@ -69,19 +80,34 @@ class LoraLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         step = self.ctx.step
-        a, b = self.stack.a, self.stack.b
-        if step is None or a is None or b is None:
+        a = self.stack.a
+        if step is None or a is None:
             return y
+        layout = self.layouts[self.kind]
+        R, P = layout.rank, len(layout.outs)
         x2 = x.reshape(-1, x.shape[-1])
         y2 = y.view(-1, y.shape[-1])
         if step.single is not None:
-            rng = self.layouts[self.kind].ranges.get(step.single)
-            if rng is not None:
-                y2.addmm_(x2 @ a[:, rng[0]:rng[1]], b[rng[0]:rng[1]])
+            if step.single not in layout.names:
+                return y
+            s = layout.names.index(step.single)
+            h = x2 @ a[:, s * P * R:(s + 1) * P * R]
+            for p, (lo, hi) in enumerate(layout.outs):
+                b = self.stack.bs[p][s * R:(s + 1) * R]
+                if P == 1:
+                    y2.addmm_(h, b)
+                else:
+                    y2[:, lo:hi].addmm_(h[:, p * R:(p + 1) * R], b)
             return y
         mask = step.masks.get(self.kind)
-        if mask is not None:
-            h = x2 @ a
-            h.mul_(mask)
-            y2.addmm_(h, b)
+        if mask is None:
+            return y
+        h = x2 @ a
+        h.mul_(mask)
+        if P == 1:
+            y2.addmm_(h, self.stack.bs[0])
+            return y
+        hp = h.view(h.shape[0], len(layout.names), P, R)
+        for p, (lo, hi) in enumerate(layout.outs):
+            y2[:, lo:hi].addmm_(hp[:, :, p, :].reshape(h.shape[0], -1), self.stack.bs[p])
         return y
