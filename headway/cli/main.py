@@ -64,6 +64,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the forward pass.")] = None,
     quantization: Annotated[Optional[str], typer.Option(
         help="LLM weight-only quantization: none (default) or int8.")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option(
+        help="LoRA adapter to serve, NAME=PATH to a PEFT directory; repeatable.")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
                                                 "name); the control plane passes the deployment's.")] = None,
@@ -75,10 +77,18 @@ def serve(
     from headway.infra.weights import fetch_for_runtime
     from headway.server.serve import serve as run
 
+    adapters = None
+    if lora:
+        bad = [item for item in lora if "=" not in item or not item.split("=", 1)[0] or not item.split("=", 1)[1]]
+        if bad:
+            typer.echo(f"--lora {bad[0]!r}: expected NAME=PATH, e.g. --lora sql=./adapters/sql", err=True)
+            raise typer.Exit(2)
+        adapters = {n: str(Path(p).expanduser().resolve()) for n, p in (item.split("=", 1) for item in lora)}
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
             replica_id=replica_id,
-            engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization})
+            engine_overrides={"dtype": dtype, "num_threads": threads, "quantization": quantization,
+                              "lora_adapters": adapters})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
