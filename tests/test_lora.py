@@ -110,12 +110,13 @@ def test_mixed_batch_logits_match_merged_reference(tmp_path, tiny_dir, cfg) -> N
     (a2 / "adapter_config.json").write_text(json.dumps({**conf, "use_rslora": True}))
     runner = ModelRunner(tiny_dir, num_slots=256)
     cache = AdapterCache(runner.model, runner.config, dtype=runner.dtype, device=runner.device)
+    cache.register("a0", adapter(tmp_path, cfg, "a0", r=8, seed=3))  # stacked first, unused: steps use a span
     cache.register("a1", a1)
     cache.register("a2", a2)
     prompts = {"a1": [5, 17, 300, 41, 9], None: [5, 17, 300, 41, 9], "a2": [88, 7, 1200]}
     slots = [list(range(i * 50, i * 50 + len(p))) for i, p in enumerate(prompts.values())]
     refs = {n: hf_model(tiny_dir, {"a1": a1, "a2": a2}[n] if n else None) for n in prompts}
-    for order in (["a1", None, "a2"], ["a2", "a1", None]):
+    for order in (["a1", None, "a2"], ["a2", "a1", None], ["a2", None], ["a1"]):
         ids = [prompts[n] for n in order]
         batch = ForwardBatch.build(ids, [slots[list(prompts).index(n)] for n in order], all_logits=True)
         cache.begin_step((n, len(p)) for n, p in zip(order, ids))

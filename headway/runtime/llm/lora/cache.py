@@ -135,19 +135,21 @@ class AdapterCache:
             self.ctx.step = LoraStep(single=next(iter(names)), masks={})
             return
         total = sum(k for _, k in runs)
-        masks: dict[str, torch.Tensor] = {}
+        masks: dict[str, tuple[int, int, torch.Tensor]] = {}
         for kind, layout in self.layouts.items():
-            if not layout.width or not any(n in layout.names for n in names):
+            present = sorted(layout.names.index(n) for n in names if n is not None and n in layout.names)
+            if not present:
                 continue
-            mask = torch.zeros(total, layout.width, dtype=self.dtype, device=self.device)
+            s0, s1 = present[0], present[-1] + 1
             block = len(layout.outs) * layout.rank
+            mask = torch.zeros(total, (s1 - s0) * block, dtype=self.dtype, device=self.device)
             row = 0
             for n, k in runs:
                 if n is not None and n in layout.names:
-                    s = layout.names.index(n)
+                    s = layout.names.index(n) - s0
                     mask[row:row + k, s * block:(s + 1) * block] = 1
                 row += k
-            masks[kind] = mask
+            masks[kind] = (s0, s1, mask)
         self.ctx.step = LoraStep(single=None, masks=masks)
 
     def end_step(self) -> None:

@@ -9,13 +9,14 @@ whatever its mix of adapters:
 
 - every row on adapter ``s``: ``h = x @ a[:, s*P*R:(s+1)*P*R]``, then per part
   ``y[:, part] += h[:, p*R:(p+1)*R] @ bs[p][s*R:(s+1)*R]``
-- a mix (and base rows): ``h = (x @ a) * mask`` where ``mask[t, c]`` is 1 when column ``c``
+- a mix (and base rows): over the span of stacked adapters ``[s0, s1)`` that covers the
+  step's adapters, ``h = (x @ a[span]) * mask`` where ``mask[t, c]`` is 1 when column ``c``
   belongs to row ``t``'s adapter (0 for base rows), then per part
-  ``y[:, part] += h[:, all adapters' part-p columns] @ bs[p]``
+  ``y[:, part] += h[:, the span's part-p columns] @ bs[p][span]``
 
-The mix costs ``S`` times the single-adapter LoRA flops: small next to the base matmul for the
-few adapters a replica keeps resident (``max_loras``), and one op sequence instead of one per
-adapter (on a CPU the op count, not the flops, is what a decode step of a small model pays).
+The mix costs ``s1 - s0`` times the single-adapter LoRA flops: small next to the base matmul
+for the few adapters a replica keeps resident (``max_loras``), and one op sequence instead of one
+per adapter (on a CPU the op count, not the flops, is what a decode step of a small model pays).
 Block-diagonal fused B matrices were tried first: their zeros were 70% of the bytes read.
 """
 
@@ -50,10 +51,11 @@ class KindLayout:
 
 @dataclass
 class LoraStep:
-    """What one forward step needs: ``single`` (every row on that adapter) or per-kind masks."""
+    """What one forward step needs: ``single`` (every row on that adapter), or per kind the span
+    of stacked adapters ``[lo, hi)`` covering the step's adapters and the mask over that span."""
 
     single: str | None
-    masks: dict[str, torch.Tensor]
+    masks: dict[str, tuple[int, int, torch.Tensor]]
 
 
 class LoraContext:
@@ -99,15 +101,16 @@ class LoraLinear:
                 else:
                     y2[:, lo:hi].addmm_(h[:, p * R:(p + 1) * R], b)
             return y
-        mask = step.masks.get(self.kind)
-        if mask is None:
+        span = step.masks.get(self.kind)
+        if span is None:
             return y
-        h = x2 @ a
+        s0, s1, mask = span
+        h = x2 @ a[:, s0 * P * R:s1 * P * R]
         h.mul_(mask)
         if P == 1:
-            y2.addmm_(h, self.stack.bs[0])
+            y2.addmm_(h, self.stack.bs[0][s0 * R:s1 * R])
             return y
-        hp = h.view(h.shape[0], len(layout.names), P, R)
+        hp = h.view(h.shape[0], s1 - s0, P, R)
         for p, (lo, hi) in enumerate(layout.outs):
-            y2[:, lo:hi].addmm_(hp[:, :, p, :].reshape(h.shape[0], -1), self.stack.bs[p])
+            y2[:, lo:hi].addmm_(hp[:, :, p, :].reshape(h.shape[0], -1), self.stack.bs[p][s0 * R:s1 * R])
         return y
