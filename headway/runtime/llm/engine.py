@@ -246,6 +246,8 @@ class LLMEngine:
             req.adapter = None
 
     async def _on_loop(self, fn: Any) -> Any:
+        if self._thread is None or not self._thread.is_alive():
+            raise OpenAIError("the engine is not running", status=503, type="server_error")
         fut = asyncio.get_running_loop().create_future()
         self._commands.put(("call", fn, asyncio.get_running_loop(), fut))
         return await fut
@@ -254,6 +256,7 @@ class LLMEngine:
         """Register a PEFT LoRA directory under ``name``; raises AdapterError (400/409)."""
         if name in self.loras.names:
             raise AdapterError(f"adapter {name!r} is already loaded; unload it first or pick another name", 409)
+        path = str(Path(path).expanduser().absolute())  # read back from here after an eviction
         weights = await asyncio.to_thread(self.loras.read, name, path)
         await self._on_loop(lambda: self.loras.register(name, path, weights))
 
