@@ -210,7 +210,7 @@ def wait_state(engine: LLMEngine, ok, timeout: float = 5.0) -> dict:
 @pytest.fixture
 def tiny_engine(tmp_path, tiny_dir, cfg):
     ads = {f"a{i}": str(adapter(tmp_path, cfg, f"a{i}", r=4 + 4 * i, seed=10 + i)) for i in range(2)}
-    engine = LLMEngine.launch(tiny_dir, num_threads=1, lora_adapters=ads, kv_cache_tokens=1024)
+    engine = LLMEngine.launch(tiny_dir, lora_adapters=ads, kv_cache_tokens=1024)
     yield engine
     engine.stop()
 
