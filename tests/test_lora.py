@@ -241,3 +241,35 @@ def test_prefix_cache_is_isolated_per_adapter(tiny_engine) -> None:
     tiny_engine.prefix_caching = False  # references: each computed from scratch
     assert run_all(tiny_engine, [(prompt, "a1")])[0] == other
     assert run_all(tiny_engine, [(prompt, None)])[0] == base
+
+
+@pytest.mark.slow  # imports transformers and peft (~5 s)
+def test_a_directory_written_by_peft_matches_peft_forward(tmp_path, tiny_dir) -> None:
+    """A real `peft` save_pretrained directory (rslora, every projection) loads, and the engine's
+    logits on it equal peft's own forward. peft is in the `test` extra (pinned; installs without
+    pulling another torch: `pip install --no-deps peft==0.21.2` where torch is already there)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = peft.get_peft_model(model, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in pm.named_parameters():
+            if "lora_B" in name:  # peft starts B at zero: make the adapter do something
+                param.normal_(0, 0.3)
+    pm.save_pretrained(str(tmp_path / "real"))
+    ids = [5, 17, 300, 41, 9]
+    with torch.no_grad():
+        want = pm(torch.tensor([ids])).logits[0]
+    runner = ModelRunner(tiny_dir, num_slots=64)
+    cache = AdapterCache(runner.model, runner.config, dtype=runner.dtype, device=runner.device)
+    cache.register("real", tmp_path / "real")
+    cache.begin_step([("real", len(ids))])
+    got = runner.forward(ForwardBatch.build([ids], [list(range(len(ids)))], all_logits=True))
+    cache.end_step()
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    plain = runner.forward(ForwardBatch.build([ids], [list(range(len(ids)))], all_logits=True))
+    assert not torch.allclose(plain, want, atol=1e-2)  # the adapter matters
