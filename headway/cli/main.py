@@ -68,6 +68,8 @@ def serve(
         help="LLM speculative decoding: ngram or draft (details in headway.yaml engine.speculative).")] = None,
     kv_offload_tokens: Annotated[Optional[int], typer.Option(
         help="LLM host-memory KV tier in tokens: evicted prefixes are restored from it (0 = off).")] = None,
+    lora: Annotated[Optional[list[str]], typer.Option(
+        help="LoRA adapter to serve, NAME=PATH to a PEFT directory; repeatable.")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
                                                 "name); the control plane passes the deployment's.")] = None,
@@ -79,11 +81,18 @@ def serve(
     from headway.infra.weights import fetch_for_runtime
     from headway.server.serve import serve as run
 
+    adapters = None
+    if lora:
+        bad = [item for item in lora if "=" not in item or not item.split("=", 1)[0] or not item.split("=", 1)[1]]
+        if bad:
+            typer.echo(f"--lora {bad[0]!r}: expected NAME=PATH, e.g. --lora sql=./adapters/sql", err=True)
+            raise typer.Exit(2)
+        adapters = {n: str(Path(p).expanduser().resolve()) for n, p in (item.split("=", 1) for item in lora)}
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
             replica_id=replica_id, engine_overrides={"dtype": dtype, "num_threads": threads,
                                                      "quantization": quantization, "speculative": speculative,
-                                                     "kv_offload_tokens": kv_offload_tokens})
+                                                     "kv_offload_tokens": kv_offload_tokens, "lora_adapters": adapters})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)

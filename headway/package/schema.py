@@ -184,6 +184,16 @@ class LLMEngineOptions(_Strict):
     @classmethod
     def _speculative_shorthand(cls, v: Any) -> Any:
         return {"method": v} if isinstance(v, str) else v
+    lora_adapters: dict[str, str] = Field(
+        default_factory=dict, examples=[{"sql": "adapters/sql"}],
+        description="LoRA adapters served at start: name (what clients put in `model`) -> PEFT directory "
+        "(adapter_config.json + adapter_model.safetensors; relative to the package). More can be loaded at "
+        "run time with POST /v1/load_lora_adapter.")
+    max_loras: int = Field(4, ge=1, le=64, examples=[4],
+                           description="LoRA adapters resident in memory at most (least recently used evicted).")
+    max_lora_rank: int = Field(64, ge=1, le=512, examples=[64], description="Largest LoRA rank accepted.")
+    lora_memory_mb: float = Field(512, gt=0, examples=[512],
+                                  description="Memory cap for resident LoRA adapters, in MiB.")
 
 
 class EmbeddingsEngineOptions(_Strict):

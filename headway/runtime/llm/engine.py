@@ -30,6 +30,7 @@ from headway.runtime.llm.device import choose_dtype, default_device
 from headway.runtime.llm.grammar import GrammarCompiler, GrammarMasker
 from headway.runtime.llm.kv_offload import KVOffloadTier
 from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.lora import AdapterCache, AdapterError
 from headway.runtime.llm.metrics import EngineMetrics
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
 from headway.runtime.llm.protocol import OpenAIError
@@ -57,6 +58,7 @@ class _Request:
     detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
     last_token_at: dict[int, float] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
+    adapter: str | None = None  # the LoRA adapter it pins until it is done
 
     pending: list[_Request] = field(default_factory=list)  # the engine's requests with output to hand over
     outbox: list[Any] = field(default_factory=list)
@@ -65,6 +67,15 @@ class _Request:
         if not self.outbox:
             self.pending.append(self)
         self.outbox.append(item)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
@@ -78,7 +89,8 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, max_running: int = 64, enable_prefix_caching: bool = True,
                  num_threads: int | None = None, model_name: str = "model", itl_factor: float = 1.5,
                  quantization: str = "none", speculative: SpeculativeConfig | None = None,
-                 kv_offload_tokens: int = 0):
+                 kv_offload_tokens: int = 0, lora_adapters: dict[str, str] | None = None, max_loras: int = 4,
+                 max_lora_rank: int = 64, lora_memory_mb: float = 512):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or default_device())
@@ -106,6 +118,11 @@ class LLMEngine:
                                         stop_token_ids=list(eos))  # compiles off this loop
         self.masker = GrammarMasker()
         self.metrics = EngineMetrics(model_name)
+        self.loras = AdapterCache(self.runner.model, cfg, dtype=self.dtype, device=self.device, max_loras=max_loras,
+                                  max_rank=max_lora_rank, memory_bytes=int(lora_memory_mb * 2**20),
+                                  on_event=self.metrics.lora_event)
+        for name, path in (lora_adapters or {}).items():
+            self.loras.register(name, path)
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._requests: dict[str, _Request] = {}
         self._pending: list[_Request] = []  # touched only by the loop thread
@@ -177,14 +194,15 @@ class LLMEngine:
     # ---- the asyncio side -------------------------------------------------------------------
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
-                       cache_key: Hashable = None) -> AsyncIterator[list[ChoiceDelta]]:
-        """Yield each step's new output for this request until all its n choices finish."""
+                       cache_key: Hashable = None, adapter: str | None = None) -> AsyncIterator[list[ChoiceDelta]]:
+        """Yield each step's new output for this request until all its n choices finish
+        (``adapter``: a registered LoRA adapter's name, None for the base model)."""
         if self._thread is None or not self._thread.is_alive():
             raise OpenAIError("the engine is not running", status=503, type="server_error")
         rid = uuid.uuid4().hex
         req = _Request(rid, params.n, asyncio.get_running_loop(), asyncio.Queue(), pending=self._pending)
         key = cache_key if self.prefix_caching else ("nocache", rid)
-        self._commands.put(("add", req, list(prompt_ids), params, key))
+        self._commands.put(("add", req, list(prompt_ids), params, key, adapter))
         done = False
         try:
             while True:
@@ -216,19 +234,63 @@ class LLMEngine:
 
     def _apply(self, cmd: tuple[Any, ...]) -> None:
         if cmd[0] == "add":
-            _, req, prompt_ids, params, key = cmd
+            _, req, prompt_ids, params, key, adapter = cmd
+            if adapter is not None:
+                try:
+                    reg = self.loras.acquire(adapter)
+                except AdapterError as exc:
+                    req.send(OpenAIError(str(exc), status=exc.status, param="model"))
+                    return
+                req.adapter = adapter
+                key = ("lora", adapter, reg.generation, key)  # prefix-cache isolation per adapter
             try:
-                self.scheduler.add(req.request_id, prompt_ids, params, cache_key=key)
+                seq = self.scheduler.add(req.request_id, prompt_ids, params, cache_key=key)
             except ValueError as exc:
+                self._forget(req)
                 req.send(OpenAIError(str(exc), param="prompt"))
                 return
+            seq.adapter = adapter
             self._requests[req.request_id] = req
             self.metrics.prompt_tokens.inc(len(prompt_ids))
         elif cmd[0] == "abort":
             rid = cmd[1]
-            if self._requests.pop(rid, None) is not None:
+            if (gone := self._requests.pop(rid, None)) is not None:
+                self._forget(gone)
                 for seq in self.scheduler.abort(rid):
                     self._record_finish(seq)
+        elif cmd[0] == "call":  # run on this thread for an asyncio caller (adapter load/unload)
+            _, fn, loop, fut = cmd
+            try:
+                result, error = fn(), None
+            except Exception as exc:
+                result, error = None, exc
+            self._snapshot = self._take_snapshot()
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def _forget(self, req: _Request) -> None:
+        """The request is done with its adapter (finished, aborted or failed)."""
+        if req.adapter is not None:
+            self.loras.release(req.adapter)
+            req.adapter = None
+
+    async def _on_loop(self, fn: Any) -> Any:
+        if self._thread is None or not self._thread.is_alive():
+            raise OpenAIError("the engine is not running", status=503, type="server_error")
+        fut = asyncio.get_running_loop().create_future()
+        self._commands.put(("call", fn, asyncio.get_running_loop(), fut))
+        return await fut
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Register a PEFT LoRA directory under ``name``; raises AdapterError (400/409)."""
+        if name in self.loras.names:
+            raise AdapterError(f"adapter {name!r} is already loaded; unload it first or pick another name", 409)
+        path = str(Path(path).expanduser().absolute())  # read back from here after an eviction
+        weights = await asyncio.to_thread(self.loras.read, name, path)
+        await self._on_loop(lambda: self.loras.register(name, path, weights))
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop serving ``name`` (running requests on it finish); raises AdapterError (404)."""
+        await self._on_loop(lambda: self.loras.unregister(name))
 
     def _flush(self) -> None:
         """Hand this step's output to the event loop(s) in one callback per loop: waking the
@@ -261,6 +323,7 @@ class LLMEngine:
             except Exception as exc:  # a broken step fails its requests loudly, never silently
                 log.exception("engine step failed")
                 for rid, req in list(self._requests.items()):
+                    self._forget(req)
                     for seq in self.scheduler.abort(rid):
                         self._record_finish(seq)
                     req.send(RuntimeError(f"engine step failed: {type(exc).__name__}: {exc}"))
@@ -285,7 +348,13 @@ class LLMEngine:
             if not plan.finished:
                 time.sleep(0.001)  # nothing runnable this instant (waiting for memory)
             return
-        logits = self.runner.forward(plan.to_forward_batch(self.device))
+        batch = plan.to_forward_batch(self.device)
+        if self.loras.resident:
+            self.loras.begin_step((it.seq.adapter, len(it.token_ids)) for it in plan.items)
+        try:
+            logits = self.runner.forward(batch)
+        finally:
+            self.loras.end_step()
         # grammar rows (and each proposed position of theirs): disallowed tokens -> -inf
         self.masker.mask(logits, plan.sample_seqs, plan.proposal_rows(),
                          {id(it.seq): it.proposal for it in plan.items if it.proposal})
@@ -372,6 +441,7 @@ class LLMEngine:
             req.finished.add(seq.index)
             if len(req.finished) >= req.n:
                 self._requests.pop(req.request_id, None)
+                self._forget(req)
                 req.send(_DONE)
         return len(token_ids)
 
@@ -436,6 +506,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len,
             "speculative": self._speculation_state(),
             "kv_offload": self.offload.stats() if self.offload is not None else None,
+            "adapters": list(self.loras.names), "lora": self.loras.stats(),
         }
 
     def _speculation_state(self) -> dict[str, Any] | None:

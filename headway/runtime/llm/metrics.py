@@ -61,6 +61,11 @@ class EngineMetrics:
         self.spec_mean_accepted = Gauge("headway_llm_spec_mean_accepted_length",
                                         "Accepted tokens per verified sequence-step since start.", m,
                                         registry=r).labels(model)
+        self.lora_requests = Counter("headway_llm_lora_requests", "Requests by LoRA adapter.", ["model", "adapter"],
+                                     registry=r)
+        self.lora_loads = Counter("headway_llm_lora_loads", "LoRA adapters made resident.", m, registry=r).labels(model)
+        self.lora_evictions = Counter("headway_llm_lora_evictions", "LoRA adapters evicted from memory.", m,
+                                      registry=r).labels(model)
         self.model = model
 
     def speculation(self, proposed: int, accepted: int, verified: int, rate: float, mean_len: float) -> None:
@@ -94,6 +99,14 @@ class EngineMetrics:
             self._offload_seen[name] = stats[name]
         for name, g in self._offload_gauges.items():
             g.set(stats[name])
+
+    def lora_event(self, event: str, adapter: str) -> None:
+        if event == "request":
+            self.lora_requests.labels(self.model, adapter).inc()
+        elif event == "load":
+            self.lora_loads.inc()
+        elif event == "evict":
+            self.lora_evictions.inc()
 
     def finished(self, reason: str) -> None:
         self.requests.labels(self.model, reason).inc()

@@ -31,8 +31,8 @@ class GenerateEngine(Protocol):
     max_model_len: int
     grammars: GrammarCompiler
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, *, cache_key: str | None = None
-                 ) -> AsyncIterator[list[ChoiceDelta]]: ...
+    def generate(self, prompt_ids: list[int], params: SamplingParams, *, cache_key: str | None = None,
+                 adapter: str | None = None) -> AsyncIterator[list[ChoiceDelta]]: ...
 
 
 def _sse(obj: Any) -> bytes:
@@ -44,18 +44,26 @@ def _error_response(exc: OpenAIError) -> JSONResponse:
 
 
 class OpenAIServer:
-    def __init__(self, engine: GenerateEngine, model_names: list[str], is_ready: Callable[[], bool]):
+    def __init__(self, engine: GenerateEngine, model_names: list[str], is_ready: Callable[[], bool],
+                 adapters: Callable[[], tuple[str, ...]] = tuple, parent: str | None = None):
         self.engine = engine
         self.names = model_names
         self.is_ready = is_ready
+        self.adapters = adapters  # the LoRA adapters served now (names clients may put in `model`)
+        self.parent = parent or model_names[0]  # the base model's name, the adapters' `parent` in /v1/models
 
     # ---- request -> prompts and params -------------------------------------------------------
 
-    def _check_model(self, name: str) -> None:
-        if name not in self.names:
-            raise OpenAIError(f"The model '{name}' does not exist; this server serves "
-                              f"{', '.join(repr(n) for n in self.names)}", status=404, param="model",
-                              code="model_not_found")
+    def _check_model(self, name: str) -> str | None:
+        """The LoRA adapter ``name`` selects (None: the base model); 404 for an unknown name."""
+        if name in self.names:
+            return None
+        adapters = self.adapters()
+        if name in adapters:
+            return name
+        raise OpenAIError(f"The model '{name}' does not exist; this server serves "
+                          f"{', '.join(repr(n) for n in (*self.names, *adapters))}", status=404, param="model",
+                          code="model_not_found")
 
     def _limits(self, prompt_len: int, requested: int | None, prompt_param: str) -> int:
         limit = self.engine.max_model_len
@@ -113,7 +121,9 @@ class OpenAIServer:
         async def models() -> dict[str, Any]:
             return {"object": "list", "data": [
                 {"id": n, "object": "model", "created": 0, "owned_by": "headway",
-                 "max_model_len": self.engine.max_model_len} for n in self.names]}
+                 "max_model_len": self.engine.max_model_len} for n in self.names] + [
+                {"id": a, "object": "model", "created": 0, "owned_by": "headway", "parent": self.parent,
+                 "max_model_len": self.engine.max_model_len} for a in self.adapters()]}
 
         @router.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
@@ -131,7 +141,7 @@ class OpenAIServer:
             raise OpenAIError("the model is still loading; retry shortly", status=503, type="server_error")
         if chat:
             req = parse_request(ChatCompletionRequest, body)
-            self._check_model(req.model)
+            adapter = self._check_model(req.model)
             try:
                 messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {}),
                              **({"tool_calls": m.tool_calls} if m.tool_calls else {}),
@@ -148,7 +158,7 @@ class OpenAIServer:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             req = parse_request(CompletionRequest, body)
-            self._check_model(req.model)
+            adapter = self._check_model(req.model)
             prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in req.prompts()]
             vocab = self.engine.tokenizer.vocab_size
             if any(not 0 <= t < vocab for p in prompts for t in p):
@@ -164,7 +174,7 @@ class OpenAIServer:
         except GrammarError as exc:
             raise OpenAIError(exc.message, param=exc.param) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        return _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt, grammar=spec)
+        return _Call(self, req, jobs, rid, chat, cache_key=req.cache_salt, grammar=spec, adapter=adapter)
 
     async def compile(self, spec: GrammarSpec, req: Any) -> Any:
         """The compiled grammar; an invalid one is a 400 naming the field (for tools: the
@@ -213,8 +223,9 @@ class _Call:
     """One API call: one or more prompts, each with n choices, merged into one response."""
 
     def __init__(self, server: OpenAIServer, req: Any, jobs: list[tuple[list[int], SamplingParams]], rid: str,
-                 chat: bool, cache_key: str | None, grammar: GrammarSpec | None = None):
+                 chat: bool, cache_key: str | None, grammar: GrammarSpec | None = None, adapter: str | None = None):
         self.s, self.req, self.jobs, self.rid, self.chat, self.cache_key = server, req, jobs, rid, chat, cache_key
+        self.adapter = adapter
         self.created = int(time.time())
         self.prompt_tokens = sum(len(ids) for ids, _ in jobs)
         self.completion_tokens = 0
@@ -241,7 +252,8 @@ class _Call:
 
         async def pump(p: int, ids: list[int], params: SamplingParams) -> None:
             try:
-                async for deltas in self.s.engine.generate(ids, params, cache_key=self.cache_key):
+                async for deltas in self.s.engine.generate(ids, params, cache_key=self.cache_key,
+                                                              adapter=self.adapter):
                     await queue.put([ChoiceDelta(p * n + d.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
                                      for d in deltas])
                 await queue.put(None)

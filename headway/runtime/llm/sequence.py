@@ -154,6 +154,7 @@ class Sequence:
     params: SamplingParams
     index: int = 0  # which of the request's n samples
     cache_key: Hashable = None  # radix isolation key (adapter id, cache salt)
+    adapter: str | None = None  # LoRA adapter name (None: the base model)
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     slots: list[int] = field(default_factory=list)
@@ -220,6 +221,7 @@ class Sequence:
             params=self.params,
             index=index,
             cache_key=self.cache_key,
+            adapter=self.adapter,
             generator=make_generator(self.params.seed, index),
             arrival_time=self.arrival_time,
             arrival_step=self.arrival_step,

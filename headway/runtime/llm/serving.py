@@ -91,7 +91,9 @@ class LLMRuntime(Runtime):
             max_num_batched_tokens=o.max_num_batched_tokens, max_running=o.max_running,
             enable_prefix_caching=o.enable_prefix_caching, num_threads=o.num_threads, model_name=self.name,
             itl_factor=o.prefill_itl_factor, quantization=o.quantization, speculative=speculative,
-            kv_offload_tokens=o.kv_offload_tokens)
+            kv_offload_tokens=o.kv_offload_tokens,
+            lora_adapters={n: str(self.package.root / Path(p).expanduser()) for n, p in o.lora_adapters.items()},
+            max_loras=o.max_loras, max_lora_rank=o.max_lora_rank, lora_memory_mb=o.lora_memory_mb)
         if self._api is not None:
             self._api.engine = self.engine
         self.mark_phase("loaded_s")
@@ -118,10 +120,15 @@ class LLMRuntime(Runtime):
             await asyncio.to_thread(self.engine.stop)
 
     def router(self) -> APIRouter:
+        from headway.runtime.llm.lora.api import lora_router
         from headway.runtime.llm.openai_api import OpenAIServer
 
-        self._api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None)
-        return self._api.router()
+        self._api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None,
+                                 adapters=lambda: self.engine.loras.names if self.engine is not None else (),
+                                 parent=self.name)
+        router = self._api.router()
+        router.include_router(lora_router(lambda: self.engine))
+        return router
 
     # The generic predict endpoint takes a /v1/completions body ("model" may be left out) and
     # answers with the completion object, or streams text deltas when "stream" is true.
