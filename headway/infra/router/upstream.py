@@ -103,6 +103,11 @@ class Forwarder:
         last_error = ""
         for attempt in range(self.config.max_attempts):
             eligible = self.replicas.eligible(dep, tried)
+            if req.adapter is not None:
+                # a replica serves an adapter only once it has loaded it: when some replica of the
+                # deployment publishes it, only those may take the request (whatever the policy)
+                if any(req.adapter in r.adapters for r in self.replicas.candidates(dep)):
+                    eligible = [r for r in eligible if req.adapter in r.adapters]
             if not eligible:
                 break
             now = time.monotonic()
