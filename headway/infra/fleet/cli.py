@@ -44,6 +44,8 @@ def up(
                                                "ray.init, e.g. auto or 10.0.0.1:6379) instead of local processes.")]
     = None,
     health_interval: Annotated[float, typer.Option(help="Seconds between the router's health checks.")] = 1.0,
+    standby: Annotated[bool, typer.Option(help="Keep a local process with torch and the server imported, to "
+                                          "become the next replica (a faster cold start).")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Start the control plane: API, router, autoscaler and replica manager in one process."""
@@ -64,7 +66,8 @@ def up(
     else:
         from headway.infra.fleet.providers.local import LocalProvider
 
-        provider = LocalProvider(state_dir / "logs", host="127.0.0.1" if host in ("127.0.0.1", "localhost") else host)
+        provider = LocalProvider(state_dir / "logs", host="127.0.0.1" if host in ("127.0.0.1", "localhost") else host,
+                                 standby=standby)
     plane = ControlPlane(state_dir, provider, health_interval_s=health_interval)
     typer.echo(f"headway control plane on http://{host}:{port} (state: {state_dir.resolve()}, "
                f"replicas: {'ray ' + ray if ray else 'local processes'})")

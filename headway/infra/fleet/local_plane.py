@@ -14,11 +14,12 @@ import httpx
 
 
 @contextmanager
-def local_plane(port: int, env: dict[str, str] | None = None, timeout_s: float = 30.0) -> Iterator[str]:
+def local_plane(port: int, env: dict[str, str] | None = None, timeout_s: float = 30.0,
+                extra: list[str] | None = None) -> Iterator[str]:
     """Start `headway up` with a fresh state directory; yield its URL once it answers; stop it."""
     state = tempfile.mkdtemp(prefix="headway-plane-")
     proc = subprocess.Popen([sys.executable, "-m", "headway", "up", "--port", str(port), "--state-dir", state,
-                             "--log-level", "warning"], env={**os.environ, **(env or {})},
+                             "--log-level", "warning", *(extra or [])], env={**os.environ, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

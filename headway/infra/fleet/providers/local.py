@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,15 +52,33 @@ def _free_port(host: str) -> int:
 class LocalProvider:
     name = "local"
 
-    def __init__(self, log_dir: Path, host: str = "127.0.0.1", *, standby: bool = True):
+    def __init__(self, log_dir: Path, host: str = "127.0.0.1", *, standby: bool = True,
+                 standby_delay_s: float = 5.0):
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.standby = standby
+        # a new standby importing torch takes a core for a second or two: it starts this long after
+        # the previous one became a replica, not while that replica loads (measured: 1.3 s vs 0.2 s load)
+        self.standby_delay_s = standby_delay_s
         self._procs: dict[int, subprocess.Popen[bytes]] = {}   # the ones this process started (reaped here)
         self._spare: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
         if standby:
             self._spare = self._new_spare()
+
+    def _respawn_later(self) -> None:
+        def spawn() -> None:
+            with self._lock:
+                if not self._closed and (self._spare is None or self._spare.poll() is not None):
+                    self._spare = self._new_spare()
+
+        if self._timer is None or not self._timer.is_alive():
+            self._timer = threading.Timer(self.standby_delay_s, spawn)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _new_spare(self) -> subprocess.Popen[bytes]:
         with open(self.log_dir / "standby.log", "ab") as log:
@@ -70,26 +89,33 @@ class LocalProvider:
         port = _free_port(self.host)
         log_path = self.log_dir / f"{launch.replica_id}.log"
         cmd = replica_command(launch, self.host, port)
-        spare = self._spare
-        if spare is not None and spare.poll() is None and not launch.env:
-            assert spare.stdin is not None
+        with self._lock:
+            spare = self._spare
+            use_spare = spare is not None and spare.poll() is None and not launch.env
+            if use_spare:
+                self._spare = None
+        if use_spare:
+            assert spare is not None and spare.stdin is not None
             order = {"argv": cmd[3:], "env": replica_env(launch), "log": str(log_path)}   # cmd[:3]: python -m headway
             spare.stdin.write((json.dumps(order) + "\n").encode())
             spare.stdin.close()
             proc = spare
-            self._spare = self._new_spare()
         else:
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         env={**os.environ, **replica_env(launch)}, start_new_session=True)
-            if self.standby and (spare is None or spare.poll() is not None):
-                self._spare = self._new_spare()
+        if self.standby:
+            self._respawn_later()
         self._procs[proc.pid] = proc
         return {"pid": proc.pid, "started": _start_time(proc.pid), "port": port, "host": self.host,
-                "log": str(log_path), "replica_id": launch.replica_id, "standby": proc is spare}
+                "log": str(log_path), "replica_id": launch.replica_id, "standby": use_spare}
 
     def close(self) -> None:
         """Let the standby go (it exits when its stdin closes)."""
+        with self._lock:
+            self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         if self._spare is not None and self._spare.stdin is not None:
             self._spare.stdin.close()
             try:
