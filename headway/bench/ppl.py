@@ -93,15 +93,15 @@ def evaluate(model_dir: Path, quantization: str, *, dtype: str, text: str, max_t
 @app.command("ppl")
 def ppl(
     model: Annotated[str, typer.Argument(help="A model-library name or a Hugging Face model directory.")],
-    quantization: Annotated[str, typer.Option(help="The quantization to evaluate: int8.")] = "int8",
+    quantization: Annotated[str, typer.Option(help="The quantization to evaluate: int8 or fp8.")] = "int8",
     dtype: Annotated[str, typer.Option(help="Activation dtype of both runs: float32 or bfloat16.")] = "float32",
     text: Annotated[Optional[Path], typer.Option(help="Text file to score (default: Headway's fixed text).")] = None,
     max_tokens: Annotated[int, typer.Option(help="Score at most this many tokens of the text.")] = 1024,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report here.")] = None,
 ) -> None:
     """Perplexity, speed and memory of a quantized model against the unquantized one, in one run."""
-    if quantization != "int8":
-        console.print(f"[red]error:[/red] quantization {quantization!r} is not supported; allowed: int8")
+    if quantization not in ("int8", "fp8"):
+        console.print(f"[red]error:[/red] quantization {quantization!r} is not supported; allowed: int8, fp8")
         raise typer.Exit(2)
     if dtype not in ("float32", "bfloat16"):
         console.print(f"[red]error:[/red] dtype {dtype!r} is not supported; allowed: float32, bfloat16")

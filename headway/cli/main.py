@@ -63,7 +63,7 @@ def serve(
     dtype: Annotated[Optional[str], typer.Option(help="LLM dtype: auto, float32 or bfloat16.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for the forward pass.")] = None,
     quantization: Annotated[Optional[str], typer.Option(
-        help="LLM weight-only quantization: none (default) or int8.")] = None,
+        help="LLM weight quantization: none (default), int8 or fp8.")] = None,
     speculative: Annotated[Optional[str], typer.Option(
         help="LLM speculative decoding: ngram or draft (details in headway.yaml engine.speculative).")] = None,
     kv_offload_tokens: Annotated[Optional[int], typer.Option(

@@ -170,11 +170,13 @@ class LLMEngineOptions(_Strict):
         "decode-only step (lower: steadier streams, slower first token for long prompts).")
     served_model_name: str | None = Field(None, description="Name clients use in `model`.",
                                           examples=["smollm2"])
-    quantization: Literal["none", "int8"] = Field(
+    quantization: Literal["none", "int8", "fp8"] = Field(
         "none", examples=["int8"],
-        description="Weight-only quantization of the decoder layers' linear weights (int8: one scale per "
-        "output channel; embeddings and LM head stay unquantized). Off by default; when on, the server "
-        "logs it and /headway/state reports it. `headway eval ppl` measures what it costs.")
+        description="Quantization of the decoder layers' linear weights, one scale per output channel; "
+        "embeddings and LM head stay unquantized. int8: weight-only. fp8 (e4m3): fp8 matmuls with "
+        "activations quantized per row on GPUs that have them (compute capability 8.9+), weight-only "
+        "elsewhere (memory saved, no speed-up). Off by default; when on, the server logs it and "
+        "/headway/state reports it. `headway eval ppl` measures what it costs.")
     speculative: SpeculativeOptions | None = Field(
         None, examples=[{"method": "ngram", "num_tokens": 8}],
         description="Speculative decoding (off when left out). `headway serve --speculative ngram` turns it on "

@@ -105,6 +105,14 @@ def activation_fn(name: str):  # type: ignore[no-untyped-def]
     raise ValueError(f"activation {name!r} not supported: allowed are silu, gelu_pytorch_tanh")
 
 
+FP8_MAX = 448.0   # largest finite float8_e4m3fn
+
+
+def fp8_matmul_available(device: torch.device) -> bool:
+    """fp8 tensor-core matmuls: CUDA compute capability 8.9 (Ada) or 9.0+ (Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
 class Linear:
     """``x @ W.T + b`` with the weight laid out for the fastest CPU kernel of its dtype.
 
@@ -119,12 +127,16 @@ class Linear:
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, quantize: str | None = None) -> None:
-        if quantize not in (None, "none", "int8"):
-            raise ValueError(f"quantization {quantize!r} is not supported: allowed are none, int8")
+        if quantize not in (None, "none", "int8", "fp8"):
+            raise ValueError(f"quantization {quantize!r} is not supported: allowed are none, int8, fp8")
         self.bias = bias
         self.out_features = weight.shape[0]
         self.quantized = quantize == "int8"
+        self.fp8 = quantize == "fp8"
         self.transposed = False
+        if self.fp8:
+            self._init_fp8(weight)
+            return
         if self.quantized:
             w = weight.float()
             scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
@@ -137,9 +149,33 @@ class Linear:
         self.transposed = weight.dtype == torch.float32
         self.weight = weight.t().contiguous() if self.transposed else weight
 
+    def _init_fp8(self, weight: torch.Tensor) -> None:
+        """fp8 (e4m3) weight with one float32 scale per output channel (``W ~= q * scale``,
+        ``|q| <= 448``). On a GPU with fp8 matmuls (compute capability 8.9+: Ada, Hopper) the
+        activations are quantized per row on the fly and multiplied by ``torch._scaled_mm``;
+        anywhere else the weight is converted per call (memory saved, no speed-up)."""
+        w = weight.float()
+        scales = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        self.weight = (w / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
+        self.scales = scales.to(weight.dtype)
+        self.fp8_scales = scales[None, :].contiguous()          # float32 [1, out] for _scaled_mm
+        self.fp8_kernel = fp8_matmul_available(weight.device)
+
+    def _fp8(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.fp8_kernel and x2.dtype in (torch.bfloat16, torch.float16):
+            xs = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+            xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.fp8_scales, out_dtype=x2.dtype)
+        else:
+            y = F.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     @property
     def nbytes(self) -> int:
-        extra = self.scales.numel() * self.scales.element_size() if self.quantized else 0
+        extra = self.scales.numel() * self.scales.element_size() if self.quantized or self.fp8 else 0
         bias = self.bias.numel() * self.bias.element_size() if self.bias is not None else 0
         return self.weight.numel() * self.weight.element_size() + extra + bias
 
@@ -156,6 +192,8 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized:
             return self._int8(x)
+        if self.fp8:
+            return self._fp8(x)
         if not self.transposed:
             return F.linear(x, self.weight, self.bias)
         if self.bias is None:
