@@ -186,6 +186,7 @@ class LLMEngineOptions(_Strict):
     @classmethod
     def _speculative_shorthand(cls, v: Any) -> Any:
         return {"method": v} if isinstance(v, str) else v
+
     lora_adapters: dict[str, str] = Field(
         default_factory=dict, examples=[{"sql": "adapters/sql"}],
         description="LoRA adapters served at start: name (what clients put in `model`) -> PEFT directory "

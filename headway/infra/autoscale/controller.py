@@ -46,9 +46,16 @@ class Observed:
 
 
 class AutoscaleLoop:
-    def __init__(self, observe: Callable[[str], Observed], apply: Callable[[str, int, str], None],
-                 *, poll_s: float = 0.05, clock: Callable[[], float] = time.monotonic):
+    """``waiting(name)`` is the cheap check run every poll: whether requests wait with no
+    replica at all (then decide at once); ``observe(name)`` measures everything, only when a
+    decision is due; either returns None for a deployment that is gone (its policy is dropped)."""
+
+    def __init__(self, observe: Callable[[str], Observed | None], apply: Callable[[str, int, str], None],
+                 *, waiting: Callable[[str], bool | None] | None = None, poll_s: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic):
         self.observe = observe
+        self.waiting = waiting or (lambda name: (o := observe(name)) is not None and o.queued > 0
+                                   and o.ready + o.starting == 0)
         self.apply = apply
         self.poll_s = poll_s
         self.clock = clock
@@ -66,9 +73,15 @@ class AutoscaleLoop:
     def step(self) -> None:
         now = self.clock()
         for name, track in list(self.tracks.items()):
+            if now - track.last < track.tick_s:
+                from_zero = self.waiting(name)
+                if from_zero is None:
+                    self.forget(name)
+                if not from_zero:
+                    continue
             o = self.observe(name)
-            from_zero = o.queued > 0 and o.ready + o.starting == 0
-            if now - track.last < track.tick_s and not from_zero:
+            if o is None:
+                self.forget(name)
                 continue
             track.last = now
             track.samples.append((now, o.concurrency))

@@ -39,7 +39,7 @@ class ControlPlane:
         self.router = RouterApp(ReplicaSet([], check_interval_s=health_interval_s), router_config or RouterConfig(),
                                 on_startup=self._started, on_shutdown=self._stopping)
         self.manager = ReplicaManager(self.store, provider, self.router)
-        self.autoscaler = AutoscaleLoop(self._observe, self.manager.set_desired)
+        self.autoscaler = AutoscaleLoop(self._observe, self.manager.set_desired, waiting=self._waiting)
         self._tasks: list[asyncio.Task[None]] = []
         self.stop_replicas_on_exit = False
 
@@ -64,14 +64,15 @@ class ControlPlane:
             a = dep.spec.autoscaling
             key = json.dumps([dep.spec.replicas.model_dump(), a.model_dump()], sort_keys=True, default=str)
             self.autoscaler.configure(name, a.policy, key, dep.spec.autoscale_config(), a.tick_s, a.window_s)
-        for name in list(self.autoscaler.tracks):
-            if name not in self.manager.deployments:
-                self.autoscaler.forget(name)
 
-    def _observe(self, name: str) -> Observed:
+    def _waiting(self, name: str) -> bool | None:
         if name not in self.manager.deployments:
-            self._sync_autoscaler()
-            return Observed(0, 0, 0, 0, None, None)
+            return None
+        return self.router.activator.queued(name) > 0 and self.manager.counts(name) == (0, 0)
+
+    def _observe(self, name: str) -> Observed | None:
+        if name not in self.manager.deployments:
+            return None
         ready, starting = self.manager.counts(name)
         queued = self.router.activator.queued(name)
         window = self.manager.deployments[name].spec.autoscaling.window_s

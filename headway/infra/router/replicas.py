@@ -164,9 +164,15 @@ class ReplicaSet:
     def candidates(self, deployment: str) -> list[Replica]:
         return [r for r in self.replicas if r.key == deployment and r.usable()]
 
-    def eligible(self, deployment: str, exclude: set[str]) -> list[Replica]:
-        return [r for r in self.replicas if r.key == deployment and r.usable()
-                and r.in_flight < r.limit and r.url not in exclude]
+    def eligible(self, deployment: str, exclude: set[str], adapter: str | None = None) -> list[Replica]:
+        """Replicas that may take a request now. A request naming an adapter goes only to the
+        replicas that publish it, once any replica of the deployment does (a replica serves an
+        adapter only after loading it), whatever the policy."""
+        out = [r for r in self.replicas if r.key == deployment and r.usable()
+               and r.in_flight < r.limit and r.url not in exclude]
+        if adapter is not None and any(adapter in r.adapters for r in self.candidates(deployment)):
+            out = [r for r in out if adapter in r.adapters]
+        return out
 
     def in_flight(self, deployment: str) -> int:
         return sum(r.in_flight for r in self.replicas if r.key == deployment)

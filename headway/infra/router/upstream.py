@@ -102,12 +102,7 @@ class Forwarder:
         attempts = 0
         last_error = ""
         for attempt in range(self.config.max_attempts):
-            eligible = self.replicas.eligible(dep, tried)
-            if req.adapter is not None:
-                # a replica serves an adapter only once it has loaded it: when some replica of the
-                # deployment publishes it, only those may take the request (whatever the policy)
-                if any(req.adapter in r.adapters for r in self.replicas.candidates(dep)):
-                    eligible = [r for r in eligible if req.adapter in r.adapters]
+            eligible = self.replicas.eligible(dep, tried, req.adapter)
             if not eligible:
                 break
             now = time.monotonic()
@@ -125,7 +120,7 @@ class Forwarder:
                 last_error = f"{rep.url}: {type(exc).__name__}: {exc}"
                 self.replicas.failed(rep, last_error, down=refused)
                 self._failed(rep, req, policy, now, "connect" if refused else "disconnect")
-                if not refused and not same_again and not self.replicas.eligible(dep, tried):
+                if not refused and not same_again and not self.replicas.eligible(dep, tried, req.adapter):
                     same_again = True      # a pooled connection may have gone stale: one fresh try on it
                     tried.discard(rid)
                 continue
@@ -133,7 +128,7 @@ class Forwarder:
                 self._release(rep, ok=False)
                 raise
             if (resp.status in RETRYABLE_STATUS and attempt + 1 < self.config.max_attempts
-                    and self.replicas.eligible(dep, tried)):
+                    and self.replicas.eligible(dep, tried, req.adapter)):
                 last_error = f"{rep.url} answered {resp.status}"
                 if resp.status != 429:
                     self.replicas.failed(rep, last_error, down=False)

@@ -51,7 +51,7 @@ async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: 
     assert session is not None
     tried: set[str] = set()
     for _ in range(app.config.max_attempts):
-        eligible = app.replicas.eligible(deployment, tried)
+        eligible = app.replicas.eligible(deployment, tried, adapter)
         if not eligible:
             break
         now = time.monotonic()

@@ -356,8 +356,7 @@ class LLMEngine:
         finally:
             self.loras.end_step()
         # grammar rows (and each proposed position of theirs): disallowed tokens -> -inf
-        self.masker.mask(logits, plan.sample_seqs, plan.proposal_rows(),
-                         {id(it.seq): it.proposal for it in plan.items if it.proposal})
+        self.masker.mask(logits, plan.sample_seqs, plan)
         runs, lps = self._sample(logits, plan)
         before = {id(s): len(s.output_ids) for s in plan.sample_seqs}
         got = self.scheduler.update(plan, runs)
@@ -510,7 +509,7 @@ class LLMEngine:
         }
 
     def _speculation_state(self) -> dict[str, Any] | None:
-        sp = getattr(self, "speculator", None)
+        sp = self.speculator
         if sp is None:
             return None
         return {"method": sp.config.method, "num_tokens": sp.config.num_tokens, "max_batch": sp.config.max_batch,

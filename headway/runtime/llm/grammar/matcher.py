@@ -129,20 +129,21 @@ class GrammarMasker:
             self._buf = allocate_bitmask(max(rows, 8), vocab)
         return self._buf
 
-    def mask(self, logits: torch.Tensor, rows: Sequence[GrammarRow],
-             proposal_rows: dict[int, list[int]] | None = None,
-             proposals: dict[int, Sequence[int]] | None = None) -> None:
+    def mask(self, logits: torch.Tensor, rows: Sequence[GrammarRow], plan: Any = None) -> None:
         """Mask the logits rows of sequences with a grammar. Row ``i`` is ``rows[i]``'s sample
-        row; a sequence with a speculative proposal also has one row after each proposed token
-        (``proposal_rows[id(seq)]``: its sample row first), each masked for the grammar state
-        after the proposal's tokens before it. Rows after the first proposed token the grammar
-        refuses stay unmasked: verification rejects that token (its probability is 0 under the
-        mask), so it never reads them."""
+        row; a sequence with a speculative proposal in ``plan`` (a SchedulePlan) also has one row
+        after each proposed token (``plan.proposal_rows()``: its sample row first), each masked
+        for the grammar state after the proposal's tokens before it. Rows after the first
+        proposed token the grammar refuses stay unmasked: verification rejects that token (its
+        probability is 0 under the mask), so it never reads them. Costs one scan of ``rows``
+        when none has a grammar."""
         idx = [i for i, r in enumerate(rows) if r.params.grammar is not None]
         if not idx:
             return
         vocab = logits.shape[1]
         buf = self._bitmask(logits.shape[0], vocab)
+        spec_rows = plan.proposal_rows() if plan is not None and plan.num_proposed else {}
+        proposals = {id(it.seq): it.proposal for it in plan.items if it.proposal} if spec_rows else {}
         apply_rows: list[int] = []
         for i in idx:
             r = rows[i]
@@ -150,12 +151,12 @@ class GrammarMasker:
                 if r.params.grammar.vocab_size != vocab:
                     raise ValueError(f"grammar compiled for vocab {r.params.grammar.vocab_size}, logits have {vocab}")
                 r.grammar = GrammarState(r.params.grammar)
-            spec = (proposal_rows or {}).get(id(r))
+            spec = spec_rows.get(id(r))
             if spec is None:
                 r.grammar.fill(buf, i)
                 apply_rows.append(i)
                 continue
-            st, draft, k = r.grammar, list((proposals or {})[id(r)]), 0
+            st, draft, k = r.grammar, list(proposals[id(r)]), 0
             for j in range(len(draft) + 1):
                 if st.is_terminated:        # past the grammar's end (an EOS was proposed): the run stops there
                     break
