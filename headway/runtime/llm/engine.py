@@ -471,8 +471,6 @@ class LLMEngine:
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_usage.set((total - self.pool.num_free - self.cache.evictable) / total)
         self.metrics.cache_hit_rate.set(self.prefix_hit_rate)
-        if self.offload is not None:
-            self.metrics.observe_offload(self.offload.stats())
 
     # ---- the replica-state contract ---------------------------------------------------------
 
@@ -487,6 +485,8 @@ class LLMEngine:
             return
         self._snapshot_at = now
         self._snapshot = self._take_snapshot()
+        if self._snapshot["kv_offload"] is not None:   # the tier's counters follow its snapshot, not every step
+            self.metrics.observe_offload(self._snapshot["kv_offload"])
 
     def _take_snapshot(self) -> dict[str, Any]:
         total, free, evictable = self.pool.total, self.pool.num_free, self.cache.evictable
