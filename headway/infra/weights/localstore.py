@@ -167,7 +167,28 @@ class _FileHTTPServer(ThreadingHTTPServer):
         pass  # clients that hang up (a probe closing early, a cut-short body) are expected here
 
 
-class FileServer:
+class _Running:
+    """A server on a background thread for the life of a `with` block (subclasses set `_server`
+    to a socketserver-style server before entering)."""
+
+    _server: Any
+
+    def __enter__(self) -> Any:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+
+class FileServer(_Running):
     """Serves the files under `root` on 127.0.0.1; `ranges=False` ignores Range headers (and
     sends no Accept-Ranges), `head_allowed=False` answers HEAD with 405; `/redirect/NAME`
     redirects to `/NAME`. Use as a context manager."""
@@ -180,23 +201,9 @@ class FileServer:
         self.shaper = Shaper(rate)
         self._server = _FileHTTPServer(("127.0.0.1", 0), _FileHandler)
         self._server.store = self
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> "FileServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
 
 
-class S3Server:
+class S3Server(_Running):
     """moto's S3-compatible server on 127.0.0.1 with a `Shaper` on object GET bodies. Needs
     `moto[server]` (the `test` extra). Use as a context manager; `url` is the endpoint."""
 
@@ -211,11 +218,6 @@ class S3Server:
         self.shaper = Shaper(rate)
         self._moto = DomainDispatcherApplication(create_backend_app)
         self._server = make_server("127.0.0.1", 0, self._app, threaded=True, request_handler=Quiet)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}"
 
     def _app(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         result = self._moto(environ, start_response)
@@ -230,15 +232,6 @@ class S3Server:
         if hasattr(result, "close"):
             result.close()
         return self.shaper.pace(blocks, sum(len(b) for b in blocks), fault)
-
-    def __enter__(self) -> "S3Server":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(10)
 
 
 def main(argv: list[str] | None = None) -> None:
