@@ -27,12 +27,14 @@ def chain_step(prev: str, block: Sequence[int]) -> str:
     return hashlib.sha256(prev.encode("ascii") + payload).hexdigest()[:16]
 
 
-def chain_hashes(token_ids: Sequence[int], block_tokens: int = 64, key: Hashable = None) -> list[str]:
-    """One hash per full block of `token_ids` (a partial last block is ignored)."""
+def chain_hashes(token_ids: Sequence[int], block_tokens: int = 64, key: Hashable = None,
+                 *, root: str | None = None) -> list[str]:
+    """One hash per full block of `token_ids` (a partial last block is ignored), chained from
+    `root` when given (a root a replica published), else from the root hash of `key`."""
     if block_tokens < 1:
         raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
     out: list[str] = []
-    prev = root_hash(key)
+    prev = root_hash(key) if root is None else root
     for start in range(0, len(token_ids) - block_tokens + 1, block_tokens):
         prev = chain_step(prev, token_ids[start:start + block_tokens])
         out.append(prev)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from headway.digest import chain_hashes
 from headway.library import resolve
 from headway.runtime.llm.batch import ForwardBatch
 from headway.runtime.llm.config import ModelConfig
@@ -238,6 +239,13 @@ def test_prefix_cache_is_isolated_per_adapter(tiny_engine) -> None:
     again = run_all(tiny_engine, [(prompt, "a0")])[0]
     assert tiny_engine.cache_hit_tokens > hits  # the same adapter does reuse its own prefix
     assert again == first and len({tuple(first), tuple(other), tuple(base)}) == 3
+    # the published digest: each adapter's chain starts from the root published for it
+    state = wait_state(tiny_engine, lambda s: set(s["prefix_digest"]["roots"]) == {"a0", "a1"})
+    digest, roots = set(state["prefix_digest"]["hashes"]), state["prefix_digest"]["roots"]
+    assert len(set(roots.values())) == 2
+    assert set(chain_hashes(prompt, 64, root=roots["a0"])) <= digest
+    assert set(chain_hashes(prompt, 64)) <= digest            # the base model's own chain
+    assert not set(chain_hashes(prompt, 64, root="f" * 16)) & digest
     tiny_engine.prefix_caching = False  # references: each computed from scratch
     assert run_all(tiny_engine, [(prompt, "a1")])[0] == other
     assert run_all(tiny_engine, [(prompt, None)])[0] == base

@@ -184,6 +184,31 @@ def test_cache_aware_uses_published_digests() -> None:
     assert p.stats.last_reason == "affinity"
 
 
+def test_adapter_requests_match_only_the_adapters_own_cache() -> None:
+    """An adapter's prefix cache is isolated on the replica: the digest chain of an adapter request
+    starts from the root the replica publishes for that adapter, and the tree keys it apart."""
+    ids = tuple(range(2000, 2256))
+    root_a = "a" * 16
+    base = frozenset(chain_hashes(ids))                  # r0 cached the prompt for the base model
+    under_a = frozenset(chain_hashes(ids, root=root_a))  # r1 cached it under adapter a
+    assert base.isdisjoint(under_a)
+    rs = [ReplicaView("r0", max_concurrency=8, digest=base, adapters=frozenset({"a"}), digest_roots=(("a", "b" * 16),)),
+          ReplicaView("r1", max_concurrency=8, digest=under_a, adapters=frozenset({"a"}), digest_roots=(("a", root_a),)),
+          ReplicaView("r2", max_concurrency=8, digest=base | under_a, adapters=frozenset({"a"}))]  # publishes no root
+    p = CacheAware(seed=0)
+    assert p.affinity.matched_tokens(RouteRequest("d", token_ids=ids, adapter="a"), rs) == {"r0": 0, "r1": 256, "r2": 0}
+    assert p.affinity.matched_tokens(RouteRequest("d", token_ids=ids), rs) == {"r0": 256, "r1": 0, "r2": 256}
+    # the approximate tree: a prompt sent for the base model does not count for an adapter, and back
+    q = CacheAware(seed=0)
+    two = views(0, 0)
+    owner = send(q, RouteRequest("d", prompt=SYSTEM), two)
+    assert q.affinity.matched_tokens(RouteRequest("d", prompt=SYSTEM), two)[owner] > 100
+    assert q.affinity.matched_tokens(RouteRequest("d", prompt=SYSTEM, adapter="a"), two) == {"r0": 0, "r1": 0}
+    a_owner = send(q, RouteRequest("d", prompt=SYSTEM, adapter="a"), two)
+    assert q.affinity.matched_tokens(RouteRequest("d", prompt=SYSTEM, adapter="a"), two)[a_owner] > 100
+    assert q.affinity.matched_tokens(RouteRequest("d", prompt=SYSTEM, adapter="b"), two) == {"r0": 0, "r1": 0}
+
+
 def test_digest_corrects_the_approximate_tree() -> None:
     p = CacheAware(seed=0)
     rs = views(0, 0)

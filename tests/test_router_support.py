@@ -43,7 +43,11 @@ async def echo(ws):
     except Exception:
         return
 
+async def predict(request):
+    return JSONResponse({"echo": (await request.json())})
+
 app = Starlette(routes=[Route("/headway/state", state), Route("/health/ready", state),
+                        Route("/v1/models/echo-ws:predict", predict, methods=["POST"]),
                         WebSocketRoute("/v1/models/echo-ws/ws", echo)])
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 '''

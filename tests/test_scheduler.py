@@ -307,3 +307,30 @@ def test_decodes_round_robin_when_budget_is_short() -> None:
                 seen[it.seq.seq_id] = seen.get(it.seq.seq_id, 0) + 1
     assert set(seen) == {d.seq_id for d in decs}  # 10 decode slots/step, 14 decodes: all ran
     assert max(seen.values()) - min(seen.values()) <= 1
+
+
+def test_long_prompts_that_do_not_fit_together_wait_instead_of_preempting_each_other() -> None:
+    """Chunked prefill reserves chunk by chunk; admission still checks the whole uncached prompt
+    against what the running prefills will need. Two 70-token prompts in a 100-slot pool: the
+    second waits for the first to finish, nobody is preempted, no prefix is recomputed."""
+    s = mk(100, max_num_batched_tokens=16, max_running=8)
+    a = s.add("a", list(range(1000, 1070)), SamplingParams(max_tokens=4, ignore_eos=True))
+    b = s.add("b", list(range(2000, 2070)), SamplingParams(max_tokens=4, ignore_eos=True))
+    prefilled = 0
+    for _ in range(200):
+        if a.status is SeqStatus.FINISHED and b.status is SeqStatus.FINISHED:
+            break
+        plan, _ = step(s)
+        prefilled += sum(len(it.token_ids) for it in plan.items if it.num_samples == 0 or len(it.token_ids) > 1)
+        if b.status is SeqStatus.RUNNING:
+            assert a.status is SeqStatus.FINISHED     # b started only once a was done
+    assert a.output_ids == [5] * 4 and b.output_ids == [5] * 4
+    assert s.num_preemptions == 0
+    assert prefilled == 140                           # each prompt computed once
+    # alone in the pool, a prompt is admitted whatever it needs (it cannot wait for anyone)
+    c = s.add("c", list(range(3000, 3090)), SamplingParams(max_tokens=2, ignore_eos=True))
+    for _ in range(50):
+        if c.status is SeqStatus.FINISHED:
+            break
+        step(s)
+    assert c.output_ids == [5, 5]

@@ -27,6 +27,10 @@ class ActivatorTimeout(Exception):
     """The request waited its whole timeout without a replica taking it."""
 
 
+class ClientGone(Exception):
+    """The client went away while its request waited (it leaves the queue at once)."""
+
+
 @dataclass(frozen=True)
 class QueueLimits:
     size: int = 1000
@@ -42,16 +46,26 @@ class Ticket:
         self.deadline = deadline
         self.waited = False
 
-    async def wait(self) -> None:
+    async def wait(self, gone: asyncio.Future[object] | None = None) -> None:
+        """Until capacity may have appeared; `ClientGone` as soon as `gone` (the client's
+        disconnect) is done, `ActivatorTimeout` at the deadline."""
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             raise ActivatorTimeout(self.deployment)
+        if gone is not None and gone.done():
+            raise ClientGone(self.deployment)
         self.waited = True
-        event = self._activator._event(self.deployment)
+        woken = asyncio.ensure_future(self._activator._event(self.deployment).wait())
         try:
-            await asyncio.wait_for(event.wait(), remaining)
-        except asyncio.TimeoutError:
-            raise ActivatorTimeout(self.deployment) from None
+            waiters: set[asyncio.Future[object]] = {woken} if gone is None else {woken, gone}
+            await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+        if woken.done() and not woken.cancelled():
+            return
+        if gone is not None and gone.done():
+            raise ClientGone(self.deployment)
+        raise ActivatorTimeout(self.deployment)
 
 
 class Activator:

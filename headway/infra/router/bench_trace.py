@@ -45,13 +45,17 @@ def cache_counters(url: str) -> dict[str, float]:
     return found
 
 
+def _deployment_name(args: argparse.Namespace) -> str:
+    return re.sub(r"[^a-z0-9._-]", "-", Path(args.model).name.lower())
+
+
 def _served(args: argparse.Namespace, tmp: Path) -> str:
     """What the replicas serve: the model itself, or a package around it that caps the KV pool."""
     if not args.kv_cache_tokens:
         return str(args.model)
     pkg = tmp / "package"
     pkg.mkdir(exist_ok=True)
-    name = re.sub(r"[^a-z0-9._-]", "-", Path(args.model).name.lower())
+    name = _deployment_name(args)
     (pkg / "headway.yaml").write_text(json.dumps({  # JSON is YAML
         "name": name, "runtime": "llm", "model": {"source": args.model},
         "engine": {"kv_cache_tokens": args.kv_cache_tokens}}))
@@ -77,8 +81,9 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Any, tmp: Path) 
             _wait(url, proc, log, timeout=300)
         rport = _free_port()
         rlog = tmp / f"{policy}-router.log"
+        exact = ["--tokenizer", f"{_deployment_name(args)}={args.model}"] if args.router_tokenizer else []
         rproc = _start(["-m", "headway.infra.router.cli", *[a for u in urls for a in ("--replica", u)],
-                        "--policy", policy, "--log-level", "warning"], rport, rlog)
+                        "--policy", policy, *exact, "--log-level", "warning"], rport, rlog)
         stack.callback(rproc.terminate)
         router = f"http://127.0.0.1:{rport}"
         _wait(router, rproc, rlog)
@@ -93,6 +98,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Any, tmp: Path) 
         target = Target(policy, router, args.model, api=args.api)
         run = asyncio.run(run_workload(target, workload, duration_limit_s=args.duration_limit))
         after = [cache_counters(u) for u in urls]
+        decisions = httpx.get(router + "/headway/router", timeout=10).json()["policies"]
+        states = [httpx.get(u + "/headway/state", timeout=10).json() for u in urls]
     hit = sum(a["hit_tokens"] - b["hit_tokens"] for a, b in zip(after, before))
     query = sum(a["query_tokens"] - b["query_tokens"] for a, b in zip(after, before))
     ok = [r for r in run.results if r.ok]
@@ -105,6 +112,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Any, tmp: Path) 
         "ttft_p50_s": percentile(ttft, 50) if ttft else None, "ttft_p90_s": percentile(ttft, 90) if ttft else None,
         "ttft_p99_s": percentile(ttft, 99) if ttft else None,
         "per_replica_query_tokens": [a["query_tokens"] - b["query_tokens"] for a, b in zip(after, before)],
+        "decisions": {d: p["reasons"] for d, p in decisions.items()},
+        "preemptions": [s.get("preemptions") for s in states],
     }
 
 
@@ -129,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=8, help="conversations in flight at once")
     ap.add_argument("--duration-limit", type=float, default=1200.0, help="seconds per policy run at most")
     ap.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json for exact token counts")
+    ap.add_argument("--no-router-tokenizer", dest="router_tokenizer", action="store_false",
+                    help="route on the prompt text (~4 characters a token) instead of exact token ids "
+                         "(by default the router gets the model's tokenizer: `headway route --tokenizer`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -159,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {policy:<18} hit rate {res['prefix_cache_hit_rate']:6.1%}   TTFT p50 {res['ttft_p50_s'] * 1000:7.0f} ms"
                   f"  p90 {res['ttft_p90_s'] * 1000:7.0f} ms  p99 {res['ttft_p99_s'] * 1000:7.0f} ms   "
                   f"{res['completed']}/{res['requests']} ok   ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"    decisions {res['decisions']}  preemptions per replica {res['preemptions']}  "
+                  f"prompt tokens per replica {[int(x) for x in res['per_replica_query_tokens']]}", flush=True)
             if res["errors"]:
                 print(f"    errors: {res['error_messages']}")
     first = results[0]

@@ -16,10 +16,14 @@ from headway.digest import chain_hashes
 __all__ = ["cached_prefix_tokens", "chain_hashes"]
 
 
-def cached_prefix_tokens(token_ids: Sequence[int], published: Collection[str], block_tokens: int = 64) -> int:
-    """How many leading tokens of `token_ids` a replica publishing `published` holds (whole blocks)."""
+def cached_prefix_tokens(token_ids: Sequence[int], published: Collection[str], block_tokens: int = 64,
+                         *, root: str = "", chain: Sequence[str] | None = None) -> int:
+    """How many leading tokens of `token_ids` a replica publishing `published` holds (whole blocks).
+
+    `root` is where the chain starts: "" for the default cache, or the root the replica published
+    for an adapter. `chain` is that chain when the caller has computed it already."""
     matched = 0
-    for h in chain_hashes(token_ids, block_tokens):
+    for h in chain if chain is not None else chain_hashes(token_ids, block_tokens, root=root):
         if h not in published:
             break
         matched += block_tokens

@@ -44,8 +44,8 @@ class RouterService(router_pb2_grpc.RouterServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, req)
         assert not isinstance(req, str)
         try:
-            return await self.app.forwarder.open(req, "POST", path, CIMultiDict({"content-type": "application/json",
-                                                                                 "accept": accept}), request.body)
+            return await self.app.open(req, "POST", path, CIMultiDict({"content-type": "application/json",
+                                                                       "accept": accept}), request.body)
         except NoCapacity as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             raise  # abort raises; this line is for type checkers

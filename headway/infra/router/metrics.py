@@ -39,7 +39,7 @@ class RouterMetrics:
         self.queued = Gauge("headway_router_activator_queued", "Requests waiting in the activator for a "
                             "replica (scale from zero, or every replica at its limit)", ["deployment"], registry=r)
         self.activated = Counter("headway_router_activator_released", "Requests that waited in the activator, "
-                                 "by how the wait ended", ["deployment", "outcome"], registry=r)
+                                 "by how the wait ended (released, timeout, full, client_gone)", ["deployment", "outcome"], registry=r)
 
         self._children: dict[tuple[str, ...], Any] = {}
         self._shown: set[str] = set()

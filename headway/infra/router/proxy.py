@@ -14,12 +14,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
 
-from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout
+from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
 from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
@@ -28,6 +28,7 @@ from headway.infra.router.types import RouteRequest
 from headway.infra.router.upstream import Forwarder, NoCapacity, RouterConfig
 
 log = logging.getLogger("headway.router")
+T = TypeVar("T")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -57,9 +58,14 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"
     await send({"type": "http.response.body", "body": body})
 
 
-async def _close_on_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -> None:
-    while (await receive())["type"] != "http.disconnect":
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (its body was read already, so only a disconnect is left)."""
+    while (await receive())["type"] not in ("http.disconnect", "websocket.disconnect"):
         pass
+
+
+async def _close_on_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -> None:
+    await _disconnected(receive)
     resp.close()
 
 
@@ -172,7 +178,7 @@ class RouterApp:
             parsed = parsed if parsed is not None else parse_body(body)
             prompt, token_ids = prompt_of(parsed)
             tokenizer = (self.config.tokenizers or {}).get(deployment)
-            if token_ids is None and tokenizer is not None and adapter is None:
+            if token_ids is None and tokenizer is not None:
                 token_ids = prompt_token_ids(tokenizer, parsed)
         return RouteRequest(deployment, self.forwarder.next_id(), prompt, token_ids, adapter, region)
 
@@ -203,7 +209,10 @@ class RouterApp:
         qs: bytes = scope.get("query_string", b"")
         path_qs = scope.get("raw_path", path.encode()).decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
         try:
-            opened = await self.open(req, method, path_qs, headers, body)
+            opened = await self.open(req, method, path_qs, headers, body, receive)
+        except ClientGone:
+            self.metrics.count_request(req.deployment, "client_gone")
+            return
         except NoCapacity as exc:
             self.metrics.count_request(req.deployment, "503")
             self.metrics.rejected.labels(req.deployment).inc()
@@ -234,27 +243,39 @@ class RouterApp:
         values = sorted(s for t, s in self.first_byte.get(deployment, ()) if t >= since)
         return values[min(len(values) - 1, int(0.95 * len(values)))] if values else None
 
-    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: Any, body: bytes) -> Any:
+    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: Any, body: bytes,
+                   receive: Receive | None = None) -> Any:
         """Open the request on a replica; for a deployment the control plane manages, wait in the
-        activator while no replica can take it (scaling from zero, or all at their limit)."""
+        activator while no replica can take it (scaling from zero, or all at their limit).
+        With the client's `receive`, a client that disconnects while waiting leaves the queue
+        at once (`ClientGone`)."""
+        return await self.with_capacity(req.deployment, lambda: self.forwarder.open(req, method, path_qs, headers, body),
+                                        receive)
+
+    async def with_capacity(self, dep: str, attempt: Callable[[], Awaitable[T]], receive: Receive | None = None) -> T:
+        """`attempt()` (which raises NoCapacity when no replica can take the request); for a
+        managed deployment, retried from the activator queue each time capacity may have appeared."""
         try:
-            return await self.forwarder.open(req, method, path_qs, headers, body)
+            return await attempt()
         except NoCapacity:
-            if not self.activator.manages(req.deployment):
+            if not self.activator.manages(dep):
                 raise
-        dep = req.deployment
         started = time.monotonic()
+        gone = asyncio.ensure_future(_disconnected(receive)) if receive is not None else None
         try:
             async with self.activator.hold(dep) as ticket:
                 self.metrics.queued.labels(dep).set(self.activator.queued(dep))
                 while True:
                     try:
-                        opened = await self.forwarder.open(req, method, path_qs, headers, body)
+                        opened = await attempt()
                     except NoCapacity:
-                        await ticket.wait()
+                        await ticket.wait(gone)
                         continue
                     self.metrics.activated.labels(dep, "released").inc()
                     return opened
+        except ClientGone:
+            self.metrics.activated.labels(dep, "client_gone").inc()
+            raise
         except ActivatorFull as exc:
             self.metrics.activated.labels(dep, "full").inc()
             raise NoCapacity(str(exc)) from None
@@ -264,6 +285,8 @@ class RouterApp:
                              f"of waiting (activator.timeout_s {self.activator.limits[dep].timeout_s:g}); "
                              f"the deployment may be scaling up or failing to start: see `headway status {dep}`") from None
         finally:
+            if gone is not None:
+                gone.cancel()
             self.metrics.queued.labels(dep).set(self.activator.queued(dep))
 
     async def _pump(self, opened: Any, receive: Receive, send: Send, is_sse: bool) -> bool:

@@ -41,6 +41,7 @@ class Replica:
     aliases: frozenset[str] = frozenset()   # other names the replica answers to (optional state field)
     digest: frozenset[str] | None = None
     digest_block_tokens: int = 64
+    digest_roots: tuple[tuple[str, str], ...] = ()
     kv_free_tokens: int | None = None
     prefill_tokens_per_s: float | None = None
     latency_s: float | None = None
@@ -75,7 +76,7 @@ class Replica:
                            published_in_flight=self.published_in_flight,
                            max_concurrency=self.limit, adapters=self.adapters, region=self.region,
                            latency_s=self.latency_s, digest=self.digest,
-                           digest_block_tokens=self.digest_block_tokens, kv_free_tokens=self.kv_free_tokens,
+                           digest_block_tokens=self.digest_block_tokens, digest_roots=self.digest_roots, kv_free_tokens=self.kv_free_tokens,
                            prefill_tokens_per_s=self.prefill_tokens_per_s)
 
     def apply_state(self, body: dict[str, Any], latency_s: float) -> None:
@@ -93,6 +94,8 @@ class Replica:
         if isinstance(digest, dict) and isinstance(digest.get("hashes"), list):
             self.digest = frozenset(str(h) for h in digest["hashes"])
             self.digest_block_tokens = int(digest.get("block_tokens") or 64)
+            roots = digest.get("roots")
+            self.digest_roots = tuple(sorted((str(a), str(h)) for a, h in roots.items())) if isinstance(roots, dict) else ()
         kv = body.get("kv")
         if isinstance(kv, dict) and "total_tokens" in kv:
             self.kv_free_tokens = int(kv["total_tokens"]) - int(kv.get("used_tokens", 0)) + int(kv.get("evictable_tokens", 0))

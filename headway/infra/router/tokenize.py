@@ -4,9 +4,10 @@ With a deployment's tokenizer (`headway route --tokenizer DEPLOYMENT=SOURCE`, SO
 directory with tokenizer.json or a model-library name), the router turns an OpenAI chat or
 completion body into the token ids the replica will compute — chat through the model's own chat
 template, as the replica renders it — so prefix affinity works on token ids and matches the
-prefix digests replicas publish exactly, instead of estimating from characters. Requests it
-cannot tokenize the same way as the replica (a cache salt or an adapter, which seed the
-replica's digest chain differently; tools; a template error) keep the character estimate.
+prefix digests replicas publish exactly, instead of estimating from characters (an adapter's
+requests are matched against the chain root the replica publishes for that adapter). Requests
+it cannot tokenize the same way as the replica (a cache salt, which seeds the replica's digest
+chain with a key the router does not know; tools; a template error) keep the character estimate.
 """
 
 from __future__ import annotations

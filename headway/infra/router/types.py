@@ -37,6 +37,7 @@ class ReplicaView:
     latency_s: float | None = None             # measured round trip of health checks (EWMA)
     digest: frozenset[str] | None = None       # published prefix_digest hashes, if any
     digest_block_tokens: int = 64
+    digest_roots: tuple[tuple[str, str], ...] = ()  # (adapter, root hash its digest chain starts from)
     kv_free_tokens: int | None = None
     prefill_tokens_per_s: float | None = None  # the replica's measured prefill rate, if it publishes one
 

@@ -3,7 +3,10 @@
 The deployment comes from the path (`/v1/models/NAME/...`), a `model` query parameter, or the
 router's only deployment. The upstream socket is opened first (retried on another replica if it
 fails), then the client's is accepted; frames are copied both ways until either side closes.
-Refused before acceptance (close code 1013, "try again later") when no replica can take it.
+For a deployment the control plane manages, a connection no replica can take waits in the
+activator (scaling from zero, or every replica at its limit), like an HTTP request. Otherwise,
+or when that wait ends without a replica, it is refused before acceptance (close code 1013,
+"try again later").
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from urllib.parse import parse_qs
 
 import aiohttp
 
+from headway.infra.autoscale.activator import ClientGone
 from headway.infra.router.extract import model_from_path
 from headway.infra.router.types import RouteEvent, RouteRequest
+from headway.infra.router.upstream import NoCapacity
 
 if TYPE_CHECKING:
     from headway.infra.router.proxy import Receive, RouterApp, Scope, Send
@@ -49,40 +54,51 @@ async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: 
     protocols = list(scope.get("subprotocols") or ())
     session = app.forwarder.session
     assert session is not None
-    tried: set[str] = set()
-    for _ in range(app.config.max_attempts):
-        eligible = app.replicas.eligible(deployment, tried, adapter)
-        if not eligible:
-            break
-        now = time.monotonic()
-        rid = policy.choose(req, [r.view() for r in eligible], now)
-        app.metrics.count_decision(deployment, policy.name, policy.stats.last_reason)
-        rep = app.replicas.acquire(rid)
-        tried.add(rid)
-        policy.observe(RouteEvent("started", rid, now, req))
-        try:
-            upstream = await session.ws_connect(rep.url.replace("http", "ws", 1) + path_qs, protocols=protocols,
-                                                autoclose=False, autoping=True)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            app.replicas.release(rep, ok=False)
-            app.replicas.failed(rep, f"websocket: {type(exc).__name__}: {exc}",
-                                down=isinstance(exc, aiohttp.ClientConnectorError))
-            policy.observe(RouteEvent("failed", rid, time.monotonic(), req))
-            app.metrics.retries.labels(deployment, "websocket_connect").inc()
-            continue
-        ok = False
-        try:
-            await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
-            ok = await _join(upstream, receive, send)
-        finally:
-            app.replicas.release(rep, ok=ok)
-            policy.observe(RouteEvent("finished" if ok else "failed", rid, time.monotonic(), req,
-                                      time.monotonic() - now))
-            if not upstream.closed:
-                await upstream.close()
+
+    async def connect() -> tuple[Any, aiohttp.ClientWebSocketResponse, str, float]:
+        """A leased replica and its upstream socket; NoCapacity when no replica could take it."""
+        tried: set[str] = set()
+        for _ in range(app.config.max_attempts):
+            eligible = app.replicas.eligible(deployment, tried, adapter)
+            if not eligible:
+                break
+            now = time.monotonic()
+            rid = policy.choose(req, [r.view() for r in eligible], now)
+            app.metrics.count_decision(deployment, policy.name, policy.stats.last_reason)
+            rep = app.replicas.acquire(rid)
+            tried.add(rid)
+            policy.observe(RouteEvent("started", rid, now, req))
+            try:
+                upstream = await session.ws_connect(rep.url.replace("http", "ws", 1) + path_qs, protocols=protocols,
+                                                    autoclose=False, autoping=True)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                app.replicas.release(rep, ok=False)
+                app.replicas.failed(rep, f"websocket: {type(exc).__name__}: {exc}",
+                                    down=isinstance(exc, aiohttp.ClientConnectorError))
+                policy.observe(RouteEvent("failed", rid, time.monotonic(), req))
+                app.metrics.retries.labels(deployment, "websocket_connect").inc()
+                continue
+            return rep, upstream, rid, now
+        raise NoCapacity(f"no replica of '{deployment}' could take the connection")
+
+    try:
+        rep, upstream, rid, now = await app.with_capacity(deployment, connect, receive)
+    except ClientGone:
         return
-    app.metrics.rejected.labels(deployment).inc()
-    await send({"type": "websocket.close", "code": 1013, "reason": "no replica available"})
+    except NoCapacity:
+        app.metrics.rejected.labels(deployment).inc()
+        await send({"type": "websocket.close", "code": 1013, "reason": "no replica available"})
+        return
+    ok = False
+    try:
+        await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
+        ok = await _join(upstream, receive, send)
+    finally:
+        app.replicas.release(rep, ok=ok)
+        policy.observe(RouteEvent("finished" if ok else "failed", rid, time.monotonic(), req,
+                                  time.monotonic() - now))
+        if not upstream.closed:
+            await upstream.close()
 
 
 async def _join(upstream: aiohttp.ClientWebSocketResponse, receive: Receive, send: Send) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from headway.digest import root_hash
 from headway.runtime.llm.chunking import PrefillChunker
 from headway.runtime.llm.detokenizer import IncrementalDetokenizer
 from headway.runtime.llm.device import choose_dtype, default_device
@@ -45,6 +46,11 @@ from headway.runtime.llm.tokenizer import ModelTokenizer
 log = logging.getLogger("headway.llm")
 
 _DONE = object()
+
+
+def adapter_cache_key(adapter: str, generation: int, salt: Hashable = None) -> tuple[Any, ...]:
+    """The radix isolation key of an adapter's requests (published as a digest root per adapter)."""
+    return ("lora", adapter, generation, salt)
 
 
 @dataclass
@@ -242,7 +248,7 @@ class LLMEngine:
                     req.send(OpenAIError(str(exc), status=exc.status, param="model"))
                     return
                 req.adapter = adapter
-                key = ("lora", adapter, reg.generation, key)  # prefix-cache isolation per adapter
+                key = adapter_cache_key(adapter, reg.generation, key)  # prefix-cache isolation per adapter
             try:
                 seq = self.scheduler.add(req.request_id, prompt_ids, params, cache_key=key)
             except ValueError as exc:
@@ -499,7 +505,10 @@ class LLMEngine:
             "tokens_per_s": round(self.tokens_per_s, 1), "preemptions": self.scheduler.num_preemptions,
             "prefill_tokens_per_s": (round(1.0 / self.chunker.prefill_token_s, 1)
                                      if self.chunker.prefill_token_s else None),
-            "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64)},
+            "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64),
+                              # each adapter's chain starts from its own root (its cache is isolated)
+                              "roots": {name: root_hash(adapter_cache_key(name, reg.generation))
+                                        for name, reg in self.loras.registered.items()}},
             "dtype": str(self.dtype).removeprefix("torch."), "quantization": self.quantization,
             "device": str(self.device),
             "max_model_len": self.max_model_len,

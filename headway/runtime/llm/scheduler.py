@@ -7,7 +7,10 @@ them all: none starves). ``priority="prefill"`` (default) guarantees prefill wor
 ``min_prefill_tokens`` of the budget; ``priority="decode"`` gives prefill only what is left.
 
 Memory: admission matches the radix cache, reuses (locks) the longest cached prefix and
-allocates only the rest; short of slots, a request waits (unlocked cache is evicted first). A
+allocates only the rest; short of slots, a request waits (unlocked cache is evicted first), and
+while others run it is admitted only when its whole uncached prompt fits beside the prefill they
+still have to do (chunked prefill reserves chunk by chunk; this keeps long prompts from
+preempting each other in turn). A
 running sequence that cannot get a slot preempts the youngest running one (recompute: its
 computed prefix goes into the cache as evictable, and it re-enters the front of the waiting
 queue keeping its output, to resume by re-prefilling prompt+output). Waiting requests go
@@ -365,6 +368,7 @@ class Scheduler:
         # 2) admissions from the waiting queue, while budget and max_running allow
         prefill_left = min(budget - plan.num_tokens, cap - (prefill_start - prefill_left))
         n_running = sum(s.params.n if s.fork_pending else 1 for s in self.running)  # incl. forks to come
+        committed = sum(s.num_tokens - s.num_computed for s in self.running if s.in_prefill)
         for seq in [] if plan.preempted else self._waiting_order():  # short of memory: admit none
             cost = seq.params.n if seq.fork_pending else 1
             if prefill_left <= 0 or n_running + cost > cfg.max_running:
@@ -378,6 +382,13 @@ class Scheduler:
                 m, slots, node = restore_prefix(self.offload, self.cache, self._reserve, seq.cache_key,
                                                 seq.all_ids[: seq.num_tokens - 1], (m, slots, node), record=first)
             chunk = min(seq.num_tokens - m, prefill_left)
+            # the whole prompt must fit beside the prefill the running ones still have to do:
+            # admitting on the first chunk alone lets two long prompts take turns preempting
+            # each other (and evicting each other's computed prefix) under a small pool
+            if self.running and (seq.num_tokens - m + committed + cfg.admission_headroom
+                                 > self.pool.num_free + self.cache.evictable):
+                self.cache.unlock(node)
+                break
             if not self._reserve(chunk + cfg.admission_headroom):
                 self.cache.unlock(node)
                 break  # wait for slots (in order: nobody jumps a request that does not fit)
@@ -390,6 +401,7 @@ class Scheduler:
             seq.admit_order = self._admit_counter
             self.running.append(seq)
             n_running += cost
+            committed += seq.num_tokens - m - chunk
             prefill_left -= chunk
             self._emit(plan, seq, chunk, now)
         if not plan.is_empty:

@@ -6,6 +6,11 @@ estimated from the tree of what the router sent it: prompt text by characters (a
 token ids and the replica publishes a prefix digest computed with `digest.chain_hashes`, the
 exact count from the digest is used where it is larger. Published digests also correct the tree: a replica that reports a smaller cache
 than the tree credits it with loses its least recently used entries down to what it reports.
+
+An adapter's prefix cache is isolated from the base model's on a replica, so an adapter request
+only matches what was sent under that adapter: the tree key starts with the adapter's name, and
+its digest chain starts from the root the replica publishes for that adapter (a replica that
+publishes none is credited with nothing from its digest).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from headway.infra.router.digest import cached_prefix_tokens
+from headway.infra.router.digest import cached_prefix_tokens, chain_hashes
 from headway.infra.router.prefix_tree import PrefixTree
 from headway.infra.router.types import ReplicaView, RouteRequest
 
@@ -36,13 +41,19 @@ class PrefixAffinity:
         self._correct(replicas)
         key, per_token = self._key(req)
         chars = self.tree.match(key) if key else {}
-        skip = 1 if req.token_ids is not None else 0   # the marker character of token keys
+        skip = len(self._key_head(req))   # the marker characters before the prompt
         out: dict[str, int] = {}
+        chains: dict[tuple[str, int], list[str]] = {}   # one hash chain per (root, block size)
         for r in replicas:
             approx = int(max(0, chars.get(r.id, 0) - skip) / per_token)
-            if req.token_ids is not None and r.digest is not None:
+            root = "" if req.adapter is None else dict(r.digest_roots).get(req.adapter)
+            if req.token_ids is not None and r.digest is not None and root is not None:
                 # exact when both sides hash alike; the tree still counts if they do not
-                approx = max(approx, cached_prefix_tokens(req.token_ids, r.digest, r.digest_block_tokens))
+                ck = (root, r.digest_block_tokens)
+                if ck not in chains:
+                    chains[ck] = chain_hashes(req.token_ids, r.digest_block_tokens, root=root)
+                approx = max(approx, cached_prefix_tokens(req.token_ids, r.digest, r.digest_block_tokens,
+                                                          chain=chains[ck]))
             out[r.id] = approx
         return out
 
@@ -51,11 +62,18 @@ class PrefixAffinity:
         if key:
             self.tree.insert(key, replica, now)
 
+    @staticmethod
+    def _key_head(req: RouteRequest) -> str:
+        """What the tree key starts with: the adapter's name (isolated caches), then a marker for token ids."""
+        head = "" if req.adapter is None else f"\x01{req.adapter}\x01"
+        return head + ("\x00" if req.token_ids is not None else "")
+
     def _key(self, req: RouteRequest) -> tuple[str, float]:
         """The tree key of a prompt and its characters per token: text as is, token ids one char each."""
         if req.token_ids is not None:
-            return "\x00" + "".join(chr(t) if 0 <= t < 0x110000 else "\ufffd" for t in req.token_ids), 1.0
-        return req.prompt, self.chars_per_token
+            ids = "".join(chr(t) if 0 <= t < 0x110000 else "\ufffd" for t in req.token_ids)
+            return self._key_head(req) + ids, 1.0
+        return self._key_head(req) + req.prompt, self.chars_per_token
 
     def _correct(self, replicas: Sequence[ReplicaView]) -> None:
         for r in replicas:
