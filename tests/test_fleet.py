@@ -22,9 +22,7 @@ from headway.infra.fleet.manager import breakdown
 from headway.infra.fleet.spec import load_spec, validate_spec
 from headway.infra.fleet.store import ReplicaRow, Store
 from headway.package.load import PackageError
-from headway.library import resolve
-from headway.library.errors import UnknownModelError
-from tests.conftest import EXAMPLES, ROOT, free_port, write_package
+from tests.conftest import ROOT, free_port, write_package
 
 # A replica that starts in about a second (no torch) and streams `n` items `delay` seconds apart.
 STREAMER = '''
@@ -464,37 +462,3 @@ def test_router_first_byte_p95_over_a_window() -> None:
     app.first_byte["d"] = __import__("collections").deque([(now - 120, 9.0)] + [(now, i / 100) for i in range(100)])
     assert app.first_byte_p95("d", 60) == 0.95       # the old 9 s sample is outside the window
 
-
-def test_control_plane_gives_the_router_an_llm_deployments_tokenizer(tmp_path: Path) -> None:
-    """Exact prefix routing by default: an LLM deployment whose model is on this machine gets its
-    tokenizer in the router (loaded in the background); a custom or remote package does not."""
-    from headway.infra.fleet.manager import ReplicaManager
-    from headway.infra.fleet.tokenizers import deployment_tokenizer
-    from headway.infra.router.proxy import RouterApp
-    from headway.infra.router.replicas import ReplicaSet
-    from headway.infra.router.tokenize import prompt_token_ids
-    from headway.runtime.llm.tokenizer import ModelTokenizer
-
-    model_dir = resolve("tinycoder-test", install=False, progress=False).path
-    pkg = tmp_path / "tiny"
-    pkg.mkdir()
-    (pkg / "headway.yaml").write_text("name: tiny\nruntime: llm\nmodel:\n  source: tinycoder-test\n")
-    assert deployment_tokenizer("s3://bucket/models/tiny") is None
-    assert deployment_tokenizer(str(EXAMPLES / "text-classifier")) is None     # a custom runtime
-    with pytest.raises(UnknownModelError):
-        deployment_tokenizer("no-such-model")
-
-    router = RouterApp(ReplicaSet([]))
-    m = ReplicaManager(Store(tmp_path / "s.db"), RecordingProvider(), router)
-    m.apply(validate_spec({"name": "tiny", "package": str(pkg), "replicas": {"min": 0, "max": 1}}))
-    m.apply(validate_spec({"name": "custom", "package": str(EXAMPLES / "text-classifier"), "replicas": {"min": 0, "max": 1}}))
-    deadline = time.monotonic() + 30
-    while "tiny" not in (router.config.tokenizers or {}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    tok = (router.config.tokenizers or {})["tiny"]
-    body = {"model": "tiny", "prompt": "def add(a, b):"}
-    assert prompt_token_ids(tok, body) == tuple(ModelTokenizer(model_dir).encode("def add(a, b):"))
-    assert "custom" not in router.config.tokenizers
-    # a new package drops the old tokenizer until the new one is loaded
-    m.apply(validate_spec({"name": "tiny", "package": "s3://bucket/tiny", "replicas": {"min": 0, "max": 1}}))
-    assert "tiny" not in router.config.tokenizers

@@ -48,6 +48,14 @@ def test_openai_stream_through_the_router(llm: dict[str, Proc]) -> None:
 
 def test_shared_prefix_stays_on_one_replica(llm: dict[str, Proc]) -> None:
     url = llm["router"].url
+    # the router fetched the replicas' tokenizer after the first request (earlier test): routing
+    # on exact token ids from here on (tested on its own below)
+    httpx.post(url + "/v1/completions", json={"model": "tinycoder-test", "prompt": "x", "max_tokens": 1}, timeout=60)
+    deadline = time.monotonic() + 20
+    while "tinycoder-test" not in httpx.get(url + "/headway/router").json()["tokenizers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    before = httpx.get(url + "/headway/router").json()["policies"]["tinycoder-test"]["reasons"].get("affinity", 0)
     system = "def helper(x):\n    return x * 2\n" * 40
     owners = {httpx.post(url + "/v1/completions", json={"model": "tinycoder-test", "prompt": system + f"# q{i}\n",
                                                         "max_tokens": 2}, timeout=60).headers["x-headway-replica"]
@@ -55,7 +63,7 @@ def test_shared_prefix_stays_on_one_replica(llm: dict[str, Proc]) -> None:
     assert len(owners) == 1
     state = httpx.get(url + "/headway/router").json()
     assert state["policies"]["tinycoder-test"]["policy"] == "predicted-latency"     # the LLM default
-    assert state["policies"]["tinycoder-test"]["reasons"].get("affinity", 0) >= 5
+    assert state["policies"]["tinycoder-test"]["reasons"].get("affinity", 0) - before >= 5
     owner = owners.pop()
     deadline = time.monotonic() + 5   # the owner's published digest now holds the prefix's blocks
     while not httpx.get(owner + "/headway/state").json()["prefix_digest"]["hashes"]:
@@ -87,6 +95,37 @@ def test_a_fresh_router_with_the_tokenizer_follows_published_digests(llm: dict[s
         assert served == [holder.url] * 4
         reasons = httpx.get(front.url + "/headway/router").json()["policies"]["tinycoder-test"]["reasons"]
         assert reasons.get("affinity", 0) == 4  # the first one too: from the digest, not from its own history
+    finally:
+        front.stop()
+
+
+def test_a_router_fetches_the_tokenizer_from_its_replicas(llm: dict[str, Proc], tmp_path) -> None:  # noqa: ANN001
+    """Without `--tokenizer`, the router fetches the deployment's tokenizer from a replica
+    (GET /headway/tokenizer) after its first request, then routes on exact token ids: a prefix
+    it has never routed goes to the replica whose digest holds it."""
+    holder = llm["r0"]
+    prefix = "def merge(a, b):\n    out = []\n    while a and b:\n        out.append(a.pop())\n" * 25
+    r = httpx.post(holder.url + "/v1/completions", json={"model": "tinycoder-test", "prompt": prefix + "# warm\n",
+                                                         "max_tokens": 1}, timeout=60)
+    assert r.status_code == 200
+    files = httpx.get(holder.url + "/headway/tokenizer").json()["files"]
+    assert "tokenizer.json" in files
+    front = Proc(["-m", "headway", "route", "--port", "{port}", "--health-interval", "0.2", "--log-level", "warning",
+                  "--replica", holder.url, "--replica", llm["r1"].url], tmp_path / "auto-router.log")
+    try:
+        front.wait(timeout=60)
+        first = httpx.post(front.url + "/v1/completions", json={"model": "tinycoder-test", "prompt": "x = 1",
+                                                                "max_tokens": 1}, timeout=60)
+        assert first.status_code == 200          # routed on the text estimate; the fetch starts
+        deadline = time.monotonic() + 20
+        while "tinycoder-test" not in httpx.get(front.url + "/headway/router").json()["tokenizers"]:
+            assert time.monotonic() < deadline, front.log_path.read_text()[-2000:]
+            time.sleep(0.1)
+        time.sleep(0.5)                          # a health check round: the digests are in
+        served = [httpx.post(front.url + "/v1/completions", json={"model": "tinycoder-test", "prompt": prefix + f"# q{i}\n",
+                                                                  "max_tokens": 1}, timeout=60).headers["x-headway-replica"]
+                  for i in range(4)]
+        assert served == [holder.url] * 4
     finally:
         front.stop()
 

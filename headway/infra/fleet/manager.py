@@ -31,10 +31,8 @@ from headway.infra.autoscale.activator import QueueLimits
 from headway.infra.fleet.providers.base import Launch, Provider
 from headway.infra.fleet.spec import DeploymentSpec
 from headway.infra.fleet.store import DeploymentRow, ReplicaRow, Store
-from headway.infra.fleet.tokenizers import load_in_background
 from headway.infra.router.proxy import RouterApp
 from headway.infra.router.replicas import Replica
-from headway.infra.router.tokenize import PromptTokenizer
 
 log = logging.getLogger("headway.fleet")
 
@@ -48,7 +46,6 @@ class _Deployment:
     reason: str = "initial"
     failures: int = 0                 # starts in a row that failed
     next_start_at: float = 0.0        # monotonic; backoff after failures
-    tokenizer_for: str | None = None  # the package whose tokenizer the router was given (or is loading)
     events: list[tuple[float, str]] = field(default_factory=list)
 
     @property
@@ -130,18 +127,7 @@ class ReplicaManager:
             policies.pop(row.name, None)
         self.router.config.deployment_policies = policies
         self.router.forwarder.policies.pop(row.name, None)   # rebuilt with the new setting on next use
-        if dep.tokenizer_for != spec.package:                 # exact prefix routing: the model's tokenizer
-            dep.tokenizer_for = spec.package
-            self.router.config.tokenizers = {k: v for k, v in (self.router.config.tokenizers or {}).items()
-                                             if k != row.name}
-            load_in_background(row.name, spec.package, self._set_tokenizer)
         return dep
-
-    def _set_tokenizer(self, name: str, package: str, tokenizer: PromptTokenizer) -> None:
-        """From the loading thread: one assignment of a new dict, which the proxy reads per request."""
-        dep = self.deployments.get(name)
-        if dep is not None and dep.spec.package == package:   # not replaced by a newer package meanwhile
-            self.router.config.tokenizers = {**(self.router.config.tokenizers or {}), name: tokenizer}
 
     def scale(self, name: str, replicas: int | None) -> None:
         dep = self._get(name)

@@ -81,7 +81,8 @@ def run_policy(policy: str, args: argparse.Namespace, workload: Any, tmp: Path) 
             _wait(url, proc, log, timeout=300)
         rport = _free_port()
         rlog = tmp / f"{policy}-router.log"
-        exact = ["--tokenizer", f"{_deployment_name(args)}={args.model}"] if args.router_tokenizer else []
+        exact = (["--tokenizer", f"{_deployment_name(args)}={args.model}"] if args.router_tokenizer
+                 else ["--no-auto-tokenizer"])
         rproc = _start(["-m", "headway.infra.router.cli", *[a for u in urls for a in ("--replica", u)],
                         "--policy", policy, *exact, "--log-level", "warning"], rport, rlog)
         stack.callback(rproc.terminate)

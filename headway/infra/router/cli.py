@@ -18,7 +18,11 @@ def route(
         help="A deployment's own policy as DEPLOYMENT=NAME (over --policy); repeatable.")] = None,
     tokenizer: Annotated[Optional[list[str]], typer.Option(
         help="A deployment's tokenizer as DEPLOYMENT=SOURCE (model directory or library name): prefix "
-        "affinity on exact token ids, matched against the replicas' prefix digests; repeatable.")] = None,
+        "affinity on exact token ids, matched against the replicas' prefix digests; repeatable. "
+        "Without it the router fetches an LLM deployment's tokenizer from its replicas.")] = None,
+    auto_tokenizer: Annotated[bool, typer.Option(
+        help="Fetch an LLM deployment's tokenizer from its replicas (GET /headway/tokenizer) when none is "
+        "given; --no-auto-tokenizer routes on the prompt text (~4 characters a token) instead.")] = True,
     port: Annotated[int, typer.Option(help="HTTP port to listen on.")] = 8080,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     grpc_port: Annotated[Optional[int], typer.Option(help="Also serve the gRPC API on this port.")] = None,
@@ -69,10 +73,10 @@ def route(
     if max_in_flight is not None and max_in_flight < 1:
         fail(f"--max-in-flight must be >= 1, got {max_in_flight}")
     try:
-        app = build_app(replica, RouterConfig(policy=policy, seed=seed, max_attempts=max_attempts,
-                                                     deployment_policies=per_deployment or None,
-                                                     tokenizers=tokenizers or None), regions=regions,
-                        max_in_flight=max_in_flight, check_interval_s=health_interval, eject_after=eject_after,
+        config = RouterConfig(policy=policy, seed=seed, max_attempts=max_attempts,
+                              deployment_policies=per_deployment or None, tokenizers=tokenizers or None,
+                              auto_tokenizer=auto_tokenizer)
+        app = build_app(replica, config, regions=regions, max_in_flight=max_in_flight, check_interval_s=health_interval, eject_after=eject_after,
                         grpc_host=host, grpc_port=grpc_port)
     except ValueError as exc:
         fail(str(exc))

@@ -24,6 +24,7 @@ from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
 from headway.infra.router.tokenize import prompt_token_ids
+from headway.infra.router.tokenizer_fetch import TokenizerFetcher
 from headway.infra.router.types import RouteRequest
 from headway.infra.router.upstream import Forwarder, NoCapacity, RouterConfig
 
@@ -79,6 +80,7 @@ class RouterApp:
         self.activator = Activator()
         self.first_byte: dict[str, deque[tuple[float, float]]] = {}   # per deployment: (when, seconds), newest last
         self.forwarder = Forwarder(replicas, self.metrics, self.config, on_release=self.activator.notify)
+        self.tokenizer_fetch = TokenizerFetcher(self.config, replicas)
         self._checks: asyncio.Task[None] | None = None
         self._on_startup = on_startup
         self._on_shutdown = on_shutdown
@@ -98,6 +100,7 @@ class RouterApp:
             await self._on_shutdown(self)
         if self._checks is not None:
             self._checks.cancel()
+        self.tokenizer_fetch.close()
         await self.forwarder.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -137,7 +140,8 @@ class RouterApp:
         elif path == "/headway/router":
             body = {"replicas": self.replicas.snapshot(),
                     "policies": {d: {"policy": p.name, "reasons": p.stats.reasons}
-                                 for d, p in self.forwarder.policies.items()}}
+                                 for d, p in self.forwarder.policies.items()},
+                    "tokenizers": dict(self.tokenizer_fetch.sources)}   # deployment -> where it came from
             await respond(send, 200, json.dumps(body).encode())
         elif path == "/v1/models":
             names = sorted({n for r in self.replicas.replicas if r.key for n in (r.key, *r.aliases, *r.adapters)}
@@ -178,7 +182,9 @@ class RouterApp:
             parsed = parsed if parsed is not None else parse_body(body)
             prompt, token_ids = prompt_of(parsed)
             tokenizer = (self.config.tokenizers or {}).get(deployment)
-            if token_ids is None and tokenizer is not None:
+            if tokenizer is None:
+                self.tokenizer_fetch.want(deployment, self.forwarder.session)
+            elif token_ids is None:
                 token_ids = prompt_token_ids(tokenizer, parsed)
         return RouteRequest(deployment, self.forwarder.next_id(), prompt, token_ids, adapter, region)
 

@@ -37,6 +37,7 @@ class RouterConfig:
     policy_options: dict[str, Any] | None = None
     deployment_policies: dict[str, str] | None = None  # per deployment, over `policy` and the defaults
     tokenizers: dict[str, PromptTokenizer] | None = None  # per deployment: exact prompt token ids
+    auto_tokenizer: bool = True          # fetch an LLM deployment's tokenizer from its replicas (tokenizer_fetch)
 
 
 class NoCapacity(Exception):

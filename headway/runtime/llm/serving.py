@@ -4,13 +4,15 @@ OpenAI API, and reports engine state (KV usage, cached-prefix digest) to the inf
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
 
 from headway.package.load import Package
 from headway.package.schema import LLMEngineOptions
@@ -63,6 +65,7 @@ class LLMRuntime(Runtime):
         self.aliases = sorted({name, package.config.name, package.config.model.source or name})
         self.engine: Any = None
         self._api: Any = None
+        self._tokenizer_body: bytes | None = None
 
     async def load(self) -> None:
         from headway.runtime.llm.engine import LLMEngine
@@ -128,6 +131,16 @@ class LLMRuntime(Runtime):
                                  parent=self.name)
         router = self._api.router()
         router.include_router(lora_router(lambda: self.engine))
+
+        @router.get("/headway/tokenizer")
+        async def tokenizer_files() -> Response:
+            """The tokenizer files, so a router can compute prompt token ids exactly as this replica does."""
+            if self.engine is None:
+                return JSONResponse({"error": {"message": "the model is still loading; retry shortly"}}, status_code=503)
+            if self._tokenizer_body is None:
+                self._tokenizer_body = json.dumps({"files": self.engine.tokenizer.files()}).encode()
+            return Response(self._tokenizer_body, media_type="application/json")
+
         return router
 
     # The generic predict endpoint takes a /v1/completions body ("model" may be left out) and

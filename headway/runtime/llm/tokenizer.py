@@ -30,9 +30,14 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+# what a ModelTokenizer reads from a model directory (a router rebuilds it from these)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+
+
 class ModelTokenizer:
     def __init__(self, model_dir: str | Path):
         root = Path(model_dir)
+        self.root = root
         path = root / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{root} has no tokenizer.json (convert the model with `headway library pull`)")
@@ -54,6 +59,22 @@ class ModelTokenizer:
         self._env.globals["raise_exception"] = _raise
         self._env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._compiled = self._env.from_string(self.chat_template) if self.chat_template else None
+
+    def files(self) -> dict[str, str]:
+        """The files it was built from (`TOKENIZER_FILES` that exist), by name: what a replica
+        serves at /headway/tokenizer so a router can tokenize prompts exactly as it does."""
+        return {n: (self.root / n).read_text() for n in TOKENIZER_FILES if (self.root / n).is_file()}
+
+    @classmethod
+    def from_files(cls, files: dict[str, str], directory: str | Path) -> ModelTokenizer:
+        """Rebuild from `files()` output, written into `directory` (which it then reads)."""
+        root = Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            if name not in TOKENIZER_FILES:
+                raise ValueError(f"not a tokenizer file: {name!r} (expected one of {', '.join(TOKENIZER_FILES)})")
+            (root / name).write_text(text)
+        return cls(root)
 
     @staticmethod
     def _find_template(root: Path, cfg: dict[str, Any]) -> str | None:
