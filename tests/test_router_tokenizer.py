@@ -22,3 +22,66 @@ def test_tokenizer_files_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a tokenizer file: '../evil'"):
         ModelTokenizer.from_files({"../evil": "x"}, tmp_path / "bad")
     assert not (tmp_path / "evil").exists()
+
+
+def conversation(turns: int) -> list[list[dict[str, str]]]:
+    import random
+
+    from headway.bench.text import TextGenerator
+
+    tg, rng = TextGenerator(None), random.Random(0)
+    msgs = [{"role": "system", "content": tg.text(600, rng)}]
+    out = []
+    for _ in range(turns):
+        msgs = msgs + [{"role": "user", "content": tg.text(40, rng) + " é✓ 数字 \n\n  x"}]
+        out.append(msgs)
+        msgs = msgs + [{"role": "assistant", "content": tg.text(20, rng)}]
+    return out
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_segment_cache_gives_the_same_ids_and_reuses_history(model: str) -> None:
+    from headway.infra.router.tokenize import SegmentCachedTokenizer
+
+    try:
+        whole = ModelTokenizer(resolve(model, install=False, progress=False).path)
+    except Exception as exc:  # noqa: BLE001 - the Qwen pair is a benchmark model, not always installed
+        pytest.skip(f"{model} is not installed here: {exc}")
+    cached = SegmentCachedTokenizer(whole, verify=0)
+    for msgs in conversation(5):
+        kw = {"add_generation_prompt": True}
+        assert cached.encode_chat(msgs, **kw) == whole.encode_chat(msgs, **kw)
+    if cached.enabled:     # a template with special tokens between messages: later turns reuse earlier pieces
+        assert cached.hits > cached.misses
+
+
+def test_segment_cache_switches_itself_off_when_pieces_differ() -> None:
+    from headway.infra.router.tokenize import SegmentCachedTokenizer
+
+    class Odd:
+        """Encodes a text as its length: pieces never add up to the whole."""
+        def __init__(self, inner: ModelTokenizer):
+            self.tokenizer = inner.tokenizer
+            self.inner = inner
+
+        def render_chat(self, messages, **kw):  # noqa: ANN001, ANN003, ANN201
+            return self.inner.render_chat(messages, **kw)
+
+        def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+            return [len(text)]
+
+    odd = Odd(ModelTokenizer(resolve("smollm2-135m-instruct", install=False, progress=False).path))
+    cached = SegmentCachedTokenizer(odd, verify=4)
+    msgs = conversation(1)[0]
+    text = odd.render_chat(msgs, add_generation_prompt=True)
+    assert cached.encode_chat(msgs, add_generation_prompt=True) == [len(text)]
+    assert not cached.enabled
+    assert cached.encode_chat(msgs, add_generation_prompt=True) == [len(text)]
+
+
+def test_tokenize_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from headway.infra.router.bench_tokenize import main
+
+    assert main(["--conversations", "20", "--turns", "4", "--system-tokens", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "segment-cached" in out and "cache on" in out and "x less time per request" in out

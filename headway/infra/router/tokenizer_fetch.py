@@ -58,6 +58,7 @@ class TokenizerFetcher:
         task.add_done_callback(self._tasks.discard)
 
     async def _fetch(self, deployment: str, url: str, session: aiohttp.ClientSession) -> None:
+        from headway.infra.router.tokenize import SegmentCachedTokenizer
         from headway.runtime.llm.tokenizer import ModelTokenizer
 
         try:
@@ -73,7 +74,7 @@ class TokenizerFetcher:
             log.warning("deployment '%s': no tokenizer from %s (%s: %s); routing on the prompt text, "
                         "next try in %.0f s", deployment, url, type(exc).__name__, exc, self.RETRY_S)
             return
-        self.config.tokenizers = {**(self.config.tokenizers or {}), deployment: tokenizer}
+        self.config.tokenizers = {**(self.config.tokenizers or {}), deployment: SegmentCachedTokenizer(tokenizer)}
         self.sources[deployment] = url
         log.info("deployment '%s': routing on exact token ids (tokenizer from %s)", deployment, url)
 
