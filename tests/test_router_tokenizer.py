@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,39 @@ def test_tokenize_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--conversations", "20", "--turns", "4", "--system-tokens", "200"]) == 0
     out = capsys.readouterr().out
     assert "segment-cached" in out and "cache on" in out and "x less time per request" in out
+
+
+async def test_a_failed_tokenizer_fetch_backs_off_and_routing_goes_on(tmp_path: Path) -> None:
+    """A replica without /headway/tokenizer (404): one fetch, a logged failure, no new fetch until
+    the back-off ends; the deployment keeps routing on the text estimate."""
+    import aiohttp
+
+    from headway.infra.router.replicas import Replica, ReplicaSet
+    from headway.infra.router.tokenizer_fetch import TokenizerFetcher
+    from headway.infra.router.upstream import RouterConfig
+    from tests.test_router_support import ws_replica
+
+    proc = ws_replica(tmp_path)          # speaks the state contract, has no tokenizer endpoint
+    proc.wait()
+    try:
+        rep = Replica(proc.url, deployment="d")
+        rep.ready, rep.healthy, rep.runtime = True, True, "llm"
+        config = RouterConfig()
+        fetcher = TokenizerFetcher(config, ReplicaSet([rep]))
+        async with aiohttp.ClientSession() as session:
+            fetcher.want("d", session)
+            assert len(fetcher._tasks) == 1
+            fetcher.want("d", session)                    # one fetch at a time
+            assert len(fetcher._tasks) == 1
+            await asyncio.gather(*fetcher._tasks)
+            assert fetcher._failures == {"d": 1} and "d" not in (config.tokenizers or {})
+            fetcher.want("d", session)                    # backing off: no new fetch
+            assert not fetcher._tasks
+            fetcher._next_try["d"] = 0.0                  # the back-off is over
+            fetcher.want("d", session)
+            await asyncio.gather(*fetcher._tasks)
+            assert fetcher._failures == {"d": 2}
+            assert fetcher._next_try["d"] - time.monotonic() > TokenizerFetcher.RETRY_S * 1.5   # doubled
+        fetcher.close()
+    finally:
+        proc.stop()

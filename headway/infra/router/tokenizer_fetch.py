@@ -6,7 +6,8 @@ estimates prefixes from text (~4 characters a token), which keeps crediting a sm
 prefixes it has already evicted. When a request for an LLM deployment finds no tokenizer for it
 (none given with `--tokenizer`), the router fetches the replica's tokenizer files
 (`GET /headway/tokenizer`) in the background and uses them from then on; requests before that
-route on the text estimate. A failed fetch is retried after `RETRY_S`. Off with
+route on the text estimate. A failed fetch is retried after `RETRY_S`, doubling up to
+`MAX_RETRY_S` (a replica without the endpoint, say, is not asked every few seconds). Off with
 `headway route --no-auto-tokenizer`.
 """
 
@@ -32,12 +33,14 @@ log = logging.getLogger("headway.router")
 
 class TokenizerFetcher:
     RETRY_S = 30.0
+    MAX_RETRY_S = 600.0
 
     def __init__(self, config: RouterConfig, replicas: ReplicaSet):
         self.config = config
         self.replicas = replicas
         self.sources: dict[str, str] = {d: "--tokenizer" for d in config.tokenizers or {}}
         self._next_try: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._dir: Path | None = None
 
@@ -52,7 +55,7 @@ class TokenizerFetcher:
         replica = next((r for r in self.replicas.candidates(deployment) if r.runtime == "llm"), None)
         if replica is None:
             return
-        self._next_try[deployment] = now + self.RETRY_S
+        self._next_try[deployment] = now + self.MAX_RETRY_S   # no second fetch while this one runs
         task = asyncio.ensure_future(self._fetch(deployment, replica.url, session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -71,8 +74,11 @@ class TokenizerFetcher:
             where = self._dir / re.sub(r"[^A-Za-z0-9._-]", "_", deployment)
             tokenizer = await asyncio.to_thread(ModelTokenizer.from_files, files, where)
         except Exception as exc:  # noqa: BLE001 - routing goes on with the text estimate
+            n = self._failures[deployment] = self._failures.get(deployment, 0) + 1
+            wait = min(self.MAX_RETRY_S, self.RETRY_S * 2 ** (n - 1))
+            self._next_try[deployment] = time.monotonic() + wait
             log.warning("deployment '%s': no tokenizer from %s (%s: %s); routing on the prompt text, "
-                        "next try in %.0f s", deployment, url, type(exc).__name__, exc, self.RETRY_S)
+                        "next try in %.0f s", deployment, url, type(exc).__name__, exc, wait)
             return
         self.config.tokenizers = {**(self.config.tokenizers or {}), deployment: SegmentCachedTokenizer(tokenizer)}
         self.sources[deployment] = url
