@@ -215,14 +215,21 @@ def test_streamed_stop_usage_and_cache_salt(smol) -> None:
 
     system = [{"role": "system", "content": "You are a terse assistant for a salt test. " * 8},
               {"role": "user", "content": "Say yes."}]
-    c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-a"})
+    first = c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-a"})
     time.sleep(0.5)  # the state snapshot is refreshed at least every 0.25 s
     before = hit_tokens()
-    c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-b"})
+    other = c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-b"})
     time.sleep(0.5)
     assert hit_tokens() == before  # another salt: nothing shared
-    c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-a"})
+    again = c.chat.completions.create(model=SMOL, messages=system, max_tokens=1, extra_body={"cache_salt": "tenant-a"})
     assert wait_for(lambda: hit_tokens() - before >= 64, 5)  # the same salt: the prompt is found cached
+    # usage says so too, as OpenAI's API does (prompt_tokens_details.cached_tokens)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 == other.usage.prompt_tokens_details.cached_tokens
+    assert 64 <= again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    streamed = list(c.chat.completions.create(model=SMOL, messages=system, max_tokens=2, stream=True,
+                                              stream_options={"include_usage": True},
+                                              extra_body={"cache_salt": "tenant-a"}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens >= 64
 
 
 @pytest.mark.slow

@@ -407,7 +407,9 @@ class LLMEngine:
             return 0
         now = now or time.monotonic()
         detok = req.detoks.get(seq.index)
+        cached: int | None = None
         if detok is None:
+            cached = seq.num_cached_prompt_tokens if seq.index == 0 else None
             detok = req.detoks[seq.index] = IncrementalDetokenizer(
                 self.tokenizer.tokenizer, prompt_ids=seq.prompt_ids, stop=seq.params.stop)
             self.metrics.ttft.observe(now - seq.arrival_time)
@@ -440,7 +442,7 @@ class LLMEngine:
         if seq.is_finished and seq.finish_reason is not FinishReason.ABORT and detok.stopped is None:
             text += detok.flush()
         reason = seq.finish_reason.value if seq.is_finished and seq.finish_reason else None
-        req.send([ChoiceDelta(seq.index, text, token_ids, lps or None, reason)])
+        req.send([ChoiceDelta(seq.index, text, token_ids, lps or None, reason, cached)])
         if seq.is_finished:
             self._record_finish(seq)
             req.finished.add(seq.index)

@@ -229,6 +229,7 @@ class _Call:
         self.created = int(time.time())
         self.prompt_tokens = sum(len(ids) for ids, _ in jobs)
         self.completion_tokens = 0
+        self.cached_tokens = 0        # prompt tokens served from the prefix cache, over the call's prompts
         self.spec = grammar
         # chat with tools the model may call: its text is split into content and tool_calls
         self.tool_parsing = chat and getattr(req, "effective_tool_choice", "none") != "none"
@@ -254,6 +255,7 @@ class _Call:
             try:
                 async for deltas in self.s.engine.generate(ids, params, cache_key=self.cache_key,
                                                               adapter=self.adapter):
+                    self.cached_tokens += sum(d.cached_tokens or 0 for d in deltas)
                     await queue.put([ChoiceDelta(p * n + d.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
                                      for d in deltas])
                 await queue.put(None)
@@ -276,9 +278,10 @@ class _Call:
             for t in tasks:
                 t.cancel()
 
-    def _usage(self) -> dict[str, int]:
+    def _usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def _head(self) -> dict[str, Any]:
         obj = "chat.completion" if self.chat else "text_completion"

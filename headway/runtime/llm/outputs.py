@@ -21,6 +21,7 @@ class ChoiceDelta:
     token_ids: list[int]            # new token ids (a held-back stop-string prefix may lag the text)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    cached_tokens: int | None = None  # on a request's first delta: prompt tokens served from the prefix cache
 
 
 @dataclass(frozen=True)
