@@ -26,6 +26,8 @@ def test_cost_model_is_learned_and_caps_prefill() -> None:
     c.observe(20, 45, 0.090 + 0.090)  # deeper into a long prompt: 2 ms per token now
     assert c.prefill_cap(20, 1) == 22  # the cap follows the real cost
     assert c.prefill_cap(10_000, 1) == 512  # never above the budget
+    c.observe(0, 3, 0.050)  # a 3-token warm-up prompt: its step is fixed cost, not 17 ms a token
+    assert c.prefill_token_s == pytest.approx(0.002)
 
 
 def test_bursts_get_prefill_priority_and_bad_factor_rejected() -> None:

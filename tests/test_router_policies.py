@@ -302,6 +302,9 @@ def test_predicted_latency_uses_each_replicas_published_prefill_rate() -> None:
     assert p.scores(RouteRequest("d", prompt="x" * 4000), rs) == {"slow": pytest.approx(2.0),
                                                                    "fast": pytest.approx(0.25)}
     assert {send(p, RouteRequest("d", request_id=i, prompt=f"{i}" * 4000), rs) for i in range(5)} == {"fast"}
+    # a replica that has measured no rate yet gets the median of those that have, not the default
+    unmeasured = [*rs, ReplicaView("new", max_concurrency=8)]
+    assert p.scores(RouteRequest("d", prompt="x" * 4000), unmeasured)["new"] == pytest.approx(0.25)
 
 
 def test_predicted_latency_learns_service_time() -> None:

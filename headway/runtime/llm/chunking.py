@@ -28,6 +28,11 @@ import numpy as np
 
 
 class PrefillChunker:
+    # a step with fewer prefill tokens than this measures its fixed cost, not a token's: the
+    # replica's warm-up ("Hi", a few tokens) would otherwise set the published prefill rate
+    # far too low, and the router would send prefixes away from the replica holding them
+    MIN_MEASURED_PREFILL = 16
+
     def __init__(self, *, budget: int, itl_factor: float = 1.5, min_chunk: int = 8, window: int = 128,
                  smoothing: float = 0.5, burst_fraction: float = 0.25):
         if itl_factor <= 1.0:
@@ -57,6 +62,8 @@ class PrefillChunker:
         if prefill_tokens == 0:
             if decode_tokens > 0:
                 self._decode_obs.append((decode_tokens, seconds))
+            return
+        if prefill_tokens < self.MIN_MEASURED_PREFILL:
             return
         base = self.decode_time(decode_tokens) if decode_tokens else 0.0
         if base is None:

@@ -6,7 +6,8 @@ For each replica, predicted time to first token = queueing delay expected + pref
 "Prefill ahead of it" is what this router sent the replica and has not seen a first byte of yet:
 the uncached prompt tokens of those requests, which a continuous-batching engine prefills before
 (or alongside) the new one. The prefill rate is the replica's own, as it publishes it (measured
-by its engine), else `prefill_tokens_per_s`. `service_s` is an EWMA of observed request durations
+by its engine); a replica that has not measured one yet gets the median of those that have,
+else `prefill_tokens_per_s`. `service_s` is an EWMA of observed request durations
 for the deployment (`default_service_s` until one finishes). The lowest score wins; scores within
 `tie_fraction` of the best tie and one of them is drawn at random, so a burst does not herd onto
 one replica.
@@ -48,9 +49,11 @@ class PredictedLatency(PolicyBase):
     def _scores(self, req: RouteRequest, replicas: Sequence[ReplicaView], matched: dict[str, int]) -> dict[str, float]:
         total = self.affinity.prompt_tokens(req)
         service = self.service_s.get(req.deployment, self.default_service_s)
+        published = sorted(r.prefill_tokens_per_s for r in replicas if r.prefill_tokens_per_s)
+        fallback = published[len(published) // 2] if published else self.prefill_tokens_per_s
         out = {}
         for r in replicas:
-            rate = r.prefill_tokens_per_s or self.prefill_tokens_per_s
+            rate = r.prefill_tokens_per_s or fallback
             ahead = self.outstanding.get(r.id, 0)
             out[r.id] = r.load / max(1, r.max_concurrency) * service + (ahead + max(0, total - matched[r.id])) / rate
         return out
