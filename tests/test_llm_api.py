@@ -107,7 +107,8 @@ def test_stream_usage_and_done(tiny) -> None:
 
 def test_disconnect_frees_kv_at_once(tiny) -> None:
     c = client(tiny)
-    stream = c.completions.create(model="tinycoder-test", prompt="go", max_tokens=1500, stream=True,
+    # a prompt long enough for the engine to measure its prefill rate (a few tokens measure only a step's fixed cost)
+    stream = c.completions.create(model="tinycoder-test", prompt="go " * 24, max_tokens=1500, stream=True,
                                   extra_body={"ignore_eos": True})
     for i, _ in enumerate(stream):
         if i == 3:

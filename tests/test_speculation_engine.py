@@ -86,9 +86,11 @@ def test_greedy_output_is_identical(engines) -> None:
 
 def test_stops_logprobs_and_n_inside_accepted_runs(engines) -> None:
     base, ngram, _ = engines
-    prompt = grounded_prompt(base, 1, 2400)
+    # prompt 0 answers at length; prompt 1's answer is a few tokens on some thread counts and chunkings
+    prompt = grounded_prompt(base, 0, 2400)
     full = run(base, [prompt], SamplingParams(temperature=0, max_tokens=64))[0][0]
     # a stop string that ends mid-output: the spec engine must cut at the same place
+    assert len(full["text"]) > 60, full["text"]
     stop = full["text"][40:52]
     cases = ((SamplingParams(temperature=0, max_tokens=64, stop=(stop,), logprobs=True, top_logprobs=2), "stop"),
              (SamplingParams(temperature=0, max_tokens=37, logprobs=True), "length"))
