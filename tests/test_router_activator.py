@@ -78,10 +78,10 @@ class ThreadRouter:
             time.sleep(0.02)
         return time.monotonic() - started
 
-    def add_replica(self, url: str) -> None:
+    def add_replica(self, url: str, limit: int | None = None) -> None:
         """What the manager does when a replica says it is ready: add it, read its state, wake the queue."""
         async def add() -> None:
-            rep = self.app.replicas.add(Replica(url, deployment=DEP))
+            rep = self.app.replicas.add(Replica(url, deployment=DEP, limit_override=limit))
             assert self.app.forwarder.session is not None
             await self.app.replicas.check_all(self.app.forwarder.session)
             assert rep.usable(), rep.last_error
@@ -157,3 +157,26 @@ def test_a_websocket_refused_when_the_wait_times_out(tmp_path: Path) -> None:
         assert router.queued() == 0
     finally:
         router.stop()
+
+
+def test_a_websocket_that_ends_wakes_a_request_waiting_for_its_replica(setup: tuple[ThreadRouter, Proc]) -> None:
+    """One replica that takes one request at a time, held by a WebSocket: an HTTP request waits in
+    the activator, and is served as soon as the socket closes (its lease release wakes the queue)."""
+    router, replica = setup
+    router.add_replica(replica.url, limit=1)
+
+    async def scenario() -> tuple[int, float]:
+        async with httpx.AsyncClient(timeout=25) as client:
+            async with websockets.connect(router.url.replace("http", "ws") + f"/v1/models/{DEP}/ws") as ws:
+                await ws.send("hold")
+                assert await ws.recv() == "echo:hold"
+                waiting = asyncio.ensure_future(client.post(router.url + f"/v1/models/{DEP}:predict", json={"x": 1}))
+                while router.queued() != 1:
+                    assert not waiting.done()
+                    await asyncio.sleep(0.02)
+                closed = time.monotonic()
+            r = await waiting
+            return r.status_code, time.monotonic() - closed
+
+    status, after_close = asyncio.run(scenario())
+    assert status == 200 and after_close < 5.0      # not the 30 s activator timeout

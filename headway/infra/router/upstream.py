@@ -103,16 +103,12 @@ class Forwarder:
         attempts = 0
         last_error = ""
         for attempt in range(self.config.max_attempts):
-            eligible = self.replicas.eligible(dep, tried, req.adapter)
-            if not eligible:
+            picked = self.pick(req, policy, tried)
+            if picked is None:
                 break
-            now = time.monotonic()
-            rid = policy.choose(req, [r.view() for r in eligible], now)
-            self.metrics.count_decision(dep, policy.name, policy.stats.last_reason)
-            rep = self.replicas.acquire(rid)
-            tried.add(rid)
+            rep, now = picked
+            rid = rep.url
             attempts += 1
-            policy.observe(RouteEvent("started", rid, now, req))
             sent = time.perf_counter()
             try:
                 resp = await self.session.request(method, rep.url + path_qs, headers=headers, data=body)
@@ -120,13 +116,13 @@ class Forwarder:
                 refused = isinstance(exc, aiohttp.ClientConnectorError)
                 last_error = f"{rep.url}: {type(exc).__name__}: {exc}"
                 self.replicas.failed(rep, last_error, down=refused)
-                self._failed(rep, req, policy, now, "connect" if refused else "disconnect")
+                self.failed(rep, req, policy, now, "connect" if refused else "disconnect")
                 if not refused and not same_again and not self.replicas.eligible(dep, tried, req.adapter):
                     same_again = True      # a pooled connection may have gone stale: one fresh try on it
                     tried.discard(rid)
                 continue
             except BaseException:
-                self._release(rep, ok=False)
+                self.release(rep, ok=False)
                 raise
             if (resp.status in RETRYABLE_STATUS and attempt + 1 < self.config.max_attempts
                     and self.replicas.eligible(dep, tried, req.adapter)):
@@ -134,7 +130,7 @@ class Forwarder:
                 if resp.status != 429:
                     self.replicas.failed(rep, last_error, down=False)
                 resp.release()
-                self._failed(rep, req, policy, now, f"status_{resp.status}")
+                self.failed(rep, req, policy, now, f"status_{resp.status}")
                 continue
             try:
                 first = await resp.content.readany()
@@ -142,11 +138,11 @@ class Forwarder:
                 last_error = f"{rep.url}: {type(exc).__name__} before the first byte: {exc}"
                 self.replicas.failed(rep, last_error, down=False)
                 resp.close()
-                self._failed(rep, req, policy, now, "disconnect")
+                self.failed(rep, req, policy, now, "disconnect")
                 continue
             except BaseException:
                 resp.close()
-                self._release(rep, ok=False)
+                self.release(rep, ok=False)
                 raise
             upstream_s = time.perf_counter() - sent
             policy.observe(RouteEvent("first_byte", rid, time.monotonic(), req, time.monotonic() - now))
@@ -156,13 +152,29 @@ class Forwarder:
                              f"last error: {last_error}")
         raise NoCapacity(f"every replica of '{dep}' is at its concurrency limit")
 
-    def _release(self, rep: Replica, ok: bool) -> None:
+    def pick(self, req: RouteRequest, policy: RoutingPolicy, tried: set[str]) -> tuple[Replica, float] | None:
+        """Choose among the eligible replicas not yet in `tried`, lease the chosen one and tell
+        the policy it started; None when none is left. Returns the replica and the start time."""
+        eligible = self.replicas.eligible(req.deployment, tried, req.adapter)
+        if not eligible:
+            return None
+        now = time.monotonic()
+        rid = policy.choose(req, [r.view() for r in eligible], now)
+        self.metrics.count_decision(req.deployment, policy.name, policy.stats.last_reason)
+        rep = self.replicas.acquire(rid)
+        tried.add(rid)
+        policy.observe(RouteEvent("started", rid, now, req))
+        return rep, now
+
+    def release(self, rep: Replica, ok: bool) -> None:
+        """Give a lease back; requests waiting in the activator for the deployment are woken."""
         self.replicas.release(rep, ok)
         if self.on_release is not None and rep.key:
             self.on_release(rep.key)
 
-    def _failed(self, rep: Replica, req: RouteRequest, policy: RoutingPolicy, started: float, reason: str) -> None:
-        self._release(rep, ok=False)
+    def failed(self, rep: Replica, req: RouteRequest, policy: RoutingPolicy, started: float, reason: str) -> None:
+        """An attempt that will be retried elsewhere: lease back, policy told, retry counted."""
+        self.release(rep, ok=False)
         now = time.monotonic()
         policy.observe(RouteEvent("failed", rep.url, now, req, now - started))
         self.metrics.retries.labels(req.deployment, reason).inc()
@@ -171,7 +183,7 @@ class Forwarder:
         """Release the lease of an opened request and tell its policy how it ended. A 5xx
         answer counts toward passive ejection like a broken connection does."""
         status = opened.resp.status
-        self._release(opened.replica, ok and status < 500)
+        self.release(opened.replica, ok and status < 500)
         if ok and status >= 500:
             self.replicas.failed(opened.replica, f"{opened.replica.url} answered {status}", down=False)
         now = time.monotonic()

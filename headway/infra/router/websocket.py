@@ -52,37 +52,31 @@ async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: 
     qs = scope.get("query_string", b"").decode("latin-1")
     path_qs = scope["path"] + ("?" + qs if qs else "")
     protocols = list(scope.get("subprotocols") or ())
-    session = app.forwarder.session
+    fw = app.forwarder
+    session = fw.session
     assert session is not None
 
-    async def connect() -> tuple[Any, aiohttp.ClientWebSocketResponse, str, float]:
+    async def connect() -> tuple[Any, aiohttp.ClientWebSocketResponse, float]:
         """A leased replica and its upstream socket; NoCapacity when no replica could take it."""
         tried: set[str] = set()
         for _ in range(app.config.max_attempts):
-            eligible = app.replicas.eligible(deployment, tried, adapter)
-            if not eligible:
+            picked = fw.pick(req, policy, tried)
+            if picked is None:
                 break
-            now = time.monotonic()
-            rid = policy.choose(req, [r.view() for r in eligible], now)
-            app.metrics.count_decision(deployment, policy.name, policy.stats.last_reason)
-            rep = app.replicas.acquire(rid)
-            tried.add(rid)
-            policy.observe(RouteEvent("started", rid, now, req))
+            rep, now = picked
             try:
                 upstream = await session.ws_connect(rep.url.replace("http", "ws", 1) + path_qs, protocols=protocols,
                                                     autoclose=False, autoping=True)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                app.replicas.release(rep, ok=False)
                 app.replicas.failed(rep, f"websocket: {type(exc).__name__}: {exc}",
                                     down=isinstance(exc, aiohttp.ClientConnectorError))
-                policy.observe(RouteEvent("failed", rid, time.monotonic(), req))
-                app.metrics.retries.labels(deployment, "websocket_connect").inc()
+                fw.failed(rep, req, policy, now, "websocket_connect")
                 continue
-            return rep, upstream, rid, now
+            return rep, upstream, now
         raise NoCapacity(f"no replica of '{deployment}' could take the connection")
 
     try:
-        rep, upstream, rid, now = await app.with_capacity(deployment, connect, receive)
+        rep, upstream, now = await app.with_capacity(deployment, connect, receive)
     except ClientGone:
         return
     except NoCapacity:
@@ -94,8 +88,8 @@ async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: 
         await send({"type": "websocket.accept", "subprotocol": upstream.protocol})
         ok = await _join(upstream, receive, send)
     finally:
-        app.replicas.release(rep, ok=ok)
-        policy.observe(RouteEvent("finished" if ok else "failed", rid, time.monotonic(), req,
+        fw.release(rep, ok=ok)   # wakes requests waiting in the activator for this deployment
+        policy.observe(RouteEvent("finished" if ok else "failed", rep.url, time.monotonic(), req,
                                   time.monotonic() - now))
         if not upstream.closed:
             await upstream.close()

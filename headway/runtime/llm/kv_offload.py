@@ -34,7 +34,7 @@ import torch
 
 from headway.runtime.llm.attention import KVCacheTensors
 from headway.runtime.llm.kv_pool import KVPool
-from headway.runtime.llm.radix_cache import RadixCache, RadixNode, _common
+from headway.runtime.llm.radix_cache import RadixCache, RadixNode, _common, iter_leaves
 
 HOLLOW = -1  # a token whose K/V the tier does not hold (it is upstream, in the main pool)
 
@@ -200,15 +200,7 @@ class KVOffloadTier:
 
     def _evict(self, n: int) -> int:
         """Drop at least ``n`` stored tokens (LRU leaves first); returns the number dropped."""
-        heap = []
-        for r in self._roots.values():
-            stack = list(r.children.values())
-            while stack:
-                nd = stack.pop()
-                if nd.children:
-                    stack.extend(nd.children.values())
-                else:
-                    heap.append((nd.last_access, id(nd), nd))
+        heap = [(nd.last_access, id(nd), nd) for nd in iter_leaves(self._roots.values())]
         heapq.heapify(heap)
         freed = 0
         while freed < n and heap:

@@ -23,7 +23,8 @@ length is a multiple of ``block_tokens``, a short hex hash chained block by bloc
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any
 
 from headway.digest import chain_hashes, chain_step, root_hash
 from headway.runtime.llm.kv_pool import KVPool
@@ -85,6 +86,19 @@ class RadixNode:
 
 # (key, the token path from the root to the leaf's end, the leaf's slots = the path's tail)
 OnEvict = Callable[[Hashable, list[int], list[int]], object]
+
+
+def iter_leaves(roots: Iterable[Any]) -> Iterator[Any]:
+    """Every leaf below `roots` (tree nodes with a `children` dict), depth first; the radix cache
+    and the host offload tier share it."""
+    for r in roots:
+        stack = list(r.children.values())
+        while stack:
+            nd = stack.pop()
+            if nd.children:
+                stack.extend(nd.children.values())
+            else:
+                yield nd
 
 
 class RadixCache:
@@ -262,16 +276,7 @@ class RadixCache:
 
     # ---- eviction -------------------------------------------------------------------
     def _leaves(self) -> list[RadixNode]:
-        out: list[RadixNode] = []
-        for r in self._roots.values():
-            stack = list(r.children.values())
-            while stack:
-                nd = stack.pop()
-                if nd.children:
-                    stack.extend(nd.children.values())
-                elif nd.lock_ref == 0:
-                    out.append(nd)
-        return out
+        return [nd for nd in iter_leaves(self._roots.values()) if nd.lock_ref == 0]
 
     def evict(self, n: int) -> int:
         """Free at least ``n`` slots (if that many are evictable) by removing LRU unlocked

@@ -368,8 +368,9 @@ class Scheduler:
         # 2) admissions from the waiting queue, while budget and max_running allow
         prefill_left = min(budget - plan.num_tokens, cap - (prefill_start - prefill_left))
         n_running = sum(s.params.n if s.fork_pending else 1 for s in self.running)  # incl. forks to come
-        committed = sum(s.num_tokens - s.num_computed for s in self.running if s.in_prefill)
-        for seq in [] if plan.preempted else self._waiting_order():  # short of memory: admit none
+        admitting = bool(self.waiting) and not plan.preempted
+        committed = sum(s.num_tokens - s.num_computed for s in self.running if s.in_prefill) if admitting else 0
+        for seq in self._waiting_order() if admitting else []:  # short of memory (preempted): admit none
             cost = seq.params.n if seq.fork_pending else 1
             if prefill_left <= 0 or n_running + cost > cfg.max_running:
                 break
