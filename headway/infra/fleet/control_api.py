@@ -60,8 +60,7 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 
 
 def build_control_api(plane: ControlPlane) -> FastAPI:
-    app = FastAPI(title="Headway control API", version="1", docs_url=None, redoc_url=None,
-                  openapi_url=PREFIX + "/openapi.json")
+    app = FastAPI(title="Headway control API", version="1", docs_url=None, redoc_url=None, openapi_url=None)
     m = plane.manager
 
     def need(scope: str) -> Any:
@@ -99,6 +98,10 @@ def build_control_api(plane: ControlPlane) -> FastAPI:
 
     for exc_type in (Refused, KeyError, ValueError, PackageError):
         app.add_exception_handler(exc_type, _errors)
+
+    @app.get(PREFIX + "/openapi.json", include_in_schema=False)
+    async def openapi(_: KeyRecord = need("deploy")) -> dict[str, Any]:
+        return app.openapi()
 
     @app.get(PREFIX + "/deployments")
     async def list_deployments(caller: KeyRecord = need("deploy")) -> dict[str, Any]:
