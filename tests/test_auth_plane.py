@@ -130,6 +130,7 @@ MODEL = [
 ]
 
 
+@pytest.mark.slow
 def test_control_routes_scope_matrix(keyed: tuple[Plane, dict[str, str]]) -> None:
     plane, keys = keyed
     wrong = []
@@ -148,6 +149,7 @@ def test_control_routes_scope_matrix(keyed: tuple[Plane, dict[str, str]]) -> Non
     assert not wrong, "\n".join(wrong)
 
 
+@pytest.mark.slow
 def test_model_routes_scope_matrix(keyed: tuple[Plane, dict[str, str]]) -> None:
     plane, keys = keyed
     wrong = []
@@ -169,6 +171,7 @@ def test_model_routes_scope_matrix(keyed: tuple[Plane, dict[str, str]]) -> None:
     assert not wrong, "\n".join(wrong)
 
 
+@pytest.mark.slow
 def test_openai_client_with_keys(keyed: tuple[Plane, dict[str, str]]) -> None:
     plane, keys = keyed
 
@@ -189,6 +192,7 @@ def test_openai_client_with_keys(keyed: tuple[Plane, dict[str, str]]) -> None:
         client(keys["deploy"]).models.list()
 
 
+@pytest.mark.slow
 def test_rate_limit_429_with_retry_after_on_the_fourth_request(keyed: tuple[Plane, dict[str, str]]) -> None:
     plane, keys = keyed
     body = {"model": "tiny", "prompt": "def", "max_tokens": 1}
@@ -203,6 +207,7 @@ def test_rate_limit_429_with_retry_after_on_the_fourth_request(keyed: tuple[Plan
     assert plane.call("POST", "/v1/completions", keys["invoke"], body).status_code == 200   # other keys unaffected
 
 
+@pytest.mark.slow
 def test_status_redacts_env_by_scope(keyed: tuple[Plane, dict[str, str]]) -> None:
     plane, keys = keyed
     as_admin = plane.call("GET", "/headway/control/deployments/tiny", keys["admin"]).json()["spec"]["env"]
@@ -212,6 +217,7 @@ def test_status_redacts_env_by_scope(keyed: tuple[Plane, dict[str, str]]) -> Non
     assert "s3cret" not in plane.call("GET", "/headway/control/deployments", keys["admin"]).text
 
 
+@pytest.mark.slow
 def test_cli_uses_keys_and_keys_written_to_the_state_take_effect(keyed: tuple[Plane, dict[str, str]]) -> None:
     plane, keys = keyed
     control = ("--control", plane.url)
@@ -296,3 +302,56 @@ def test_up_off_loopback_refuses_to_start_without_an_admin_key(tmp_path: Path) -
     finally:
         proc.kill()
         proc.wait()
+
+
+# ---- `headway route --key-file` --------------------------------------------------------------
+
+ECHO = '''
+class Model:
+    def load(self):
+        pass
+
+    def predict(self, inputs: dict):
+        return {"echo": inputs}
+'''
+
+
+def test_route_with_key_file_checks_keys(tmp_path: Path) -> None:
+    from tests.conftest import ServerProcess, running_server, write_package
+
+    pkg = write_package(tmp_path / "echo", "name: echo\n", ECHO)
+    state = tmp_path / "keys"
+    keys = {scope: headway("keys", "create", "--state-dir", str(state), "--scope", scope).stdout.strip()
+            for scope in ("admin", "deploy", "invoke")}
+    keys["elsewhere"] = headway("keys", "create", "--state-dir", str(state), "--scope", "invoke", "--deployment",
+                                "chat").stdout.strip()
+    with running_server(["serve", str(pkg)], tmp_path) as replica:
+        router = ServerProcess(["route", "--replica", replica.url, "--key-file", str(state), "--health-interval",
+                                "0.2"], tmp_path / "router.log")
+        try:
+            router.wait_live()
+            url = router.url
+
+            def status(method: str, path: str, who: str | None) -> int:
+                h = {"authorization": f"Bearer {keys[who]}"} if who else {}
+                return httpx.request(method, url + path, json={"x": 1}, headers=h, timeout=30).status_code
+
+            predict = "/v1/models/echo:predict"
+            assert [status("POST", predict, w) for w in ("admin", "invoke", "deploy", "elsewhere", None)] == \
+                [200, 200, 403, 403, 401]
+            assert [status("GET", "/metrics", w) for w in ("admin", "deploy", "invoke", None)] == [200, 200, 403, 401]
+            assert [status("GET", "/headway/router", w) for w in ("deploy", "invoke")] == [200, 403]
+            assert status("GET", "/health/live", None) == 200
+            # revoked in the state: refused within about a second
+            listed = headway("keys", "list", "--state-dir", str(state), "--json").stdout
+            import json
+            invoke_id = [k["id"] for k in json.loads(listed) if k["scope"] == "invoke" and not k["deployments"]][0]
+            assert headway("keys", "revoke", invoke_id, "--state-dir", str(state)).returncode == 0
+            deadline = time.monotonic() + 5
+            while status("POST", predict, "invoke") != 401:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        finally:
+            router.stop()
+    refused = headway("route", "--replica", "http://127.0.0.1:1", "--key-file", str(tmp_path / "none"))
+    assert refused.returncode == 2 and "no such state file" in refused.stderr
