@@ -105,6 +105,8 @@ class KeyRing:
     """Every key by digest, held in memory (one dict lookup per request; refreshed from the state)."""
 
     by_digest: dict[str, KeyRecord] = field(default_factory=dict)
+    known: dict[str, str] = field(default_factory=dict)   # key -> digest of keys seen valid: no sha256 per request
+    MAX_KNOWN = 4096
 
     def replace(self, records: list[KeyRecord]) -> None:
         self.by_digest = {r.digest: r for r in records}
@@ -124,7 +126,7 @@ class KeyRing:
         if not key:
             return Rejection(401, "missing_api_key", "this endpoint needs an API key: send `Authorization: Bearer "
                              "KEY` (the OpenAI client's api_key; the CLI's --key or $HEADWAY_KEY)")
-        d = digest(key)
+        d = self.known.get(key) or digest(key)
         record = self.by_digest.get(d)
         if record is None or not hmac.compare_digest(record.digest, d):
             return Rejection(401, "invalid_api_key", "the API key is not valid here (unknown key); create one with "
@@ -134,6 +136,9 @@ class KeyRing:
         if record.expires is not None and record.expires <= now:
             return Rejection(401, "invalid_api_key", f"the API key {record.id} expired at "
                              f"{datetime.fromtimestamp(record.expires, timezone.utc).isoformat(timespec='seconds')}")
+        if len(self.known) >= self.MAX_KNOWN:
+            self.known.clear()
+        self.known[key] = d
         return record
 
 
