@@ -83,7 +83,7 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Plane, dic
         for name, body in (("deploy", {"scope": "deploy"}), ("invoke", {"scope": "invoke", "name": "app"}),
                            ("invoke_other", {"scope": "invoke", "deployments": ["other"]}),
                            ("revoked", {"scope": "admin"}), ("expired", {"scope": "admin", "expires": "1s"}),
-                           ("limited", {"scope": "invoke", "rpm": 3})):
+                           ("limited", {"scope": "invoke", "rpm": 3}), ("tokens", {"scope": "invoke", "tpm": 5})):
             r = plane.call("POST", "/headway/control/keys", admin, body)
             assert r.status_code == 201, r.text
             keys[name] = r.json()["key"]
@@ -205,6 +205,13 @@ def test_rate_limit_429_with_retry_after_on_the_fourth_request(keyed: tuple[Plan
         openai.OpenAI(base_url=plane.url + "/v1", api_key=keys["limited"], max_retries=0).completions.create(
             model="tiny", prompt="def", max_tokens=1)
     assert plane.call("POST", "/v1/completions", keys["invoke"], body).status_code == 200   # other keys unaffected
+    # 5 tokens a minute: the first answer's usage (prompt + 5 completion tokens) spends more than that
+    body = {"model": "tiny", "prompt": "def", "max_tokens": 5, "ignore_eos": True}
+    first = plane.call("POST", "/v1/completions", keys["tokens"], body)
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] > 5, first.text
+    r = plane.call("POST", "/v1/completions", keys["tokens"], body)
+    assert r.status_code == 429 and "5 tokens per minute" in r.json()["error"]["message"], r.text
+    assert int(r.headers["retry-after"]) >= 12
 
 
 @pytest.mark.slow
