@@ -2,7 +2,9 @@
 
 Bytes stream through as they arrive (no buffering of responses). A stream that breaks after its
 first byte ends with an SSE error event (for text/event-stream) or a cut body; a request no
-replica can take gets 503 with Retry-After.
+replica can take gets 503 with Retry-After. With a gate (keys), every route but /health/* is
+checked first: model traffic needs an invoke or admin key (for its deployment, within its rate
+limits), /metrics and /headway/router a deploy or admin key; the key is not forwarded.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 from multidict import CIMultiDict
 
+from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
 from headway.infra.fleet.auth import error_json, estimate_tokens, rejection_headers, usage_tokens
 from headway.infra.fleet.keys import KeyRecord, Rejection, authorize
-from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
 from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
