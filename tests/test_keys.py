@@ -231,3 +231,24 @@ def test_control_api_fuzz_has_no_server_errors(tmp_path: Path) -> None:
     assert client.get("/headway/control/openapi.json").status_code == 401
     r = client.post("/headway/control/deployments/x/scale", json={"replicas": True}, headers=auth)
     assert r.status_code == 400 and "replicas" in r.json()["error"]["message"]
+
+
+def test_router_websocket_needs_an_invoke_key_for_its_deployment() -> None:
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from headway.infra.router.proxy import RouterApp
+    from headway.infra.router.replicas import ReplicaSet
+
+    ring = KeyRing()
+    other_key, other = new_key("o", "invoke", NOW, deployments=("other",))
+    ring.add(other)
+    app = RouterApp(ReplicaSet([]), gate=Gate(ring))
+    app.replicas.managed.add("chat")
+    client = TestClient(app)
+    for headers, reason in (({}, "401 missing_api_key"), ({"authorization": f"Bearer {other_key}"},
+                                                         "403 permission_denied")):
+        with pytest.raises(WebSocketDisconnect) as info:
+            with client.websocket_connect("/v1/models/chat/ws", headers=headers):
+                pass
+        assert (info.value.code, info.value.reason) == (1008, reason)

@@ -88,6 +88,9 @@ def up(
     plane = ControlPlane(state_dir, provider, health_interval_s=health_interval)
     typer.echo(f"headway control plane on http://{host}:{port} (state: {state_dir.resolve()}, "
                f"replicas: {'ray ' + ray if ray else 'local processes'})")
+    typer.echo("API keys: every route but /health/* needs one" if not plane.ring.empty else
+               "no API keys yet: only local, same-origin requests are answered; add one with "
+               "`headway keys create --scope admin`")
     serve(plane, host, port, log_level)  # type: ignore[arg-type]
 
 
