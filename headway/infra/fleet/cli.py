@@ -10,10 +10,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 CONTROL_ENV = "HEADWAY_CONTROL"
+KEY_ENV = "HEADWAY_KEY"
 DEFAULT_CONTROL = "http://127.0.0.1:8080"
 
 ControlOpt = Annotated[Optional[str], typer.Option("--control", help=f"Control plane URL (default: ${CONTROL_ENV} "
                                                    f"or {DEFAULT_CONTROL}).")]
+KeyOpt = Annotated[Optional[str], typer.Option("--key", envvar=KEY_ENV, show_envvar=True,
+                                               help="API key (sent as Authorization: Bearer KEY); needed once the "
+                                               "control plane has keys.")]
 
 
 def _fail(message: str) -> None:
@@ -21,17 +25,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _call(control: str | None, method: str, path: str, body: Any = None) -> Any:
+def _call(control: str | None, method: str, path: str, body: Any = None, key: str | None = None) -> Any:
     import httpx
 
     base = (control or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL).rstrip("/")
+    headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        resp = httpx.request(method, f"{base}/headway/control{path}", json=body, timeout=30)
+        resp = httpx.request(method, f"{base}/headway/control{path}", json=body, timeout=30, headers=headers)
     except httpx.HTTPError as exc:
         _fail(f"cannot reach the control plane at {base} ({type(exc).__name__}: {exc}); start one with `headway up`")
-    data = resp.json()
+    try:
+        data = resp.json()
+    except ValueError:
+        data = {}
     if resp.status_code >= 400:
-        _fail(data.get("error", {}).get("message", resp.text))
+        message = data.get("error", {}).get("message", resp.text) if isinstance(data, dict) else resp.text
+        if resp.status_code == 401 and not key:
+            message += f" (pass --key or set ${KEY_ENV})"
+        _fail(message)
     return data
 
 
@@ -50,7 +61,13 @@ def up(
 ) -> None:
     """Start the control plane: API, router, autoscaler and replica manager in one process."""
     from headway.infra.fleet.control import ControlPlane
+    from headway.infra.fleet.keys_cli import has_admin_key, is_loopback
     from headway.infra.router.server import serve
+
+    if not is_loopback(host) and not has_admin_key(state_dir):
+        _fail(f"refusing to listen on {host}: off loopback the control plane needs an API key, and {state_dir} holds "
+              f"no valid admin key. Create one first with\n  headway keys create --state-dir {state_dir} --scope admin "
+              f"--name ops\n(it prints the key once), or bind to 127.0.0.1")
 
     if ray is not None:
         try:
@@ -71,6 +88,9 @@ def up(
     plane = ControlPlane(state_dir, provider, health_interval_s=health_interval)
     typer.echo(f"headway control plane on http://{host}:{port} (state: {state_dir.resolve()}, "
                f"replicas: {'ray ' + ray if ray else 'local processes'})")
+    typer.echo("API keys: every route but /health/* needs one" if not plane.ring.empty else
+               "no API keys yet: only local, same-origin requests are answered; add one with "
+               "`headway keys create --scope admin`")
     serve(plane, host, port, log_level)  # type: ignore[arg-type]
 
 
@@ -79,6 +99,7 @@ def deploy(
     wait: Annotated[bool, typer.Option(help="Wait until the deployment has its minimum replicas ready.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 300.0,
     control: ControlOpt = None,
+    key: KeyOpt = None,
 ) -> None:
     """Create or update a deployment from its spec."""
     from headway.infra.fleet.spec import load_spec
@@ -89,13 +110,13 @@ def deploy(
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
-    data = _call(control, "POST", "/deployments", parsed.model_dump(mode="json"))
+    data = _call(control, "POST", "/deployments", parsed.model_dump(mode="json"), key=key)
     typer.echo(f"deployed '{parsed.name}' (generation {data['generation']}, {data['desired']} replica(s) wanted); "
                f"send requests with model='{parsed.name}'")
     if wait:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            data = _call(control, "GET", f"/deployments/{parsed.name}")
+            data = _call(control, "GET", f"/deployments/{parsed.name}", key=key)
             if data["ready"] >= min(parsed.replicas.min, data["desired"]):
                 typer.echo(f"'{parsed.name}': {data['ready']} replica(s) ready")
                 return
@@ -108,11 +129,12 @@ def status(
     name: Annotated[Optional[str], typer.Argument(help="A deployment (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status.")] = False,
     control: ControlOpt = None,
+    key: KeyOpt = None,
 ) -> None:
     """Deployments, their replicas, and each replica's cold-start breakdown."""
     import json
 
-    deps = [_call(control, "GET", f"/deployments/{name}")] if name else _call(control, "GET", "/deployments")["deployments"]
+    deps = [_call(control, "GET", f"/deployments/{name}", key=key)] if name else _call(control, "GET", "/deployments", key=key)["deployments"]
     if as_json:
         typer.echo(json.dumps(deps, indent=2))
         return
@@ -145,6 +167,7 @@ def scale(
     name: Annotated[str, typer.Argument(help="The deployment.")],
     replicas: Annotated[str, typer.Argument(help="A replica count, or 'auto' to hand it back to the autoscaler.")],
     control: ControlOpt = None,
+    key: KeyOpt = None,
 ) -> None:
     """Pin a deployment's replica count, or give it back to the autoscaler."""
     if replicas == "auto":
@@ -155,16 +178,17 @@ def scale(
         except ValueError:
             _fail(f"replicas must be a whole number or 'auto', got {replicas!r}")
             return
-    data = _call(control, "POST", f"/deployments/{name}/scale", {"replicas": count})
+    data = _call(control, "POST", f"/deployments/{name}/scale", {"replicas": count}, key=key)
     typer.echo(f"'{name}': {data['desired']} replica(s) wanted ({'manual' if count is not None else 'autoscaler'})")
 
 
 def delete(
     name: Annotated[str, typer.Argument(help="The deployment.")],
     control: ControlOpt = None,
+    key: KeyOpt = None,
 ) -> None:
     """Delete a deployment: its replicas drain (finish their requests) and stop."""
-    _call(control, "DELETE", f"/deployments/{name}")
+    _call(control, "DELETE", f"/deployments/{name}", key=key)
     typer.echo(f"'{name}': draining its replicas; it disappears once they have stopped")
 
 
@@ -172,9 +196,10 @@ def down(
     keep_replicas: Annotated[bool, typer.Option(help="Leave replicas running (a later `headway up` adopts them).")]
     = False,
     control: ControlOpt = None,
+    key: KeyOpt = None,
 ) -> None:
     """Stop the control plane (and, unless --keep-replicas, every replica it runs)."""
-    _call(control, "POST", "/shutdown", {"stop_replicas": not keep_replicas})
+    _call(control, "POST", "/shutdown", {"stop_replicas": not keep_replicas}, key=key)
     typer.echo("control plane stopping" + (" (replicas left running)" if keep_replicas else " with its replicas"))
 
 
@@ -185,3 +210,6 @@ def register(app: typer.Typer) -> None:
     app.command("scale", help="Pin a deployment's replica count, or 'auto'.")(scale)
     app.command("delete", help="Delete a deployment (its replicas drain first).")(delete)
     app.command("down", help="Stop the control plane.")(down)
+    from headway.infra.fleet.keys_cli import keys_app
+
+    app.add_typer(keys_app, name="keys", help="API keys: create, list, revoke (scopes admin, deploy, invoke).")

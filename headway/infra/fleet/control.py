@@ -1,7 +1,8 @@
 """The control plane: one process with the API, the router, the autoscaler and the replica manager.
 
-Clients send model traffic to it as to any router; `headway deploy/status/scale/delete` talk to
-its API under /headway/control/. State lives in SQLite (`STATE_DIR/headway.db`): restarting the
+Clients send model traffic to it as to any router; `headway deploy/status/scale/delete/keys` talk
+to its API under /headway/control/ (a FastAPI app, control_api.py). Once keys exist, both need
+one (auth.py); with none, only local same-origin requests are answered. State lives in SQLite (`STATE_DIR/headway.db`): restarting the
 control plane adopts the replicas still running instead of starting new ones.
 """
 
@@ -10,23 +11,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
 from headway.infra.autoscale.controller import AutoscaleLoop, Observed
+from headway.infra.fleet.auth import Gate
+from headway.infra.fleet.control_api import PREFIX, body_limits, build_control_api
+from headway.infra.fleet.keys import KeyRing
 from headway.infra.fleet.manager import ReplicaManager
 from headway.infra.fleet.providers.base import Provider
-from headway.infra.fleet.spec import validate_spec
 from headway.infra.fleet.store import Store
-from headway.infra.router.proxy import RouterApp, respond
+from headway.infra.router.proxy import RouterApp
 from headway.infra.router.replicas import ReplicaSet
 from headway.infra.router.upstream import RouterConfig
-from headway.package.load import PackageError
 
 log = logging.getLogger("headway.control")
-PREFIX = "/headway/control"
 
 
 class ControlPlane:
@@ -36,18 +35,23 @@ class ControlPlane:
                  health_interval_s: float = 1.0):
         self.state_dir = Path(state_dir)
         self.store = Store(self.state_dir / "headway.db")
+        self.ring = KeyRing()
+        self.reload_keys()
+        self.gate = Gate(self.ring)
         self.router = RouterApp(ReplicaSet([], check_interval_s=health_interval_s), router_config or RouterConfig(),
-                                on_startup=self._started, on_shutdown=self._stopping)
+                                on_startup=self._started, on_shutdown=self._stopping, gate=self.gate)
         self.manager = ReplicaManager(self.store, provider, self.router)
         self.autoscaler = AutoscaleLoop(self._observe, self.manager.set_desired, waiting=self._waiting)
         self._tasks: list[asyncio.Task[None]] = []
         self.stop_replicas_on_exit = False
+        self.api = body_limits(build_control_api(self))
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def _started(self, _: RouterApp) -> None:
         await self.manager.restore()
-        self._sync_autoscaler()
-        self._tasks = [asyncio.create_task(self.manager.run()), asyncio.create_task(self.autoscaler.run())]
+        self.sync_autoscaler()
+        self._tasks = [asyncio.create_task(self.manager.run()), asyncio.create_task(self.autoscaler.run()),
+                       asyncio.create_task(self._refresh_keys())]
         log.info("control plane up: %d deployment(s), %d replica(s) adopted; state in %s",
                  len(self.manager.deployments), len(self.manager.live), self.store.path)
 
@@ -59,7 +63,7 @@ class ControlPlane:
         self.manager.provider.close()
         self.store.close()
 
-    def _sync_autoscaler(self) -> None:
+    def sync_autoscaler(self) -> None:
         for name, dep in self.manager.deployments.items():
             a = dep.spec.autoscaling
             key = json.dumps([dep.spec.replicas.model_dump(), a.model_dump()], sort_keys=True, default=str)
@@ -79,64 +83,22 @@ class ControlPlane:
         return Observed(self.router.replicas.in_flight(name) + queued, ready, starting, queued,
                         self.manager.measured_startup_s(name), self.router.first_byte_p95(name, window))
 
+    # --- keys ------------------------------------------------------------------------------------
+    def reload_keys(self) -> None:
+        self.ring.replace(self.store.keys())
+
+    async def _refresh_keys(self, every_s: float = 1.0) -> None:
+        """Keys written by another process (`headway keys create --state-dir`) take effect within a second."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                self.reload_keys()
+            except Exception as exc:  # noqa: BLE001 - a locked or busy database: keep the keys we have
+                log.warning("could not re-read the keys: %s", exc)
+
     # --- ASGI -----------------------------------------------------------------------------------
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith(PREFIX):
-            await self._api(scope, receive, send)
+            await self.api(scope, receive, send)
         else:
             await self.router(scope, receive, send)
-
-    async def _api(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        method, parts = scope["method"], [p for p in scope["path"][len(PREFIX):].split("/") if p]
-        try:
-            status, answer = await self._handle(method, parts, body)
-        except KeyError as exc:
-            status, answer = 404, {"error": {"type": "not_found", "message": exc.args[0]}}
-        except (ValueError, PackageError) as exc:
-            status, answer = 400, {"error": {"type": "invalid_request", "message": str(exc)}}
-        await respond(send, status, json.dumps(answer, default=str).encode())
-
-    async def _handle(self, method: str, parts: list[str], body: bytes) -> tuple[int, Any]:
-        m = self.manager
-        if parts == ["deployments"] and method == "GET":
-            return 200, {"deployments": [m.status(n) for n in sorted(m.deployments)]}
-        if parts == ["deployments"] and method == "POST":
-            spec = validate_spec(_json(body), "deployment spec")
-            if spec.package.startswith(("./", "../")):
-                raise ValueError(f"package '{spec.package}' is relative; send an absolute directory or a library "
-                                 "name (`headway deploy` resolves a relative one against the spec's folder)")
-            created = spec.name not in m.deployments
-            m.apply(spec)
-            self._sync_autoscaler()
-            return (201 if created else 200), m.status(spec.name)
-        if len(parts) == 2 and parts[0] == "deployments" and method == "GET":
-            return 200, m.status(parts[1])
-        if len(parts) == 2 and parts[0] == "deployments" and method == "DELETE":
-            m.delete(parts[1])
-            return 202, m.status(parts[1])
-        if len(parts) == 3 and parts[0] == "deployments" and parts[2] == "scale" and method == "POST":
-            data = _json(body)
-            replicas = data.get("replicas") if isinstance(data, dict) else None
-            if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int)):
-                raise ValueError(f"'replicas' must be a whole number or null (back to autoscaling), got {replicas!r}")
-            m.scale(parts[1], replicas)
-            return 200, m.status(parts[1])
-        if parts == ["shutdown"] and method == "POST":
-            data = _json(body) if body else {}
-            self.stop_replicas_on_exit = bool(isinstance(data, dict) and data.get("stop_replicas", True))
-            asyncio.get_running_loop().call_later(0.1, os.kill, os.getpid(), signal.SIGTERM)
-            return 202, {"stopping": True, "stop_replicas": self.stop_replicas_on_exit}
-        raise KeyError(f"no control endpoint {method} {PREFIX}/{'/'.join(parts)}; see `headway --help`")
-
-
-def _json(body: bytes) -> Any:
-    try:
-        return json.loads(body or b"null")
-    except ValueError as exc:
-        raise ValueError(f"the request body is not JSON: {exc}") from None

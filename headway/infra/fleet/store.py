@@ -1,5 +1,5 @@
-"""The control plane's state in SQLite: deployments (their specs and manual scale) and replicas
-(their provider handles, phases and startup breakdowns).
+"""The control plane's state in SQLite: deployments (their specs and manual scale), replicas
+(their provider handles, phases and startup breakdowns) and API keys (their hashes and scopes).
 
 It is the control plane's memory across its own restarts: on start it reads the replicas back and
 adopts the ones still alive instead of starting new ones. One writer (the control plane's loop);
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headway.infra.fleet.keys import KeyRecord
 from headway.infra.fleet.spec import DeploymentSpec
 
 PHASES = ("starting", "ready", "draining", "stopped", "failed")
@@ -43,6 +44,18 @@ CREATE TABLE IF NOT EXISTS replicas (
     error TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS replicas_by_deployment ON replicas (deployment, phase);
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    digest TEXT NOT NULL UNIQUE,
+    deployments TEXT NOT NULL DEFAULT '[]',
+    created REAL NOT NULL,
+    expires REAL,
+    revoked REAL,
+    rpm INTEGER,
+    tpm INTEGER
+);
 """
 
 
@@ -154,3 +167,20 @@ class Store:
         self.db.execute("DELETE FROM replicas WHERE deployment=? AND phase IN ('stopped', 'failed') AND id NOT IN "
                         "(SELECT id FROM replicas WHERE deployment=? AND phase IN ('stopped', 'failed') "
                         "ORDER BY scheduled_at DESC LIMIT ?)", (deployment, deployment, keep))
+
+    # --- keys -----------------------------------------------------------------------------------
+    def put_key(self, k: KeyRecord) -> None:
+        self.db.execute("INSERT INTO keys (id, name, scope, digest, deployments, created, expires, revoked, rpm, tpm) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (k.id, k.name, k.scope, k.digest,
+                                                                  json.dumps(list(k.deployments)), k.created,
+                                                                  k.expires, k.revoked, k.rpm, k.tpm))
+
+    def keys(self) -> list[KeyRecord]:
+        rows = self.db.execute("SELECT id, name, scope, digest, deployments, created, expires, revoked, rpm, tpm "
+                               "FROM keys ORDER BY created").fetchall()
+        return [KeyRecord(r[0], r[1], r[2], r[3], r[5], tuple(json.loads(r[4])), r[6], r[7], r[8], r[9]) for r in rows]
+
+    def revoke_key(self, key_id: str, now: float) -> bool:
+        """Mark a key revoked (kept, so `headway keys list` shows when); False if there is no such key."""
+        cur = self.db.execute("UPDATE keys SET revoked=COALESCE(revoked, ?) WHERE id=?", (now, key_id))
+        return cur.rowcount > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -34,6 +35,10 @@ def route(
     eject_after: Annotated[int, typer.Option(help="Consecutive failed answers that eject a replica.")] = 3,
     max_attempts: Annotated[int, typer.Option(help="Replicas tried for one request before the first byte.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the policies' random tie-breaking.")] = 0,
+    key_file: Annotated[Optional[Path], typer.Option(
+        help="Require API keys: a control plane's state (its --state-dir, or DIR/headway.db) holding keys made by "
+        "`headway keys create --state-dir DIR`. Model traffic then needs an invoke or admin key, /metrics and "
+        "/headway/router a deploy or admin key; re-read every second.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Route requests for one or more deployments over their replicas."""
@@ -77,7 +82,7 @@ def route(
                               deployment_policies=per_deployment or None, tokenizers=tokenizers or None,
                               auto_tokenizer=auto_tokenizer)
         app = build_app(replica, config, regions=regions, max_in_flight=max_in_flight, check_interval_s=health_interval, eject_after=eject_after,
-                        grpc_host=host, grpc_port=grpc_port)
+                        grpc_host=host, grpc_port=grpc_port, key_file=key_file)
     except ValueError as exc:
         fail(str(exc))
         return

@@ -2,7 +2,9 @@
 
 Bytes stream through as they arrive (no buffering of responses). A stream that breaks after its
 first byte ends with an SSE error event (for text/event-stream) or a cut body; a request no
-replica can take gets 503 with Retry-After.
+replica can take gets 503 with Retry-After. With a gate (keys), every route but /health/* is
+checked first: model traffic needs an invoke or admin key (for its deployment, within its rate
+limits), /metrics and /headway/router a deploy or admin key; the key is not forwarded.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
 
 from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
+from headway.infra.fleet.auth import error_json, estimate_tokens, rejection_headers, usage_tokens
+from headway.infra.fleet.keys import KeyRecord, Rejection, authorize
 from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
@@ -27,6 +31,9 @@ from headway.infra.router.tokenize import prompt_token_ids
 from headway.infra.router.tokenizer_fetch import TokenizerFetcher
 from headway.infra.router.types import RouteRequest
 from headway.infra.router.upstream import Forwarder, NoCapacity, RouterConfig
+
+if TYPE_CHECKING:
+    from headway.infra.fleet.auth import Gate
 
 log = logging.getLogger("headway.router")
 T = TypeVar("T")
@@ -41,6 +48,7 @@ HOP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"
                           b"proxy-connection"})
 MAX_BODY = 64 * 1024 * 1024
 NEEDS_PROMPT = frozenset({"cache-aware", "predicted-latency"})
+OPS_PATHS = frozenset({"/metrics", "/headway/router"})   # with a gate: admin or deploy keys only
 
 
 def error_body(kind: str, message: str, code: int) -> bytes:
@@ -59,6 +67,10 @@ async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"
     await send({"type": "http.response.body", "body": body})
 
 
+async def deny(send: Send, refused: Rejection) -> None:
+    await respond(send, refused.status, error_json(refused), headers=rejection_headers(refused))
+
+
 async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (its body was read already, so only a disconnect is left)."""
     while (await receive())["type"] not in ("http.disconnect", "websocket.disconnect"):
@@ -73,8 +85,10 @@ async def _close_on_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -
 class RouterApp:
     def __init__(self, replicas: ReplicaSet, config: RouterConfig | None = None,
                  on_startup: Callable[[RouterApp], Awaitable[None]] | None = None,
-                 on_shutdown: Callable[[RouterApp], Awaitable[None]] | None = None):
+                 on_shutdown: Callable[[RouterApp], Awaitable[None]] | None = None, gate: Gate | None = None):
         self.replicas = replicas
+        self.gate = gate     # keys and rate limits; None: every request is let through (no keys configured)
+        self.hop_request = HOP_REQUEST | {b"authorization"} if gate is not None else HOP_REQUEST   # keys stay here
         self.config = config or RouterConfig()
         self.metrics = RouterMetrics()
         self.activator = Activator()
@@ -192,6 +206,14 @@ class RouterApp:
         arrived = time.perf_counter()
         method: str = scope["method"]
         path: str = scope["path"]
+        gate = self.gate
+        caller: KeyRecord | None = None
+        if gate is not None and not path.startswith("/health/"):
+            checked = gate.check(scope, "deploy" if path in OPS_PATHS else "invoke")
+            if not isinstance(checked, KeyRecord):
+                await deny(send, checked)
+                return
+            caller = checked
         if await self.local(method, path, send):
             return
         body = b""
@@ -211,7 +233,13 @@ class RouterApp:
         if isinstance(req, str):
             await respond(send, 404, error_body("model_not_found", req, 404))
             return
-        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers if k not in HOP_REQUEST)
+        if gate is not None and caller is not None:
+            refused = authorize(caller, "invoke", req.deployment) or gate.admit(caller)
+            if refused is not None:
+                await deny(send, refused)
+                return
+        hop = self.hop_request
+        headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers if k not in hop)
         qs: bytes = scope.get("query_string", b"")
         path_qs = scope.get("raw_path", path.encode()).decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
         try:
@@ -226,7 +254,7 @@ class RouterApp:
             await respond(send, 503, error_body("no_replica_available", str(exc), 503), headers=[(b"retry-after", retry)])
             return
         resp = opened.resp
-        ok = False
+        ok = complete = False
         try:   # whatever happens from here on, the lease is released exactly once
             out_headers = [(k, v) for k, v in resp.raw_headers if k.lower() not in HOP_RESPONSE]
             out_headers.append((b"x-headway-replica", opened.replica.url.encode()))
@@ -242,6 +270,8 @@ class RouterApp:
         finally:
             self.forwarder.finish(opened, ok)
             self.metrics.count_request(req.deployment, str(resp.status) if ok else "stream_error")
+            if gate is not None and caller is not None and caller.tpm:   # tokens: the answer's usage, else an estimate
+                gate.charge(caller, (complete and usage_tokens(opened.first)) or estimate_tokens(body))
 
     def first_byte_p95(self, deployment: str, window_s: float) -> float | None:
         """p95 of the time to first byte clients saw (activator wait included) over the last window."""

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 import aiohttp
 
 from headway.infra.autoscale.activator import ClientGone
+from headway.infra.fleet.keys import Rejection
 from headway.infra.router.extract import model_from_path
 from headway.infra.router.types import RouteEvent, RouteRequest
 from headway.infra.router.upstream import NoCapacity
@@ -47,6 +48,11 @@ async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: 
         await send({"type": "websocket.close", "code": 1008, "reason": "unknown model"})
         return
     deployment, adapter = resolved
+    if app.gate is not None:   # keys: an invoke (or admin) key for this deployment; refused before acceptance
+        checked = app.gate.check(scope, "invoke", deployment)
+        if isinstance(checked, Rejection):
+            await send({"type": "websocket.close", "code": 1008, "reason": f"{checked.status} {checked.kind}"})
+            return
     req = RouteRequest(deployment, app.forwarder.next_id(), adapter=adapter)
     policy = app.forwarder.policy_for(deployment)
     qs = scope.get("query_string", b"").decode("latin-1")
