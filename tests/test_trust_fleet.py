@@ -140,3 +140,57 @@ def test_rce_chain_is_refused_and_secrets_never_leak(tmp_path: Path) -> None:
     plane_log = (tmp_path / "plane.log").read_text(errors="replace")
     assert "leaky" in plane_log and SECRET not in plane_log
     assert (tmp_path / "state" / "headway.db").stat().st_mode & 0o077 == 0
+
+
+async def test_replica_start_rechecks_the_package_and_gets_its_resolved_path(tmp_path: Path) -> None:
+    """A directory swapped for a symlink out of the root after the deploy starts no replica; a
+    replica is given the resolved directory, not the name it was deployed with."""
+    from headway.infra.fleet.manager import ReplicaManager
+    from headway.infra.fleet.store import Store
+    from headway.infra.router.proxy import RouterApp
+    from headway.infra.router.replicas import ReplicaSet
+
+    class Recording:
+        name = "recording"
+
+        def __init__(self) -> None:
+            self.launches: list = []
+
+        def start(self, launch):
+            self.launches.append(launch)
+            return {"id": launch.replica_id}
+
+        def url(self, handle):
+            return None
+
+        def alive(self, handle):
+            return True
+
+        def stop(self, handle, grace_s):
+            pass
+
+        def log_tail(self, handle, lines=20):
+            return ""
+
+        def close(self) -> None:
+            pass
+
+    allowed = tmp_path / "allowed"
+    pkg = marking_package(allowed / "m", tmp_path / "marker")
+    outside = marking_package(tmp_path / "outside", tmp_path / "marker")
+    (allowed / "alias").symlink_to(pkg)
+    provider = Recording()
+    m = ReplicaManager(Store(tmp_path / "s.db"), provider, RouterApp(ReplicaSet([])),
+                       package_roots=normalize_roots([allowed]))
+    m.apply(validate_spec({"name": "d", "package": str(allowed / "alias"), "replicas": {"min": 1, "max": 1},
+                           "env": {"HF_TOKEN": {"secret": True, "value": SECRET}}}))
+    m._reconcile(m.deployments["d"])
+    [launch] = provider.launches
+    assert launch.package == str(pkg.resolve()) and launch.env == {"HF_TOKEN": SECRET}
+    (allowed / "alias").unlink()
+    (allowed / "alias").symlink_to(outside)            # swapped after the deploy
+    m.live.clear()
+    m._reconcile(m.deployments["d"])
+    assert len(provider.launches) == 1
+    events = [e for _, e in m.deployments["d"].events]
+    assert any("not starting a replica" in e and "--package-root" in e for e in events), events

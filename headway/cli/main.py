@@ -93,7 +93,7 @@ def serve(
         adapters = {n: str(Path(p).expanduser().resolve()) for n, p in (item.split("=", 1) for item in lora)}
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
-            replica_id=replica_id, engine_overrides={"dtype": dtype, "num_threads": threads,
+            replica_id=replica_id, requirements_venv=True, engine_overrides={"dtype": dtype, "num_threads": threads,
                                                      "quantization": quantization, "speculative": speculative,
                                                      "kv_offload_tokens": kv_offload_tokens, "lora_adapters": adapters,
                                                      "lora_roots": [str(Path(p).expanduser().resolve()) for p in lora_root]

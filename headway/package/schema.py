@@ -242,7 +242,9 @@ class PackageConfig(_Strict):
     description: str | None = Field(None, examples=["Sentiment classifier"])
     model: ModelSource = Field(default_factory=ModelSource)
     requirements: list[str] = Field(
-        default_factory=list, description="pip requirement specifiers installed before load.",
+        default_factory=list, description="pip requirement specifiers, installed before load into a virtual "
+        "environment of their own (one per requirement set on a node, inheriting torch and headway), never into "
+        "the shared interpreter.",
         examples=[["numpy==2.1.0"]],
     )
     environment: dict[str, str] = Field(
