@@ -100,8 +100,9 @@ def test_rce_chain_is_refused_and_secrets_never_leak(tmp_path: Path) -> None:
     plane = Plane(tmp_path / "state", tmp_path / "plane.log", extra=["--no-standby"], package_roots=[allowed])
     secret_env = {"HF_TOKEN": {"secret": True, "value": SECRET}, "LOG_LEVEL": "info"}
     try:
-        for package in (str(evil), str(allowed / "sneaky"), str(allowed / ".." / "evil")):
-            err = plane.api("POST", "/deployments", {"name": "evil", "package": package, "env": secret_env,
+        for package, env in [(p, e) for p in (str(evil), str(allowed / "sneaky"), str(allowed / ".." / "evil"))
+                             for e in ({"LOG_LEVEL": "info"}, secret_env)]:
+            err = plane.api("POST", "/deployments", {"name": "evil", "package": package, "env": env,
                                                      "replicas": {"min": 1, "max": 1}}, status=400)
             msg = err["error"]["message"]
             assert package in msg and str(allowed.resolve()) in msg and "--package-root" in msg, msg
