@@ -195,3 +195,15 @@ async def test_replica_start_rechecks_the_package_and_gets_its_resolved_path(tmp
     assert len(provider.launches) == 1
     events = [e for _, e in m.deployments["d"].events]
     assert any("not starting a replica" in e and "--package-root" in e for e in events), events
+
+
+def test_a_remote_source_is_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An s3:// or https:// package becomes an `llm` package rooted at the replica's working
+    directory: a model.py among the source's objects is never imported (it is not the root)."""
+    from headway.server.serve import resolve_target
+
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3://models/with-code/", "https://host/m.gguf"):
+        pkg = resolve_target(url)
+        assert pkg.config.runtime == "llm" and pkg.config.model.source == url and pkg.root == tmp_path
+        assert pkg.config.requirements == []
