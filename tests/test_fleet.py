@@ -156,7 +156,10 @@ def test_breakdown_is_cumulative_from_scheduling() -> None:
 class Plane:
     """`python -m headway up` as a real process, with its own state directory."""
 
-    def __init__(self, state: Path, log: Path, port: int | None = None, extra: list[str] | None = None):
+    def __init__(self, state: Path, log: Path, port: int | None = None, extra: list[str] | None = None,
+                 package_roots: list[Path] | None = None):
+        roots = [state.parent] if package_roots is None else package_roots   # default: the test's tmp_path
+        extra = [*(extra or []), *(a for r in roots for a in ("--package-root", str(r)))]
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state = state

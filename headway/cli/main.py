@@ -70,6 +70,9 @@ def serve(
         help="LLM host-memory KV tier in tokens: evicted prefixes are restored from it (0 = off).")] = None,
     lora: Annotated[Optional[list[str]], typer.Option(
         help="LoRA adapter to serve, NAME=PATH to a PEFT directory; repeatable.")] = None,
+    lora_root: Annotated[Optional[list[str]], typer.Option(
+        "--lora-root", help="Directory POST /v1/load_lora_adapter may load adapters from; repeatable (none: "
+        "loading from a path at run time is refused).")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
                                                 "name); the control plane passes the deployment's.")] = None,
@@ -90,9 +93,11 @@ def serve(
         adapters = {n: str(Path(p).expanduser().resolve()) for n, p in (item.split("=", 1) for item in lora)}
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
-            replica_id=replica_id, engine_overrides={"dtype": dtype, "num_threads": threads,
+            replica_id=replica_id, requirements_venv=True, engine_overrides={"dtype": dtype, "num_threads": threads,
                                                      "quantization": quantization, "speculative": speculative,
-                                                     "kv_offload_tokens": kv_offload_tokens, "lora_adapters": adapters})
+                                                     "kv_offload_tokens": kv_offload_tokens, "lora_adapters": adapters,
+                                                     "lora_roots": [str(Path(p).expanduser().resolve()) for p in lora_root]
+                                                     if lora_root else None})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)

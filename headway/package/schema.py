@@ -191,7 +191,12 @@ class LLMEngineOptions(_Strict):
         default_factory=dict, examples=[{"sql": "adapters/sql"}],
         description="LoRA adapters served at start: name (what clients put in `model`) -> PEFT directory "
         "(adapter_config.json + adapter_model.safetensors; relative to the package). More can be loaded at "
-        "run time with POST /v1/load_lora_adapter.")
+        "run time with POST /v1/load_lora_adapter from under lora_roots.")
+    lora_roots: list[str] = Field(
+        default_factory=list, examples=[["/srv/adapters"]],
+        description="Directories POST /v1/load_lora_adapter may load adapters from (relative to the package; "
+        "symlinks and '..' are resolved first). None (the default): loading from a path at run time is refused; "
+        "adapters in lora_adapters are always served.")
     max_loras: int = Field(4, ge=1, le=64, examples=[4],
                            description="LoRA adapters resident in memory at most (least recently used evicted).")
     max_lora_rank: int = Field(64, ge=1, le=512, examples=[64], description="Largest LoRA rank accepted.")
@@ -237,7 +242,9 @@ class PackageConfig(_Strict):
     description: str | None = Field(None, examples=["Sentiment classifier"])
     model: ModelSource = Field(default_factory=ModelSource)
     requirements: list[str] = Field(
-        default_factory=list, description="pip requirement specifiers installed before load.",
+        default_factory=list, description="pip requirement specifiers, installed before load into a virtual "
+        "environment of their own (one per requirement set on a node, inheriting torch and headway), never into "
+        "the shared interpreter.",
         examples=[["numpy==2.1.0"]],
     )
     environment: dict[str, str] = Field(

@@ -58,6 +58,9 @@ def up(
     standby: Annotated[bool, typer.Option(help="Keep a local process with torch and the server imported, to "
                                           "become the next replica (a faster cold start).")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    package_root: Annotated[Optional[list[Path]], typer.Option(
+        "--package-root", help="A directory whose model packages (their model.py runs in replicas) may be deployed; "
+        "repeatable. Without one, only model-library names and s3:// / https:// weights are accepted.")] = None,
 ) -> None:
     """Start the control plane: API, router, autoscaler and replica manager in one process."""
     from headway.infra.fleet.control import ControlPlane
@@ -85,9 +88,14 @@ def up(
 
         provider = LocalProvider(state_dir / "logs", host="127.0.0.1" if host in ("127.0.0.1", "localhost") else host,
                                  standby=standby)
-    plane = ControlPlane(state_dir, provider, health_interval_s=health_interval)
+    try:
+        plane = ControlPlane(state_dir, provider, health_interval_s=health_interval, package_roots=package_root or [])
+    except ValueError as exc:
+        provider.close()
+        _fail(str(exc))
     typer.echo(f"headway control plane on http://{host}:{port} (state: {state_dir.resolve()}, "
-               f"replicas: {'ray ' + ray if ray else 'local processes'})")
+               f"replicas: {'ray ' + ray if ray else 'local processes'}, package roots: "
+               f"{', '.join(str(p) for p in plane.manager.package_roots or ()) or 'none'})")
     typer.echo("API keys: every route but /health/* needs one" if not plane.ring.empty else
                "no API keys yet: only local, same-origin requests are answered; add one with "
                "`headway keys create --scope admin`")

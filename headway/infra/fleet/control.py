@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from headway.infra.fleet.control_api import PREFIX, body_limits, build_control_a
 from headway.infra.fleet.keys import KeyRing
 from headway.infra.fleet.manager import ReplicaManager
 from headway.infra.fleet.providers.base import Provider
+from headway.infra.fleet.roots import normalize_roots
 from headway.infra.fleet.store import Store
 from headway.infra.router.proxy import RouterApp
 from headway.infra.router.replicas import ReplicaSet
@@ -32,7 +34,9 @@ class ControlPlane:
     """ASGI app: /headway/control/* is the API, everything else goes through the router."""
 
     def __init__(self, state_dir: Path, provider: Provider, *, router_config: RouterConfig | None = None,
-                 health_interval_s: float = 1.0):
+                 health_interval_s: float = 1.0, package_roots: Sequence[Path] = ()):
+        """package_roots: the directories whose packages may be deployed (see fleet/roots.py); with
+        none, only model-library names and remote weights sources are accepted."""
         self.state_dir = Path(state_dir)
         self.store = Store(self.state_dir / "headway.db")
         self.ring = KeyRing()
@@ -40,7 +44,7 @@ class ControlPlane:
         self.gate = Gate(self.ring)
         self.router = RouterApp(ReplicaSet([], check_interval_s=health_interval_s), router_config or RouterConfig(),
                                 on_startup=self._started, on_shutdown=self._stopping, gate=self.gate)
-        self.manager = ReplicaManager(self.store, provider, self.router)
+        self.manager = ReplicaManager(self.store, provider, self.router, package_roots=normalize_roots(package_roots))
         self.autoscaler = AutoscaleLoop(self._observe, self.manager.set_desired, waiting=self._waiting)
         self._tasks: list[asyncio.Task[None]] = []
         self.stop_replicas_on_exit = False

@@ -22,13 +22,16 @@ import logging
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from headway.infra.autoscale.activator import QueueLimits
 from headway.infra.fleet.providers.base import Launch, Provider
+from headway.infra.fleet.roots import allowed_package
 from headway.infra.fleet.spec import DeploymentSpec
 from headway.infra.fleet.store import DeploymentRow, ReplicaRow, Store
 from headway.infra.router.proxy import RouterApp
@@ -58,14 +61,19 @@ class _Deployment:
         return self.row.manual if self.row.manual is not None else self.desired
 
     def event(self, text: str) -> None:
+        text = self.spec.redact(text)
         self.events.append((time.time(), text))
         del self.events[:-50]
         log.info("%s: %s", self.row.name, text)
 
 
 class ReplicaManager:
-    def __init__(self, store: Store, provider: Provider, router: RouterApp, *, poll_s: float = 0.1):
+    def __init__(self, store: Store, provider: Provider, router: RouterApp, *, poll_s: float = 0.1,
+                 package_roots: Sequence[Path] | None = None):
+        """package_roots: where package directories may be (see roots.py); the control plane always
+        passes its list (empty: library names and remote weights only); None checks nothing."""
         self.store = store
+        self.package_roots = None if package_roots is None else tuple(package_roots)
         self.provider = provider
         self.router = router
         self.poll_s = poll_s
@@ -97,8 +105,13 @@ class ReplicaManager:
         if session is not None:
             await self.router.replicas.check_all(session)
 
+    def check_package(self, spec: DeploymentSpec) -> str:
+        """The package as a replica gets it; PackageNotAllowed (a ValueError) when outside the roots."""
+        return spec.package if self.package_roots is None else allowed_package(spec.package, self.package_roots)
+
     def apply(self, spec: DeploymentSpec) -> DeploymentRow:
-        """Create or update a deployment."""
+        """Create or update a deployment (refused, changing nothing, if its package is not allowed)."""
+        self.check_package(spec)
         old = self.store.deployment(spec.name)
         replace = old is not None and any(getattr(old.spec, f) != getattr(spec, f) for f in _REPLACING_FIELDS)
         row = self.store.put_deployment(spec, bump_generation=replace)
@@ -189,7 +202,8 @@ class ReplicaManager:
 
     async def _watch(self, session: aiohttp.ClientSession, r: ReplicaRow) -> None:
         if not self.provider.alive(r.handle):
-            self._stop(r, "failed", f"the replica process exited; its log ends:\n{self.provider.log_tail(r.handle)}")
+            tail = self._redact(r.deployment, self.provider.log_tail(r.handle))
+            self._stop(r, "failed", f"the replica process exited; its log ends:\n{tail}")
             return
         if r.phase == "starting":
             if r.url is None:
@@ -199,7 +213,7 @@ class ReplicaManager:
                 self.store.put_replica(r)
             body = await _state(session, r.url)
             if body is not None and body.get("error"):
-                self._stop(r, "failed", f"the model failed to load: {body['error']}")
+                self._stop(r, "failed", self._redact(r.deployment, f"the model failed to load: {body['error']}"))
             elif body is not None and body.get("ready"):
                 self._became_ready(r, body)
         elif r.phase == "draining":
@@ -251,6 +265,10 @@ class ReplicaManager:
             self.router.replicas.managed.discard(name)
             self.router.activator.forget(name)
 
+    def _redact(self, name: str, text: str) -> str:
+        dep = self.deployments.get(name)
+        return dep.spec.redact(text) if dep is not None else text
+
     def _in_flight(self, r: ReplicaRow) -> int:
         routed = self.router.replicas.find(r.url or "")
         return routed.in_flight if routed else 0
@@ -259,12 +277,17 @@ class ReplicaManager:
         spec = dep.spec
         rid = f"{spec.name}-{uuid.uuid4().hex[:8]}"
         res = spec.resources
-        launch = Launch(rid, spec.name, spec.package, list(spec.serve_args), dict(spec.env), res.cpu, res.gpu,
+        try:
+            package = self.check_package(spec)   # again: a directory may have been swapped since it was deployed
+        except ValueError as exc:
+            self._backoff(dep, f"not starting a replica: {exc}")
+            return
+        launch = Launch(rid, spec.name, package, list(spec.serve_args), spec.env_values(), res.cpu, res.gpu,
                         res.memory_gb, dict(res.custom), scheduled_at=time.time())
         try:
             handle = self.provider.start(launch)
         except Exception as exc:  # noqa: BLE001 - a provider that cannot start a replica is reported, then retried
-            self._backoff(dep, f"could not start a replica: {type(exc).__name__}: {exc}")
+            self._backoff(dep, f"could not start a replica: {type(exc).__name__}: {spec.redact(str(exc))}")
             return
         r = ReplicaRow(rid, spec.name, dep.row.generation, self.provider.name, handle, self.provider.url(handle),
                        "starting", launch.scheduled_at,
@@ -346,8 +369,9 @@ class ReplicaManager:
             routed = self.router.replicas.find(r.url or "") if r.phase in ("ready", "draining") else None
             replicas.append({"id": r.id, "phase": r.phase, "url": r.url, "generation": r.generation, "handle": r.handle,
                              "in_flight": routed.in_flight if routed else 0, "breakdown": r.breakdown,
-                             "scheduled_at": r.scheduled_at, "ready_at": r.ready_at, "error": r.error[-2000:]})
-        return {"name": name, "spec": dep.spec.model_dump(mode="json"), "generation": dep.row.generation,
+                             "scheduled_at": r.scheduled_at, "ready_at": r.ready_at,
+                             "error": dep.spec.redact(r.error)[-2000:]})
+        return {"name": name, "spec": dep.spec.public_dump(), "generation": dep.row.generation,
                 "desired": dep.target(), "autoscaler": {"desired": dep.desired, "reason": dep.reason},
                 "manual": dep.row.manual, "deleting": dep.row.deleting, "ready": ready, "starting": starting,
                 "queued": self.router.activator.queued(name), "in_flight": self.router.replicas.in_flight(name),

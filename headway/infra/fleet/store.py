@@ -9,6 +9,7 @@ every change is committed at once (WAL, so `headway status` reads never block it
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -93,6 +94,10 @@ class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # specs hold secret env values: the database (and its -wal/-shm, which SQLite creates with the
+        # same mode) is readable by this user only; the API shows specs through public_dump()
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)

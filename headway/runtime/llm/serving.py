@@ -124,13 +124,15 @@ class LLMRuntime(Runtime):
 
     def router(self) -> APIRouter:
         from headway.runtime.llm.lora.api import lora_router
+        from headway.runtime.llm.lora.roots import resolve_roots
         from headway.runtime.llm.openai_api import OpenAIServer
 
         self._api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None,
                                  adapters=lambda: self.engine.loras.names if self.engine is not None else (),
                                  parent=self.name)
         router = self._api.router()
-        router.include_router(lora_router(lambda: self.engine))
+        roots = resolve_roots(self.options.lora_roots, self.package.root)
+        router.include_router(lora_router(lambda: self.engine, roots))
 
         @router.get("/headway/tokenizer")
         async def tokenizer_files() -> Response:
