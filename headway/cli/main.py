@@ -158,6 +158,19 @@ def _read_data(data: str) -> Any:
         _fail(f"--data is not valid JSON ({exc}); pass JSON, @file.json or - for stdin")
 
 
+def _served_model(client: Any, base: str) -> str:
+    """The model a replica serves (its /headway/state), or a router's only one (its /v1/models:
+    a router does not pass /headway/* through)."""
+    state = client.get(f"{base}/headway/state")
+    if state.status_code == 200 and state.json().get("model"):
+        return str(state.json()["model"])
+    listed = client.get(f"{base}/v1/models")
+    names = [m["id"] for m in listed.json().get("data", [])] if listed.status_code == 200 else []
+    if len(names) != 1:
+        _fail(f"{base} serves {', '.join(names) if names else 'no model it names'}; say which with --model")
+    return str(names[0])
+
+
 @app.command()
 def predict(
     data: Annotated[str, typer.Option("--data", "-d", help="JSON input, @file.json, or - for stdin.")],
@@ -173,7 +186,7 @@ def predict(
     try:
         with httpx.Client(timeout=timeout) as client:
             if model is None:
-                model = client.get(f"{base}/headway/state").json()["model"]
+                model = _served_model(client, base)
             with client.stream("POST", f"{base}/v1/models/{model}:predict", json=body) as resp:
                 if resp.status_code >= 400:
                     resp.read()

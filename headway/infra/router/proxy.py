@@ -1,4 +1,4 @@
-"""The router's ASGI app: local endpoints, then every other request proxied to a replica.
+"""The router's ASGI app: local endpoints, then the public model API (allow.py) proxied to a replica.
 
 Bytes stream through as they arrive (no buffering of responses). A stream that breaks after its
 first byte ends with an SSE error event (for text/event-stream) or a cut body; a request no
@@ -20,6 +20,7 @@ import aiohttp
 from multidict import CIMultiDict
 
 from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
+from headway.infra.router import allow
 from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
@@ -41,6 +42,7 @@ HOP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"
                           b"proxy-connection"})
 MAX_BODY = 64 * 1024 * 1024
 NEEDS_PROMPT = frozenset({"cache-aware", "predicted-latency"})
+DENIED = {400: "bad_request", 403: "admin_endpoint", 404: "not_found", 405: "method_not_allowed"}
 
 
 def error_body(kind: str, message: str, code: int) -> bytes:
@@ -191,8 +193,14 @@ class RouterApp:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
         method: str = scope["method"]
-        path: str = scope["path"]
+        verdict = allow.check(method, scope["path"])
+        path = verdict.path
         if await self.local(method, path, send):
+            return
+        if verdict.status != 200:
+            extra = [(b"allow", ", ".join(verdict.allow).encode())] if verdict.allow else []
+            await respond(send, verdict.status, error_body(DENIED[verdict.status], verdict.message, verdict.status),
+                          headers=extra)
             return
         body = b""
         more = True
@@ -213,7 +221,7 @@ class RouterApp:
             return
         headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers if k not in HOP_REQUEST)
         qs: bytes = scope.get("query_string", b"")
-        path_qs = scope.get("raw_path", path.encode()).decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
+        path_qs = path + ("?" + qs.decode("latin-1") if qs else "")   # the normalised path: what was allowed
         try:
             opened = await self.open(req, method, path_qs, headers, body, receive)
         except ClientGone:
