@@ -75,11 +75,21 @@ def serve(
                                                 "name); the control plane passes the deployment's.")] = None,
     replica_id: Annotated[Optional[str], typer.Option(help="Identity reported on /headway/state (set by the "
                                                       "control plane).")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Serve HTTPS only, with this certificate (PEM); "
+                                                     "needs --tls-key.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a model package or a library model on one machine."""
     from headway.infra.weights import fetch_for_runtime
     from headway.server.serve import serve as run
+    from headway.tls import TLSConfigError, server_tls
+
+    try:
+        tls = server_tls(tls_cert, tls_key)
+    except TLSConfigError as exc:
+        _fail(str(exc), 2)
+        return
 
     adapters = None
     if lora:
@@ -90,7 +100,7 @@ def serve(
         adapters = {n: str(Path(p).expanduser().resolve()) for n, p in (item.split("=", 1) for item in lora)}
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
-            replica_id=replica_id, engine_overrides={"dtype": dtype, "num_threads": threads,
+            replica_id=replica_id, tls=tls, engine_overrides={"dtype": dtype, "num_threads": threads,
                                                      "quantization": quantization, "speculative": speculative,
                                                      "kv_offload_tokens": kv_offload_tokens, "lora_adapters": adapters})
     except PackageError as exc:

@@ -14,6 +14,9 @@ DEFAULT_CONTROL = "http://127.0.0.1:8080"
 
 ControlOpt = Annotated[Optional[str], typer.Option("--control", help=f"Control plane URL (default: ${CONTROL_ENV} "
                                                    f"or {DEFAULT_CONTROL}).")]
+CaFileOpt = Annotated[Optional[str], typer.Option("--ca-file", help="CA bundle (PEM) trusted for an https:// "
+                                                  "control plane (default: $HEADWAY_CA_FILE, $SSL_CERT_FILE, "
+                                                  "else the system's).")]
 
 
 def _fail(message: str) -> None:
@@ -21,14 +24,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _call(control: str | None, method: str, path: str, body: Any = None) -> Any:
+def _call(control: str | None, method: str, path: str, body: Any = None, ca_file: str | None = None) -> Any:
     import httpx
+
+    from headway.tls import TLSConfigError, client_context
 
     base = (control or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL).rstrip("/")
     try:
-        resp = httpx.request(method, f"{base}/headway/control{path}", json=body, timeout=30)
+        verify = client_context(ca_file)
+    except TLSConfigError as exc:
+        _fail(str(exc))
+    try:
+        resp = httpx.request(method, f"{base}/headway/control{path}", json=body, timeout=30, verify=verify)
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach the control plane at {base} ({type(exc).__name__}: {exc}); start one with `headway up`")
+        hint = ("; if it serves HTTPS, use an https:// --control URL" if base.startswith("http://") else
+                "; for a private CA pass --ca-file or set HEADWAY_CA_FILE" if "CERTIFICATE" in str(exc) else "")
+        _fail(f"cannot reach the control plane at {base} ({type(exc).__name__}: {exc}); start one with `headway up`"
+              + hint)
     data = resp.json()
     if resp.status_code >= 400:
         _fail(data.get("error", {}).get("message", resp.text))
@@ -46,11 +58,21 @@ def up(
     health_interval: Annotated[float, typer.Option(help="Seconds between the router's health checks.")] = 1.0,
     standby: Annotated[bool, typer.Option(help="Keep a local process with torch and the server imported, to "
                                           "become the next replica (a faster cold start).")] = True,
+    tls_cert: Annotated[Optional[str], typer.Option(help="Serve HTTPS only (model traffic and the control API), "
+                                                    "with this certificate (PEM); needs --tls-key.")] = None,
+    tls_key: Annotated[Optional[str], typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Start the control plane: API, router, autoscaler and replica manager in one process."""
     from headway.infra.fleet.control import ControlPlane
     from headway.infra.router.server import serve
+    from headway.tls import TLSConfigError, server_tls
+
+    try:
+        tls = server_tls(tls_cert, tls_key)
+    except TLSConfigError as exc:
+        _fail(str(exc))
+        return
 
     if ray is not None:
         try:
@@ -69,9 +91,9 @@ def up(
         provider = LocalProvider(state_dir / "logs", host="127.0.0.1" if host in ("127.0.0.1", "localhost") else host,
                                  standby=standby)
     plane = ControlPlane(state_dir, provider, health_interval_s=health_interval)
-    typer.echo(f"headway control plane on http://{host}:{port} (state: {state_dir.resolve()}, "
+    typer.echo(f"headway control plane on {'https' if tls else 'http'}://{host}:{port} (state: {state_dir.resolve()}, "
                f"replicas: {'ray ' + ray if ray else 'local processes'})")
-    serve(plane, host, port, log_level)  # type: ignore[arg-type]
+    serve(plane, host, port, log_level, tls)
 
 
 def deploy(
@@ -79,6 +101,7 @@ def deploy(
     wait: Annotated[bool, typer.Option(help="Wait until the deployment has its minimum replicas ready.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 300.0,
     control: ControlOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Create or update a deployment from its spec."""
     from headway.infra.fleet.spec import load_spec
@@ -89,13 +112,13 @@ def deploy(
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
-    data = _call(control, "POST", "/deployments", parsed.model_dump(mode="json"))
+    data = _call(control, "POST", "/deployments", parsed.model_dump(mode="json"), ca_file=ca_file)
     typer.echo(f"deployed '{parsed.name}' (generation {data['generation']}, {data['desired']} replica(s) wanted); "
                f"send requests with model='{parsed.name}'")
     if wait:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            data = _call(control, "GET", f"/deployments/{parsed.name}")
+            data = _call(control, "GET", f"/deployments/{parsed.name}", ca_file=ca_file)
             if data["ready"] >= min(parsed.replicas.min, data["desired"]):
                 typer.echo(f"'{parsed.name}': {data['ready']} replica(s) ready")
                 return
@@ -108,11 +131,13 @@ def status(
     name: Annotated[Optional[str], typer.Argument(help="A deployment (default: all).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status.")] = False,
     control: ControlOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Deployments, their replicas, and each replica's cold-start breakdown."""
     import json
 
-    deps = [_call(control, "GET", f"/deployments/{name}")] if name else _call(control, "GET", "/deployments")["deployments"]
+    deps = ([_call(control, "GET", f"/deployments/{name}", ca_file=ca_file)] if name
+            else _call(control, "GET", "/deployments", ca_file=ca_file)["deployments"])
     if as_json:
         typer.echo(json.dumps(deps, indent=2))
         return
@@ -145,6 +170,7 @@ def scale(
     name: Annotated[str, typer.Argument(help="The deployment.")],
     replicas: Annotated[str, typer.Argument(help="A replica count, or 'auto' to hand it back to the autoscaler.")],
     control: ControlOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Pin a deployment's replica count, or give it back to the autoscaler."""
     if replicas == "auto":
@@ -155,16 +181,17 @@ def scale(
         except ValueError:
             _fail(f"replicas must be a whole number or 'auto', got {replicas!r}")
             return
-    data = _call(control, "POST", f"/deployments/{name}/scale", {"replicas": count})
+    data = _call(control, "POST", f"/deployments/{name}/scale", {"replicas": count}, ca_file=ca_file)
     typer.echo(f"'{name}': {data['desired']} replica(s) wanted ({'manual' if count is not None else 'autoscaler'})")
 
 
 def delete(
     name: Annotated[str, typer.Argument(help="The deployment.")],
     control: ControlOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Delete a deployment: its replicas drain (finish their requests) and stop."""
-    _call(control, "DELETE", f"/deployments/{name}")
+    _call(control, "DELETE", f"/deployments/{name}", ca_file=ca_file)
     typer.echo(f"'{name}': draining its replicas; it disappears once they have stopped")
 
 
@@ -172,9 +199,10 @@ def down(
     keep_replicas: Annotated[bool, typer.Option(help="Leave replicas running (a later `headway up` adopts them).")]
     = False,
     control: ControlOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Stop the control plane (and, unless --keep-replicas, every replica it runs)."""
-    _call(control, "POST", "/shutdown", {"stop_replicas": not keep_replicas})
+    _call(control, "POST", "/shutdown", {"stop_replicas": not keep_replicas}, ca_file=ca_file)
     typer.echo("control plane stopping" + (" (replicas left running)" if keep_replicas else " with its replicas"))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -19,6 +20,7 @@ from multidict import CIMultiDict
 from headway.infra.router import allow
 from headway.infra.router.proto import router_pb2, router_pb2_grpc
 from headway.infra.router.upstream import NoCapacity, Opened
+from headway.tls import ServerTLS
 
 if TYPE_CHECKING:
     from headway.infra.router.proxy import RouterApp
@@ -122,10 +124,14 @@ def _parse_event(raw: bytes) -> tuple[str, bytes]:
     return event, b"\n".join(data)
 
 
-async def start_grpc(app: RouterApp, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc(app: RouterApp, host: str, port: int, tls: ServerTLS | None = None) -> grpc.aio.Server:
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServicer_to_server(RouterService(app), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        creds = grpc.ssl_server_credentials([(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())])
+        bound = server.add_secure_port(f"{host}:{port}", creds)
     if bound == 0:
         raise OSError(f"could not bind the gRPC port {host}:{port}")
     await server.start()
