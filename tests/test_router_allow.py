@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,7 @@ import websockets
 
 from headway.infra.router import allow
 from headway.infra.router.proto import router_pb2, router_pb2_grpc
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tests.test_router_support import Proc, router
 
 # A replica that answers every path: admin paths say "leaked", so a test sees any that got through.
@@ -140,6 +143,10 @@ def test_http_admin_paths_are_refused_and_public_ones_pass(front: tuple[Proc, Pr
         assert status == 200 and json.loads(body) == {"path": "/v1/models/open:predict", "leaked": False}, (path, body)
     r = httpx.get(fr.url + "/v1/models/open/schema")
     assert r.status_code == 200 and r.json()["path"] == "/v1/models/open/schema"
+    # `headway predict` without --model finds the router's only model through /v1/models
+    done = subprocess.run([sys.executable, "-m", "headway", "predict", "--url", fr.url, "-d", "{}"], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert json.loads(done.stdout) == {"path": "/v1/models/open:predict", "leaked": False}, done.stderr
     # the router's own endpoints still answer
     assert httpx.get(fr.url + "/headway/router").status_code == 200
     assert {m["id"] for m in httpx.get(fr.url + "/v1/models").json()["data"]} == {"open"}

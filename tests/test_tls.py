@@ -162,8 +162,10 @@ def test_serve_over_tls(replica: Https, pki: dict[str, Path]) -> None:
 
 
 def test_route_over_tls_to_tls_replicas(replica: Https, pki: dict[str, Path], tmp_path: Path) -> None:
+    grpc_port = free_port()
     front = Https(["route", "--replica", replica.url, "--ca-file", str(pki["ca"]), "--tls-cert", str(pki["cert"]),
-                   "--tls-key", str(pki["key"]), "--health-interval", "0.2", "--log-level", "warning"],
+                   "--tls-key", str(pki["key"]), "--health-interval", "0.2", "--log-level", "warning",
+                   "--grpc-port", str(grpc_port)],
                   tmp_path / "router.log", pki["ca"])
     untrusting = Https(["route", "--replica", replica.url, "--health-interval", "0.2", "--log-level", "warning"],
                        tmp_path / "router-untrusting.log", pki["ca"])
@@ -172,6 +174,19 @@ def test_route_over_tls_to_tls_replicas(replica: Https, pki: dict[str, Path], tm
         front.wait()
         assert complete(front.url, pki["ca"])
         plaintext_fails(front.port)
+        # the gRPC port speaks TLS too
+        import grpc
+
+        from headway.infra.router.proto import router_pb2, router_pb2_grpc
+
+        body = b'{"model": "tinycoder-test", "prompt": "x", "max_tokens": 2}'
+        request = router_pb2.PredictRequest(model=MODEL, path="/v1/completions", body=body)
+        creds = grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{grpc_port}", creds) as channel:
+            assert router_pb2_grpc.RouterStub(channel).Predict(request, timeout=30).status == 200
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError):
+                router_pb2_grpc.RouterStub(channel).Predict(request, timeout=10)
         # without --ca-file the router does not trust the replica's certificate: no healthy replica
         untrusting.wait("/health/live", timeout=30)
         time.sleep(1.0)
