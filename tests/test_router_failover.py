@@ -21,12 +21,65 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_router_support import Proc, router
+from tests.test_router_support import Proc, router, sse_events
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 BURST = 6
 WORDS = "the quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun "
+
+
+# A replica that sends its status line and headers, then dies before any body byte (argv[2] == "die"),
+# or streams three events (anything else).
+HEADERS_THEN_DIE = '''
+import asyncio, os, sys
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+async def state(request):
+    return JSONResponse({"ready": True, "runtime": "custom", "model": "story", "in_flight": 0, "queued": 0,
+                         "max_concurrency": 4})
+
+async def predict(request):
+    async def events():
+        if sys.argv[2] == "die":
+            await asyncio.sleep(0.3)        # the headers are out by now
+            os._exit(9)
+        for word in ("once", "upon", "a"):
+            yield f"data: {word}\\n\\n".encode()
+        yield b"data: [DONE]\\n\\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+app = Starlette(routes=[Route("/headway/state", state), Route("/health/ready", state),
+                        Route("/v1/models/story:predict", predict, methods=["POST"])])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+'''
+
+
+def test_headers_without_a_body_byte_do_not_start_the_stream(tmp_path: Path) -> None:
+    """The router sends the client nothing (not even the status line) until the replica's first
+    body bytes: a replica that sent its headers and died is retried on another one."""
+    script = tmp_path / "headers_then_die.py"
+    script.write_text(HEADERS_THEN_DIE)
+    dying = Proc([str(script), "{port}", "die"], tmp_path / "dying.log")
+    good = Proc([str(script), "{port}", "live"], tmp_path / "good.log")
+    front: Proc | None = None
+    try:
+        dying.wait()
+        good.wait()
+        front = router([dying, good], tmp_path, "--policy", "round-robin", "--health-interval", "1000")
+        front.wait()
+        answers = [httpx.post(front.url + "/v1/models/story:predict", json={}, timeout=30) for _ in range(2)]
+        assert [r.status_code for r in answers] == [200, 200]
+        assert all(r.headers["x-headway-replica"] == good.url for r in answers)
+        assert all(sse_events(r.text) == [("", "once"), ("", "upon"), ("", "a"), ("", "[DONE]")] for r in answers)
+        assert dying.proc is not None and dying.proc.poll() is not None     # it did die, once the headers were out
+        assert 'reason="disconnect"' in httpx.get(front.url + "/metrics").text
+    finally:
+        for p in [dying, good, *([front] if front else [])]:
+            p.stop()
 
 
 def smol(tmp: Path, i: int) -> Proc:
@@ -73,7 +126,7 @@ async def burst_and_kill(url: str, victim: str, kill: Callable[[], None]) -> lis
         deadline = time.monotonic() + 30
         while (await client.get(victim + "/headway/state")).json()["in_flight"] < BURST // 2:
             assert time.monotonic() < deadline, "the burst never reached the victim's engine"
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.005)
         kill()
         return list(await asyncio.gather(*tasks))
 
