@@ -2,8 +2,9 @@
 
 Both go through the same Forwarder as HTTP (same policies, leases, retries before the first
 byte). The request's path, when given, must be one of the public POST endpoints of allow.PUBLIC
-(a client cannot reach a replica's admin paths through gRPC either). Generate turns the replica's server-sent events into one GenerateChunk each; a stream
-that breaks after it started ends with an "error" chunk, as HTTP streams end with an error event.
+(a client cannot reach a replica's admin paths through gRPC either). Generate turns the replica's
+server-sent events into one GenerateChunk each; a stream that breaks after it started ends with
+an "error" chunk, as HTTP streams end with an error event.
 """
 
 from __future__ import annotations
