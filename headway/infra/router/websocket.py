@@ -2,8 +2,9 @@
 
 Only the WebSocket paths of allow.PUBLIC are joined; any other is refused before the handshake
 with an HTTP answer (404, or 403 for an admin path). The deployment comes from the path
-(`/v1/models/NAME/...`), a `model` query parameter, or the router's only deployment. The upstream socket is opened first (retried on another replica if it
-fails), then the client's is accepted; frames are copied both ways until either side closes.
+(`/v1/models/NAME/...`), a `model` query parameter, or the router's only deployment. The
+upstream socket is opened first (retried on another replica if it fails), then the client's is
+accepted; frames are copied both ways until either side closes.
 For a deployment the control plane manages, a connection no replica can take waits in the
 activator (scaling from zero, or every replica at its limit), like an HTTP request. Otherwise,
 or when that wait ends without a replica, it is refused before acceptance (close code 1013,
