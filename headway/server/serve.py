@@ -18,6 +18,7 @@ from headway.package.load import FieldError, Package, PackageError, load_package
 from headway.server.app import create_app
 from headway.server.runtime import Runtime
 from headway.server.venv import normalize, reexec_in_venv
+from headway.tls import ServerTLS
 
 if TYPE_CHECKING:
     from headway.runtime.llm.serving import RemoteFetch
@@ -110,14 +111,17 @@ def build_runtime(package: Package, secrets_dir: str | None = None, fetch: Remot
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
           engine_overrides: dict[str, Any] | None = None, secrets_dir: str | None = None,
           fetch: RemoteFetch | None = None, name: str | None = None, replica_id: str | None = None,
-          requirements_venv: bool = False) -> None:
+          requirements_venv: bool = False, tls: ServerTLS | None = None) -> None:
     """requirements_venv: when the package has requirements, re-execute this process (the `headway
-    serve` CLI, same argv) with the python of their own virtual environment (venv.py)."""
+    serve` CLI, same argv) with the python of their own virtual environment (venv.py).
+    `tls`: serve HTTPS only (from headway.tls.server_tls, checked by the caller before this)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     package = resolve_target(target, engine_overrides, name)
     if requirements_venv:
         reexec_in_venv(package.config.requirements)
     runtime = build_runtime(package, secrets_dir, fetch)
     app = create_app(runtime, package.config.runtime_options, replica_id=replica_id)
-    log.info("serving '%s' (%s) on http://%s:%d", runtime.name, package.config.runtime, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    log.info("serving '%s' (%s) on %s://%s:%d", runtime.name, package.config.runtime, "https" if tls else "http",
+             host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                **(tls.uvicorn_options() if tls else {}))

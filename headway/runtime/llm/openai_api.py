@@ -328,11 +328,13 @@ class _Call:
         want_lp = self.jobs[0][1].logprobs
         offsets = [0] * (len(self.jobs) * self.req.n)
         parsers = [ToolCallParser() for _ in offsets] if self.tool_parsing else []
+        # Nothing is written before the first token: the chat role chunk goes out with the first
+        # token's chunk, so a replica that dies while prefilling has sent no byte and the router can
+        # retry the request elsewhere (a stream that has started cannot be retried).
+        opening = _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}
+                                            for i in range(len(offsets))], **usage_field}) if self.chat else b""
         try:
-            if self.chat:
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}
-                                                for i in range(len(offsets))], **usage_field})
             async for deltas in self.deltas():
                 choices = []
                 for d in deltas:
@@ -355,7 +357,10 @@ class _Call:
                         choice["finish_reason"] = "tool_calls"
                     choices.append(choice)
                 if choices:
-                    yield _sse({**head, "choices": choices, **usage_field})
+                    yield opening + _sse({**head, "choices": choices, **usage_field})
+                    opening = b""
+            if opening:
+                yield opening   # no choice had any text: the role chunk still opens the stream
             if self.req.include_usage:
                 yield _sse({**head, "choices": [], "usage": self._usage()})
             yield b"data: [DONE]\n\n"
