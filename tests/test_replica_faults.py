@@ -263,3 +263,75 @@ def test_control_plane_replaces_a_replica_whose_engine_died(tmp_path: Path) -> N
         assert st["ready"] is True and st["replica_id"] == new["id"]
     finally:
         plane.stop()
+
+
+async def test_manager_replaces_a_serving_replica_that_stops_being_ready(tmp_path: Path) -> None:
+    """Alive but no longer ready: replaced at once when the replica says engine_failed, after
+    three not-ready answers in a row otherwise; a ready answer in between resets the count."""
+    import aiohttp
+    from aiohttp import web
+
+    from headway.infra.fleet.manager import ReplicaManager
+    from headway.infra.fleet.spec import validate_spec
+    from headway.infra.fleet.store import Store
+    from headway.infra.router.proxy import RouterApp
+    from headway.infra.router.replicas import ReplicaSet
+    from tests.conftest import free_port
+    from tests.test_fleet import RecordingProvider
+
+    state: dict[str, Any] = {"ready": True, "model": "d"}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(state)
+
+    app = web.Application()
+    app.router.add_get("/headway/state", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    class Provider(RecordingProvider):
+        def url(self, handle: Any) -> str:
+            return f"http://127.0.0.1:{port}"
+
+    provider = Provider()
+    m = ReplicaManager(Store(tmp_path / "s.db"), provider, RouterApp(ReplicaSet([], check_interval_s=0.01)))
+    m.apply(validate_spec({"name": "d", "package": "p", "replicas": {"min": 1, "max": 1}}))
+    m._reconcile(m.deployments["d"])
+    r = m.live[provider.started[0]]
+    m._became_ready(r, {"ready": True, "model": "d"})
+
+    async def check(times: int = 1) -> None:
+        for _ in range(times):
+            await asyncio.sleep(0.02)
+            await m._watch(session, r)
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            await check()
+            assert r.phase == "ready"
+            state.update(ready=False, reason="loading")
+            await check(2)
+            state.update(ready=True)
+            await check()
+            state.update(ready=False)
+            await check(2)
+            assert r.phase == "ready" and not provider.stopped        # two in a row: not yet
+            state.update(ready=False, reason="engine_failed", error="RuntimeError: boom")
+            await check()
+            await asyncio.sleep(0.05)                                 # stops run off the loop
+            assert provider.stopped == [r.id] and r.phase == "failed"
+            assert "engine_failed" in r.error and "boom" in r.error
+            m.deployments["d"].next_start_at = 0
+            m._reconcile(m.deployments["d"])
+            assert len(provider.started) == 2 and m.counts("d") == (0, 1)   # a replacement starts
+            r = m.live[provider.started[1]]
+            m._became_ready(r, {"ready": True, "model": "d"})
+            state.clear()
+            state.update(ready=False, model="d")                     # not ready, no reason given
+            await check(3)
+            await asyncio.sleep(0.05)
+            assert provider.stopped[-1] == r.id and r.phase == "failed"
+    finally:
+        await runner.cleanup()
