@@ -10,7 +10,7 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
@@ -52,7 +52,7 @@ def _refused_response(exc: Refused) -> JSONResponse:
                         status_code=r.status, headers=r.headers)
 
 
-async def _held(chunks: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[bytes]:
+async def _held(chunks: AsyncGenerator[bytes, None], ticket: Ticket) -> AsyncIterator[bytes]:
     """A stream that holds its admission ticket until it ends (finished, failed or cancelled by
     a disconnect). An error chunk (`data: {"error": ...}`) goes out as an SSE `error` event."""
     try:
@@ -60,6 +60,7 @@ async def _held(chunks: AsyncIterator[bytes], ticket: Ticket) -> AsyncIterator[b
             yield b"event: error\n" + chunk if chunk.startswith(b'data: {"error"') else chunk
     finally:
         ticket.release()
+        await chunks.aclose()  # closed early: the call's own cleanup (abort in the engine) runs now
 
 
 class OpenAIServer:
