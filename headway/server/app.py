@@ -3,6 +3,8 @@
 Owns the HTTP contract every runtime shares: predict and schema endpoints, health, Prometheus
 metrics, the replica-state endpoint the infrastructure reads, admission (429 + Retry-After),
 body limits (413), cancellation on disconnect, and errors inside streams as error events.
+The runtime's own routes (the OpenAI API) pass the same Gate (gate.py): 503 with the reason
+while the replica cannot serve, and one admission ticket per request.
 """
 
 from __future__ import annotations
