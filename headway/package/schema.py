@@ -94,6 +94,11 @@ class RuntimeOptions(_Strict):
         description="Requests allowed to wait for a predict slot; past it, 429 with Retry-After.",
         examples=[64],
     )
+    max_prompts_per_request: int = Field(
+        16, ge=1, le=4096, examples=[16],
+        description="Prompts one /v1/completions request may carry (`prompt` as a list); more gets 400. "
+        "A request takes one admission slot whatever its prompts, so this bounds its work together "
+        "with n (at most 16 choices per prompt).")
     streaming_read_timeout: float = Field(
         60.0, gt=0, description="Seconds a stream may stay silent before it is ended.", examples=[60]
     )

@@ -10,6 +10,9 @@ router.
   generation: new replicas start, and the old ones drain once enough new ones are ready.
 - A replica whose process (or Ray actor) died is taken out and replaced; a deployment whose
   replicas keep failing to start backs off (1, 2, 4 ... 60 s) instead of crash-looping.
+- A serving replica whose process lives on but that stops being ready (its engine failed) is
+  stopped and replaced too: at once when its state says `engine_failed`, else after
+  UNREADY_CHECKS consecutive not-ready answers, one health interval apart.
 
 Invariant (asserted in check()): every replica behind the router for a managed deployment is a
 live replica here in phase ready or draining; every live replica is in the store.
@@ -40,6 +43,7 @@ from headway.infra.router.replicas import Replica
 log = logging.getLogger("headway.fleet")
 
 _REPLACING_FIELDS = ("package", "serve_args", "env", "resources")
+UNREADY_CHECKS = 3   # consecutive not-ready answers of a serving replica before it is replaced
 
 
 @dataclass
@@ -81,6 +85,7 @@ class ReplicaManager:
         self.live: dict[str, ReplicaRow] = {}          # starting, ready, draining
         self._drain_started: dict[str, float] = {}
         self._busy: set[str] = set()                   # replicas with a start/stop call in flight
+        self._unready: dict[str, tuple[float, int]] = {}  # serving replica -> (last check, not-ready streak)
 
     # --- deployments ----------------------------------------------------------------------------
     async def restore(self) -> None:
@@ -216,6 +221,8 @@ class ReplicaManager:
                 self._stop(r, "failed", self._redact(r.deployment, f"the model failed to load: {body['error']}"))
             elif body is not None and body.get("ready"):
                 self._became_ready(r, body)
+        elif r.phase == "ready":
+            await self._check_serving(session, r)
         elif r.phase == "draining":
             routed = self.router.replicas.find(r.url or "")
             waited = time.monotonic() - self._drain_started.get(r.id, time.monotonic())
@@ -225,6 +232,26 @@ class ReplicaManager:
                     log.warning("replica %s still had %d requests after the %g s drain timeout",
                                 r.id, routed.in_flight, timeout)
                 self._stop(r, "stopped", "")
+
+    async def _check_serving(self, session: aiohttp.ClientSession, r: ReplicaRow) -> None:
+        """A serving replica that says it is no longer ready is replaced (see the module doc).
+        No answer at all is the router's business (it ejects), not a reason to replace."""
+        now = time.monotonic()
+        last, streak = self._unready.get(r.id, (0.0, 0))
+        if now - last < self.router.replicas.check_interval_s or r.url is None:
+            return
+        self._unready[r.id] = (now, streak)
+        body = await _state(session, r.url)
+        if body is None or r.phase != "ready" or r.id in self._busy:
+            return
+        if body.get("ready", True):
+            self._unready[r.id] = (now, 0)
+            return
+        streak += 1
+        self._unready[r.id] = (now, streak)
+        if body.get("reason") == "engine_failed" or streak >= UNREADY_CHECKS:
+            why = body.get("error") or body.get("reason") or "not ready"
+            self._stop(r, "failed", f"the replica stopped being ready ({body.get('reason', '?')}): {why}")
 
     def _became_ready(self, r: ReplicaRow, body: dict[str, Any]) -> None:
         r.phase, r.ready_at = "ready", time.time()
@@ -338,6 +365,7 @@ class ReplicaManager:
         r.phase, r.ended_at, r.error = phase, time.time(), error
         self.live.pop(r.id, None)
         self._drain_started.pop(r.id, None)
+        self._unready.pop(r.id, None)
         self.store.put_replica(r)
         self.store.prune(r.deployment)
         dep = self.deployments.get(r.deployment)
