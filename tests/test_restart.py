@@ -17,11 +17,13 @@ import httpx
 import pytest
 
 from headway.infra.autoscale.controller import AutoscaleLoop, Observed
-from headway.infra.fleet.providers.local import STANDBY_MODULE, LocalProvider, _start_time, kill_leftover_standby
+from headway.infra.fleet.providers.local import LocalProvider, _start_time
 from headway.infra.fleet.spec import validate_spec
 from headway.infra.fleet.store import Store
 from tests.conftest import ROOT
 from tests.test_fleet import Plane, alive
+
+STANDBY_MODULE = "headway.infra.fleet.providers.standby"
 
 
 def _gone(pid: int, timeout: float) -> bool:
@@ -121,6 +123,8 @@ def _standby_like(log: Path, out_name: str) -> subprocess.Popen[bytes]:
 
 
 def test_restarted_provider_kills_the_standby_its_predecessor_left_but_never_a_replica(tmp_path: Path) -> None:
+    from headway.infra.fleet.providers.local import kill_leftover_standby
+
     logs = tmp_path / "logs"
     logs.mkdir()
     record = logs / "standby.json"
@@ -143,3 +147,109 @@ def test_restarted_provider_kills_the_standby_its_predecessor_left_but_never_a_r
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# ---- the whole thing, for real -----------------------------------------------------------------
+
+class ChatLoad:
+    """`workers` clients sending chat requests back to back until stopped. A connection error
+    (the control plane is down) is retried, as the OpenAI SDK does; anything else is a loss."""
+
+    def __init__(self, url: str, model: str, workers: int = 2):
+        self.url, self.model = url, model
+        self.done: list[float] = []                        # when each request completed (200)
+        self.retried: list[tuple[float, str]] = []         # connection errors, retried
+        self.lost: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self) -> None:
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+                "temperature": 0}
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                while True:
+                    try:
+                        r = client.post(self.url + "/v1/chat/completions", json=body)
+                    except httpx.TransportError as exc:
+                        self.retried.append((time.monotonic(), type(exc).__name__))
+                        time.sleep(0.05)
+                        continue
+                    if r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None:
+                        self.done.append(time.monotonic())
+                    else:
+                        self.lost.append(f"{r.status_code}: {r.text[:300]}")
+                    break
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(60)
+
+
+def _standby_pids(plane_pid: int, replica_pids: set[int]) -> list[int]:
+    import psutil
+
+    kids = psutil.Process(plane_pid).children()
+    return [k.pid for k in kids if STANDBY_MODULE in k.cmdline() and k.pid not in replica_pids]
+
+
+@pytest.mark.slow
+def test_sigkilled_control_plane_restarts_without_touching_its_replicas_under_load(tmp_path: Path) -> None:
+    """Two replicas carry a steady chat load (min 1: the autoscaler holds 2); the control plane
+    is SIGKILLed and restarted on the same state and port. The adopted replicas keep serving
+    (same processes), nothing is started or drained because of the restart, every request
+    completes (the client retries connection errors, which happen only while no control plane
+    listens or to the requests in flight through the killed one), and the old control plane's
+    standby is gone within seconds."""
+    spec = {"name": "chat", "package": "smollm2-135m-instruct", "replicas": {"min": 1, "max": 2},
+            "autoscaling": {"target_concurrency": 1, "target_utilization": 0.5, "window_s": 10,
+                            "panic_window_s": 2, "scale_down_delay_s": 30, "tick_s": 0.5},
+            "activator": {"timeout_s": 120}}
+    first = Plane(tmp_path / "state", tmp_path / "plane1.log")
+    second: Plane | None = None
+    load: ChatLoad | None = None
+    replicas: dict[str, int] = {}
+    try:
+        first.deploy(spec)
+        first.wait(lambda: first.status("chat")["ready"] == 1, timeout=180, what="the first replica")
+        load = ChatLoad(first.url, "chat")
+        first.wait(lambda: first.status("chat")["ready"] == 2, timeout=180, what="the load to hold two replicas")
+        before = first.status("chat")
+        replicas = {r["id"]: r["handle"]["pid"] for r in before["replicas"] if r["phase"] == "ready"}
+        assert len(replicas) == 2, before
+        first.wait(lambda: len(_standby_pids(first.proc.pid, set(replicas.values()))) == 1, timeout=60,
+                   what="a standby")
+        [standby] = _standby_pids(first.proc.pid, set(replicas.values()))
+        time.sleep(3)
+        killed_at = time.monotonic()
+        first.kill()                                       # SIGKILL: no cleanup at all
+        assert _gone(standby, 5.0), "the killed control plane's standby is still running"
+        second = Plane(tmp_path / "state", tmp_path / "plane2.log", port=first.port)
+        up_at = time.monotonic()
+        watched_until = up_at + 10
+        while time.monotonic() < watched_until:            # nothing started or drained because of the restart
+            st = second.status("chat")
+            phases = {r["id"]: r["phase"] for r in st["replicas"]}
+            assert phases == {rid: "ready" for rid in replicas}, (st, second.log())
+            assert st["autoscaler"]["desired"] == 2, st["autoscaler"]
+            time.sleep(0.5)
+        assert all(alive(pid) for pid in replicas.values())
+        events = [e["event"] for e in second.status("chat")["events"]]
+        assert not [e for e in events if "draining" in e or "starting replica" in e], events
+        assert sum(t > up_at for t in load.done) >= 3, "the adopted replicas did not keep serving"
+        load.stop()
+        assert not load.lost, load.lost
+        assert all(killed_at - 0.5 <= t <= up_at + 1 for t, _ in load.retried), (killed_at, up_at, load.retried)
+        assert len(_standby_pids(second.proc.pid, set(replicas.values()))) <= 1
+    finally:
+        if load is not None:
+            load.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
+        for pid in replicas.values():                      # left by a plane that did not stop them
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
