@@ -26,6 +26,7 @@ from headway.server.admission import Admission, Overloaded, Ticket
 from headway.server.body_limit import BodyLimitMiddleware, BodyTooLarge
 from headway.server.disconnect import ClientGone, cancel_on_disconnect
 from headway.server.metrics import ServerMetrics
+from headway.server.redact import failure
 from headway.server.runtime import Runtime
 
 log = logging.getLogger("headway.server")
@@ -208,7 +209,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
             log.info("client disconnected; cancelled its request")
             return Response(status_code=499)
         except Exception as exc:
-            log.exception("predict failed")
+            log.error("predict failed: %s (the message went to the caller only)", failure(exc))
             return _error("model_error", f"{type(exc).__name__}: {exc}", 500)
         return JSONResponse(_jsonable(result))
 
@@ -235,7 +236,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
                 raise
             except Exception as exc:
                 status["code"] = 500
-                log.exception("stream failed")
+                log.error("stream failed: %s (the message went to the caller only)", failure(exc))
                 yield _sse(error_body("model_error", f"{type(exc).__name__}: {exc}", 500), event="error")
             finally:
                 ticket.release()
