@@ -146,3 +146,22 @@ def test_no_payload_at_rest_through_the_control_plane(tmp_path: Path) -> None:
     finally:
         plane.stop()
     assert files_containing(canary, [tmp_path], _changed_roots(), since) == []
+
+
+def test_a_failure_is_logged_without_its_message() -> None:
+    from headway.server.redact import failure
+
+    def parse(text: str) -> None:
+        try:
+            int(text)
+        except ValueError as exc:
+            raise RuntimeError(f"cannot parse {text!r}") from exc
+
+    try:
+        parse("secret prompt")
+    except RuntimeError as exc:
+        line = failure(exc)
+    assert "secret" not in line
+    assert line.startswith("RuntimeError at test_payload_at_rest.py:") and "in parse" in line
+    assert "; caused by ValueError at" in line
+    assert failure(KeyError("secret")) == "KeyError"            # never raised: no frames, still no message
