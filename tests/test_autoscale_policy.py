@@ -203,4 +203,6 @@ def test_state_survives_json_and_a_clock_shift() -> None:
     assert r2.decide(DeploymentMetrics([(604.0, 0.0)], ready=4), 604.0).desired == 4   # 599 s since
     assert r2.decide(DeploymentMetrics([(606.0, 0.0)], ready=4), 606.0).desired == 0
     for cls in (StartupAware, KnativeKPA, RayServeDefault):
-        cls(CFG).resume({"hold": "garbage", "panic_until": "x", "since": [1]}, 0.0, 1, 0.0, 0.0)  # ignored, no error
+        for junk in ({"hold": "garbage", "panic_until": "x", "since": [1]},
+                     {"hold": [["x", 1], [1, None], [True, 2]], "since": ["down", "later"], "latency_floor": "2"}):
+            cls(CFG).resume(junk, 0.0, 1, 0.0, 0.0)      # unreadable state is no state, not an error

@@ -81,6 +81,28 @@ def test_autoscale_loop_saves_each_decision_and_resumes_on_a_new_clock(tmp_path:
     assert store.autoscaler_state("d") is None
 
 
+def test_new_autoscaling_settings_keep_the_samples_and_hold_the_last_decision() -> None:
+    spec = validate_spec({"name": "d", "package": "p", "replicas": {"min": 0, "max": 4},
+                          "autoscaling": {"tick_s": 1.0, "window_s": 10, "panic_window_s": 2, "scale_down_delay_s": 30,
+                                          "target_concurrency": 1, "target_utilization": 1.0}})
+    seen = {"d": Observed(3, 3, 0, 0, None, None)}
+    applied: list[int] = []
+    now = [0.0]
+    loop = AutoscaleLoop(lambda n: seen[n], lambda n, d, r: applied.append(d), clock=lambda: now[0])
+    loop.configure("d", "headway", "k1", spec.autoscale_config(), 1.0, 10.0)
+    for _ in range(5):
+        loop.step()
+        now[0] += 1
+    assert applied[-1] == 3
+    bigger = spec.model_copy(update={"autoscaling": spec.autoscaling.model_copy(update={"target_concurrency": 3})})
+    loop.configure("d", "headway", "k2", bigger.autoscale_config(), 1.0, 10.0)   # now 1 replica would do
+    assert len(loop.tracks["d"].samples) == 5
+    for _ in range(10):
+        loop.step()
+        now[0] += 1
+    assert set(applied[5:]) == {3}          # not dropped at once because the settings changed
+
+
 # ---- the standby dies with its control plane ---------------------------------------------------
 
 HOLDER = textwrap.dedent('''

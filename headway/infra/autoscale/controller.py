@@ -78,10 +78,17 @@ class AutoscaleLoop:
         self.tracks: dict[str, _Track] = {}
 
     def configure(self, name: str, policy: str, key: str, config: object, tick_s: float, window_s: float) -> None:
-        """(Re)build a deployment's policy when its settings changed; keep it (and its state) otherwise."""
+        """(Re)build a deployment's policy when its settings changed (keeping the samples and holding
+        the last decision, as after a restart); keep it (and its state) otherwise."""
         track = self.tracks.get(name)
         if track is None or track.key != key:
-            self.tracks[name] = _Track(POLICIES[policy](config), key, tick_s, window_s)  # type: ignore[abstract]
+            new = self.tracks[name] = _Track(POLICIES[policy](config), key, tick_s, window_s)  # type: ignore[abstract]
+            if track is not None and track.decision is not None:
+                # new settings, same load: keep the samples, and what was decided until they say otherwise
+                now = self.clock()
+                new.samples = deque(track.samples)
+                covered = now - new.samples[0][0] if new.samples else 0.0
+                new.policy.resume({}, 0.0, track.decision.desired, covered, now)
 
     def forget(self, name: str) -> None:
         self.tracks.pop(name, None)

@@ -84,7 +84,7 @@ class _Hold:
         return [[t, r] for t, r in self._recs]
 
     def resume(self, recs: object, shift: float) -> None:
-        self._recs = deque((float(t) + shift, int(r)) for t, r in _pairs(recs))
+        self._recs = deque((t + shift, int(r)) for t, r in _pairs(recs))
 
 
 class _Floor:
@@ -102,11 +102,12 @@ class _Floor:
         return max(held, self.count) if now < self.until else held
 
 
-def _pairs(value: object) -> list[tuple[object, object]]:
-    """[[t, x], ...] from saved state; anything else is no state."""
+def _pairs(value: object) -> list[tuple[float, float]]:
+    """[[t, x], ...] of numbers from saved state; anything else is no state."""
     if not isinstance(value, list):
         return []
-    return [(p[0], p[1]) for p in value if isinstance(p, (list, tuple)) and len(p) == 2]
+    return [(p[0], p[1]) for p in value if isinstance(p, (list, tuple)) and len(p) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)]
 
 
 def _time(value: object, shift: float) -> float:
@@ -259,7 +260,8 @@ class RayServeDefault:
     def resume(self, state: Mapping[str, Any], shift: float, adopted: int, covered_s: float, now: float) -> None:
         """Its own delays already hold a count it sees: only the pending change needs restoring."""
         since = state.get("since")
-        ok = isinstance(since, list) and len(since) == 2 and since[0] in ("up", "down")
+        ok = (isinstance(since, list) and len(since) == 2 and since[0] in ("up", "down")
+              and isinstance(since[1], (int, float)))
         self._since = (str(since[0]), float(since[1]) + shift) if ok else None  # type: ignore[index]
 
     def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision:
