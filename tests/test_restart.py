@@ -254,8 +254,8 @@ def test_sigkilled_control_plane_restarts_without_touching_its_replicas_under_lo
         watched_until = up_at + 10
         while time.monotonic() < watched_until:            # nothing started or drained because of the restart
             st = second.status("chat")
-            phases = {r["id"]: r["phase"] for r in st["replicas"]}
-            assert phases == {rid: "ready" for rid in replicas}, (st, second.log())
+            live = {r["id"]: r["phase"] for r in st["replicas"] if r["phase"] in ("starting", "ready", "draining")}
+            assert live == {rid: "ready" for rid in replicas}, (st, second.log())
             assert st["autoscaler"]["desired"] == 2, st["autoscaler"]
             time.sleep(0.5)
         assert all(alive(pid) for pid in replicas.values())
