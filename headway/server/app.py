@@ -30,6 +30,7 @@ from headway.server.disconnect import ClientGone, cancel_on_disconnect
 from headway.server.faults import install_test_faults
 from headway.server.gate import Gate, Refusal, Refused
 from headway.server.metrics import ServerMetrics
+from headway.server.redact import failure
 from headway.server.runtime import Runtime
 
 log = logging.getLogger("headway.server")
@@ -225,7 +226,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
         except Exception as exc:
             if (refusal := gate.refusal()) is not None:  # the runtime failed under this request
                 return refused(refusal)
-            log.exception("predict failed")
+            log.error("predict failed: %s (the message went to the caller only)", failure(exc))
             return _error("model_error", f"{type(exc).__name__}: {exc}", 500)
         return JSONResponse(_jsonable(result))
 
@@ -252,7 +253,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
                 raise
             except Exception as exc:
                 status["code"] = 500
-                log.exception("stream failed")
+                log.error("stream failed: %s (the message went to the caller only)", failure(exc))
                 yield _sse(error_body("model_error", f"{type(exc).__name__}: {exc}", 500), event="error")
             finally:
                 ticket.release()

@@ -90,7 +90,8 @@ class ReplicaManager:
     # --- deployments ----------------------------------------------------------------------------
     async def restore(self) -> None:
         """After a (re)start: the deployments and replicas the store remembers; live ones adopted
-        (serving ones go straight back behind the router, checked before the first request)."""
+        (serving ones go straight back behind the router, checked before the first request), and
+        each deployment keeps the count it adopted (the autoscaler resumes from there)."""
         for row in self.store.deployments():
             self._register(row)
         for r in self.store.replicas(live_only=True):
@@ -106,6 +107,12 @@ class ReplicaManager:
                 r.phase, r.ended_at = "failed", time.time()
                 r.error = r.error or "gone while the control plane was down"
                 self.store.put_replica(r)
+        for name, dep in self.deployments.items():
+            # keep what was adopted until the autoscaler (resumed from its saved state) decides
+            # otherwise: starting from replicas.min would drain the surplus at once
+            adopted = sum(self.counts(name))
+            dep.desired = min(max(adopted, dep.spec.replicas.min), dep.spec.replicas.max)
+            dep.reason = "resumed"
         session = self.router.forwarder.session
         if session is not None:
             await self.router.replicas.check_all(session)

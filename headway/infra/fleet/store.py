@@ -1,5 +1,7 @@
 """The control plane's state in SQLite: deployments (their specs and manual scale), replicas
-(their provider handles, phases and startup breakdowns) and API keys (their hashes and scopes).
+(their provider handles, phases and startup breakdowns), API keys (their hashes and scopes) and each
+deployment's autoscaler state (its last decision, recent concurrency samples and the policy's state;
+no request content).
 
 It is the control plane's memory across its own restarts: on start it reads the replicas back and
 adopts the ones still alive instead of starting new ones. One writer (the control plane's loop);
@@ -56,6 +58,10 @@ CREATE TABLE IF NOT EXISTS keys (
     revoked REAL,
     rpm INTEGER,
     tpm INTEGER
+);
+CREATE TABLE IF NOT EXISTS autoscaler (
+    deployment TEXT PRIMARY KEY,
+    state TEXT NOT NULL
 );
 """
 
@@ -126,6 +132,7 @@ class Store:
     def drop_deployment(self, name: str) -> None:
         self.db.execute("DELETE FROM deployments WHERE name=?", (name,))
         self.db.execute("DELETE FROM replicas WHERE deployment=?", (name,))
+        self.db.execute("DELETE FROM autoscaler WHERE deployment=?", (name,))
 
     def deployment(self, name: str) -> DeploymentRow | None:
         row = self.db.execute("SELECT name, spec, generation, manual, created, deleting FROM deployments WHERE name=?",
@@ -189,3 +196,19 @@ class Store:
         """Mark a key revoked (kept, so `headway keys list` shows when); False if there is no such key."""
         cur = self.db.execute("UPDATE keys SET revoked=COALESCE(revoked, ?) WHERE id=?", (now, key_id))
         return cur.rowcount > 0
+
+    # --- autoscaler state -----------------------------------------------------------------------
+    def put_autoscaler_state(self, deployment: str, state: dict[str, Any]) -> None:
+        """The autoscaler's last decision for a deployment (written once per decision)."""
+        self.db.execute("INSERT INTO autoscaler (deployment, state) VALUES (?, ?) ON CONFLICT(deployment) "
+                        "DO UPDATE SET state=excluded.state", (deployment, json.dumps(state)))
+
+    def autoscaler_state(self, deployment: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT state FROM autoscaler WHERE deployment=?", (deployment,)).fetchone()
+        if row is None:
+            return None
+        try:
+            state = json.loads(row[0])
+        except ValueError:
+            return None                  # unreadable: decide from scratch (holding what is adopted)
+        return state if isinstance(state, dict) else None
