@@ -218,6 +218,10 @@ class EmbeddingsEngineOptions(_Strict):
 class AsrEngineOptions(_Strict):
     compute_type: str = Field("int8", examples=["int8"])
     beam_size: int = Field(1, ge=1, examples=[1])
+    num_threads: int | None = Field(None, ge=1, examples=[2], description="CPU threads (default: the CPU share).")
+    max_batch_size: int = Field(8, ge=1, le=64, examples=[8], description="30-s chunks per model batch, across requests.")
+    max_concurrency: int = Field(16, ge=1, examples=[16], description="Requests decoded at once (more wait in the queue).")
+    max_audio_seconds: float = Field(7200, gt=0, examples=[7200], description="Longest audio one request may send.")
 
 
 class TtsEngineOptions(_Strict):
