@@ -8,6 +8,7 @@ part contents are returned as bytes, untouched and unlogged.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _PARAM = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
@@ -51,6 +52,11 @@ def boundary_of(content_type: str) -> bytes | None:
 
 def parse(body: bytes, content_type: str) -> list[Part]:
     """Every part of a multipart/form-data body, in order."""
+    return list(iter_parts(body, content_type))
+
+
+def iter_parts(body: bytes, content_type: str) -> Iterator[Part]:
+    """The parts one by one (a caller after one short field may stop early)."""
     boundary = boundary_of(content_type)
     if boundary is None:
         raise MultipartError("expected a multipart/form-data body with a boundary")
@@ -60,11 +66,10 @@ def parse(body: bytes, content_type: str) -> list[Part]:
         if start < 0:
             raise MultipartError("the multipart body has no part")
         body = body[start + 2:]
-    parts: list[Part] = []
     pos = len(delimiter)
     while True:
         if body[pos:pos + 2] == b"--":
-            return parts
+            return
         if body[pos:pos + 2] != b"\r\n":
             raise MultipartError("malformed multipart body (boundary not followed by CRLF)")
         head_end = body.find(b"\r\n\r\n", pos + 2)
@@ -81,15 +86,14 @@ def parse(body: bytes, content_type: str) -> list[Part]:
         params = _params(";" + disposition.partition(";")[2])
         if "name" not in params:
             raise MultipartError("a multipart part has no name (Content-Disposition: form-data; name=...)")
-        parts.append(Part(params["name"], body[head_end + 4:nxt], params.get("filename"),
-                          headers.get("content-type")))
+        yield Part(params["name"], body[head_end + 4:nxt], params.get("filename"), headers.get("content-type"))
         pos = nxt + 2 + len(delimiter)
 
 
 def field_value(body: bytes, content_type: str, name: str, max_len: int = 256) -> str | None:
     """One short text field of a multipart body (e.g. `model`), or None when absent or malformed."""
     try:
-        for part in parse(body, content_type):
+        for part in iter_parts(body, content_type):
             if part.name == name and part.filename is None and len(part.data) <= max_len:
                 return part.text()
     except MultipartError:

@@ -54,3 +54,13 @@ def prompt_of(body: dict[str, Any] | None) -> tuple[str, tuple[int, ...] | None]
         if isinstance(prompt[0], str):
             return prompt[0], None
     return "", None
+
+
+def model_from_form(body: bytes, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The `model` field of a multipart/form-data body (OpenAI audio uploads), else None."""
+    from headway.multipart import field_value
+
+    for k, v in headers:
+        if k.lower() == b"content-type" and v[:19].lower() == b"multipart/form-data":
+            return field_value(body, v.decode("latin-1"), "model")
+    return None

@@ -25,7 +25,7 @@ from headway.infra.autoscale.activator import Activator, ActivatorFull, Activato
 from headway.infra.fleet.auth import error_json, estimate_tokens, rejection_headers, usage_tokens
 from headway.infra.fleet.keys import KeyRecord, Rejection, authorize
 from headway.infra.router import allow
-from headway.infra.router.extract import model_from_path, parse_body, prompt_of
+from headway.infra.router.extract import model_from_form, model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
 from headway.infra.router.tokenize import prompt_token_ids
@@ -176,7 +176,7 @@ class RouterApp:
         parsed: dict[str, Any] | None = None
         if name is None:
             parsed = parse_body(body)
-            model = parsed.get("model") if parsed else None
+            model = parsed.get("model") if parsed else model_from_form(body, headers)
             name = model if isinstance(model, str) else None
         deployments = self.replicas.deployments()
         if name is None:
