@@ -108,7 +108,7 @@ def parse_call(body: bytes, content_type: str, names: list[str], languages: set[
     if stream and fmt not in ("json", "text"):
         raise BadRequest("stream=true works with response_format json or text", "stream")
     opts = DecodeOptions(prompt=one.get("prompt") or None, temperature=temperature,
-                         word_timestamps="word" in granularities, beam_size=beam_size)
+                         word_timestamps=fmt in ("srt", "vtt", "verbose_json"), beam_size=beam_size)
     return TranscriptionCall(files[0].data, opts, language, fmt, granularities, stream)
 
 

@@ -5,6 +5,10 @@ Owns nothing between calls (pure over a loaded faster-whisper `WhisperModel`). C
 batch share `DecodeOptions` (the batch key: task, prompt, temperature, word timestamps,
 beam size); each may have its own language, given or detected from its own encoder output.
 Runs on the engine's worker thread only.
+
+Whisper decodes without timestamp tokens (in timestamp mode greedy decoding of a packed 30-s
+chunk often stops early and drops its last sentence); when times are wanted they come from the
+cross-attention word alignment, and segments are cut from the words at sentence ends and pauses.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ class DecodeOptions:
     task: str = "transcribe"
     prompt: str | None = None
     temperature: float = 0.0
-    word_timestamps: bool = False
+    word_timestamps: bool = False     # times wanted (segments and words, from the word alignment)
     beam_size: int = 1
 
 
@@ -54,7 +58,7 @@ def decode_batch(model: Any, samples: list[np.ndarray], languages: list[str | No
             langs.append(detected[i][0][0][2:-2])   # '<|en|>' -> 'en'
     base = Tokenizer(model.hf_tokenizer, multilingual, task=opts.task, language=langs[0])
     previous = base.encode(" " + opts.prompt.strip()) if opts.prompt else []
-    prompt = model.get_prompt(base, previous_tokens=previous, without_timestamps=False)
+    prompt = model.get_prompt(base, previous_tokens=previous, without_timestamps=True)
     prompts = [list(prompt) for _ in samples]
     if multilingual:
         at = prompt.index(base.language)
@@ -87,4 +91,21 @@ def decode_batch(model: Any, samples: list[np.ndarray], languages: list[str | No
     if opts.word_timestamps:
         model.add_word_timestamps(segment_lists, base, encoder_output, sizes, "\"'“¿([{-", "\"'.。,，!！?？:：”)]}、",
                                   0.0)
+        for res in out:
+            res.segments = [cut for seg in res.segments for cut in _cut(seg)]
     return out
+
+
+def _cut(segment: dict[str, Any], pause_s: float = 0.6) -> list[dict[str, Any]]:
+    """One chunk-long segment with word times -> segments ending at sentence ends or pauses."""
+    words = [dict(w, start=float(w["start"]), end=float(w["end"])) for w in segment.get("words") or []]
+    if not words:
+        return [segment]
+    groups: list[list[dict[str, Any]]] = [[]]
+    for i, w in enumerate(words):
+        groups[-1].append(w)
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        if nxt is not None and (w["word"].rstrip().endswith((".", "?", "!", "。")) or nxt["start"] - w["end"] > pause_s):
+            groups.append([])
+    return [dict(segment, text="".join(w["word"] for w in g), start=g[0]["start"], end=g[-1]["end"], words=g,
+                 tokens=list(segment["tokens"]) if k == 0 else []) for k, g in enumerate(groups) if g]
