@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from headway.bench.speech import SENTENCES, encode, have_espeak, recording, synthesize, wav_bytes, wer
+from headway.bench.speech import SENTENCES, encode, have_espeak, have_piper, recording, synthesize, wav_bytes, wer
 from tests.conftest import ServerProcess, running_server
 from tests.test_router_support import router
 
@@ -79,6 +79,16 @@ def test_openai_client_transcribes_and_wer_is_no_worse_than_faster_whispers_own(
     assert ours < 0.25
     usage = got.usage
     assert usage is not None and abs(usage.seconds - len(np.frombuffer(wav[44:], "<i2")) / 16000) < 0.01  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not have_piper(), reason="needs piper-tts for the library's Piper voice (piper-joe)")
+def test_wer_on_the_piper_voice_is_at_most_ten_percent(server: ServerProcess) -> None:
+    audio, text = recording(45, voice="piper")
+    r = post(server, {"language": "en"}, wav_bytes(audio))
+    assert r.status_code == 200, r.text
+    got = wer(text, r.json()["text"])
+    print(f"WER piper-joe: headway {got:.3f}")
+    assert got <= 0.10, (got, r.json()["text"])
 
 
 def synthesize_back(wav: bytes) -> np.ndarray:

@@ -94,14 +94,16 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--seconds", type=float, default=600.0, help="length of the recording (default 600)")
     p.add_argument("--threads", type=int, default=cpu_share(), help="CPU threads for both (default: CPU share)")
     p.add_argument("--beam-size", type=int, default=5, help="Headway's beam size (faster-whisper's default: 5)")
+    p.add_argument("--voice", choices=("espeak", "piper"), default="espeak",
+                   help="espeak-ng, or the library's Piper voice piper-joe (needs piper-tts)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
     if not have_espeak():
         sys.exit("espeak-ng is needed to synthesize the recording (apt-get install espeak-ng)")
-    audio, text = recording(args.seconds)
+    audio, text = recording(args.seconds, voice=args.voice)
     duration = audio.size / 16000
     flac = encode(audio, "flac")
-    print(f"recording: {duration:.1f} s of espeak-ng speech ({len(text.split())} words), FLAC {len(flac) / 1e6:.1f} MB; "
+    print(f"recording: {duration:.1f} s of {args.voice} speech ({len(text.split())} words), FLAC {len(flac) / 1e6:.1f} MB; "
           f"threads {args.threads}; load average before: {_load()}", flush=True)
     with tempfile.TemporaryDirectory() as d:
         wall_h, text_h, figures = headway_run(flac, args.threads, args.beam_size, Path(d))
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
           f"WER {wer(text, text_p):.3f}  [faster-whisper transcribe, defaults]  load {load_p}", flush=True)
     print(f"speed-up: {wall_p / wall_h:.2f}x (baseline wall / headway wall)")
     result: dict[str, object] = {
-        "audio_seconds": round(duration, 2), "threads": args.threads, "beam_size": args.beam_size,
+        "audio_seconds": round(duration, 2), "voice": args.voice, "threads": args.threads, "beam_size": args.beam_size,
         "headway": {"wall_s": round(wall_h, 2), "rtf": round(wall_h / duration, 4), "wer": round(wer(text, text_h), 4),
                     "server_figures": figures, "load_avg_after": load_h},
         "faster_whisper_transcribe": {"wall_s": round(wall_p, 2), "rtf": round(wall_p / duration, 4),

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,9 +58,43 @@ def synthesize(text: str, *, voice: str = "en-us", speed: int = 160) -> np.ndarr
         return decode_audio(str(out), sampling_rate=SAMPLE_RATE)
 
 
-def recording(seconds: float, pause_s: float = 0.8) -> tuple[np.ndarray, str]:
-    """About `seconds` of speech (whole sentences, cycled in order, pauses between) and its text."""
-    cache = {s: synthesize(s) for s in SENTENCES}
+def have_piper() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("piper") is not None
+
+
+def synthesize_piper(text: str) -> np.ndarray:
+    """One utterance in the library's Piper voice (piper-joe, 22.05 kHz) as 16 kHz mono float32.
+    Piper's VITS samples noise, so repeated runs differ slightly."""
+    import io
+
+    from faster_whisper.audio import decode_audio
+
+    voice = _piper_voice()
+    audio = np.concatenate([c.audio_float_array for c in voice.synthesize(text)])
+    return decode_audio(io.BytesIO(wav_bytes(audio, voice.config.sample_rate)), sampling_rate=SAMPLE_RATE)
+
+
+_PIPER: list[object] = []
+
+
+def _piper_voice() -> Any:
+    if not _PIPER:
+        from piper import PiperVoice
+
+        from headway.library import resolve
+
+        path = resolve("piper-joe", progress=False).path
+        _PIPER.append(PiperVoice.load(next(path.glob("*.onnx"))))
+    return _PIPER[0]
+
+
+def recording(seconds: float, pause_s: float = 0.8, voice: str = "espeak") -> tuple[np.ndarray, str]:
+    """About `seconds` of speech (whole sentences, cycled in order, pauses between) and its text.
+    voice: espeak (espeak-ng) or piper (the library's piper-joe)."""
+    synth = synthesize_piper if voice == "piper" else synthesize
+    cache = {s: synth(s) for s in SENTENCES}
     pause = np.zeros(int(pause_s * SAMPLE_RATE), dtype=np.float32)
     parts: list[np.ndarray] = [pause]
     words: list[str] = []
