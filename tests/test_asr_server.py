@@ -249,3 +249,26 @@ def test_library_name_behind_headway_route(tmp_path: Path) -> None:
             assert st["runtime"] == "asr" and st["ready"] and st["asr"]["audio_seconds_total"] > 0
         finally:
             front.stop()
+
+
+def test_admission_503_while_loading_and_429_past_the_queue(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "headway.yaml").write_text(f"name: {MODEL}\nruntime: asr\nmodel: {{source: {MODEL}}}\n"
+                                      "engine: {max_concurrency: 1, beam_size: 1}\nruntime_options: {queue_size: 0}\n")
+    wav = wav_bytes(recording(20)[0])
+    with running_server(["serve", str(pkg)], tmp_path, ready=False) as s:
+        early = post(s, {}, wav)
+        assert early.status_code == 503 and early.json()["error"]["type"] == "model_loading"
+        assert early.headers["retry-after"] == "1"
+        s.wait_ready(300)
+
+        async def three() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=300) as c:
+                return await asyncio.gather(*[c.post(s.url + "/v1/audio/transcriptions", data={"model": MODEL},
+                                                     files={"file": ("a.wav", wav)}) for _ in range(3)])
+
+        codes = sorted(r.status_code for r in asyncio.run(three()))
+        assert codes[0] == 200 and 429 in codes, codes
+        refused = next(r for r in asyncio.run(three()) if r.status_code == 429)
+        assert int(refused.headers["retry-after"]) >= 1 and refused.json()["error"]["type"] == "overloaded"
