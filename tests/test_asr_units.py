@@ -119,3 +119,23 @@ def test_wer() -> None:
     assert wer("the cat sat on the mat", "the cat sat on mat") == pytest.approx(1 / 6)
     assert wer("one two", "one two three four") == 1.0
     assert normalize("It's 4 o'clock, neighbors!") == ["its", "four", "oclock", "neighbours"]
+
+
+def test_router_picks_the_deployment_named_in_a_multipart_upload() -> None:
+    from headway.infra.router.proxy import RouterApp
+    from headway.infra.router.replicas import Replica, ReplicaSet
+    from headway.infra.router.upstream import RouterConfig
+
+    replicas = []
+    for i, (name, kind) in enumerate([("whisper-base", "asr"), ("smol", "llm")]):
+        r = Replica(f"http://r{i}:1")
+        r.apply_state({"ready": True, "runtime": kind, "model": name}, 0.001)
+        r.healthy = True
+        replicas.append(r)
+    app = RouterApp(ReplicaSet(replicas), RouterConfig())
+    body, ct = form({"model": "whisper-base"}, b"\x00audio")
+    req = app.route_request("/v1/audio/transcriptions", body, [(b"content-type", ct.encode())])
+    assert not isinstance(req, str) and req.deployment == "whisper-base"
+    nameless, ct2 = form({}, b"\x00audio")
+    err = app.route_request("/v1/audio/transcriptions", nameless, [(b"content-type", ct2.encode())])
+    assert isinstance(err, str) and "say which model" in err

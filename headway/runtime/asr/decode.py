@@ -65,7 +65,7 @@ def decode_batch(model: Any, samples: list[np.ndarray], languages: list[str | No
         for p, lang in zip(prompts, langs):
             p[at] = base.tokenizer.token_to_id(f"<|{lang}|>")
     results = model.model.generate(
-        encoder_output, prompts, beam_size=opts.beam_size, max_length=model.max_length,
+        encoder_output, prompts, beam_size=1 if opts.temperature else opts.beam_size, max_length=model.max_length,
         suppress_blank=True, suppress_tokens=get_suppressed_tokens(base, [-1]), return_scores=True,
         return_no_speech_prob=True, sampling_temperature=max(opts.temperature, 1e-5) if opts.temperature else 1.0,
         sampling_topk=0 if opts.temperature else 1)
