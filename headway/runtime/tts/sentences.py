@@ -58,10 +58,11 @@ _TAIL_END = re.compile(r"(?:^|[\s\"'(“‘])([A-Za-z][a-z]+|[A-Za-z]{2,})([.!?�
 def _ends_now(tail: str) -> bool:
     """Whether text ending in `tail` has surely ended a sentence, though nothing follows yet: a
     `!`/`?`/`…` or a period after a word of two or more letters that is not an abbreviation (a
-    period after a number or a single letter may go on: 3.14, e.g.)."""
+    period after a number or a single letter may go on: 3.14, e.g.), outside open quotes and
+    brackets (their closing mark goes with the sentence)."""
     m = _TAIL_END.search(tail)
-    if m is None:
-        return False
+    if m is None or tail.count('"') % 2 or tail.count("“") > tail.count("”") or tail.count("(") > tail.count(")"):
+        return False   # inside quotes or brackets: the closing mark may follow
     return not (m.group(2) == "." and m.group(1).lower() in ABBREVIATIONS)
 
 
