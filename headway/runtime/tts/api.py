@@ -225,7 +225,7 @@ class SpeechAPI:
             else:
                 sender.result()
         except SpeechError as exc:
-            await ws.send_json({"type": "error", **exc.body()["error"]})
+            await ws.send_json({"type": "error", "message": exc.message, "param": exc.param, "code": exc.code})
             await ws.close(code=1008)
             self.metrics.requests.labels(self.metrics.model, "ws", "invalid").inc()
             return
