@@ -119,6 +119,8 @@ class Synthesizer:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
+        # no busy-waiting between runs: the event loop needs the CPU to send the audio just made
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(onnx), sess_options=opts, providers=["CPUExecutionProvider"])
         self.voice = PiperVoice(config=PiperConfig.from_dict(config), session=session)
         self.voice_name = onnx.stem                       # en_US-joe-medium
