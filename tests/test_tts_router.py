@@ -89,3 +89,31 @@ def test_speech_websocket_through_the_router(routed: dict[str, Proc]) -> None:
             return exc.response.status_code
 
     assert asyncio.run(refused("/v1/audio/speech/other")) == 404
+
+
+def test_headway_deploy_serves_the_voice(tmp_path) -> None:  # noqa: ANN001
+    """`headway up` + a deployment of the library voice: its replica starts from the spec, answers
+    the speech API through the control plane's router under the deployment's name, and reports
+    its load (in flight) to the plane while a stream runs."""
+    import threading
+
+    from tests.test_fleet import Plane
+
+    plane = Plane(tmp_path / "state", tmp_path / "plane.log")
+    try:
+        plane.deploy({"name": "voice", "package": "piper-joe", "replicas": {"min": 1, "max": 1}})
+        plane.wait(lambda: plane.status("voice")["ready"] == 1, timeout=180, what="the voice replica")
+        r = httpx.post(plane.url + "/v1/audio/speech", timeout=60,
+                       json={"model": "voice", "voice": "joe", "input": "Deployed.", "response_format": "wav"})
+        assert r.status_code == 200 and r.content.startswith(b"RIFF"), r.text
+        long_text = " ".join(f"Sentence {i} keeps this request busy for a while." for i in range(8))
+        done: list[int] = []
+        t = threading.Thread(target=lambda: done.append(httpx.post(
+            plane.url + "/v1/audio/speech", timeout=120,
+            json={"model": "voice", "voice": "joe", "input": long_text, "response_format": "pcm"}).status_code))
+        t.start()
+        plane.wait(lambda: plane.status("voice")["in_flight"] == 1, timeout=30, what="the stream in flight")
+        t.join(120)
+        assert done == [200]
+    finally:
+        plane.stop()
