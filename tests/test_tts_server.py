@@ -222,3 +222,48 @@ def test_state_and_metrics(tts: ServerProcess) -> None:
         assert name in text
     # text is payload: not in the log, even at debug level
     assert "Count me" not in tts.log() and "Hello from Headway" not in tts.log()
+
+
+def test_admission_and_idle_websocket(tmp_path) -> None:  # noqa: ANN001
+    """A package of the voice with one slot and no queue: a second request while one streams gets
+    429 with Retry-After, a WebSocket too; a WebSocket silent past streaming_read_timeout is closed
+    and gives its slot back."""
+    import websockets
+
+    from tests.conftest import write_package
+
+    pkg = write_package(tmp_path / "voice", "name: voice\nruntime: tts\nmodel: {source: piper-joe}\n"
+                        "engine: {max_concurrency: 1, num_threads: 1}\n"
+                        "runtime_options: {queue_size: 0, streaming_read_timeout: 1}\n", None)
+    with running_server(["serve", str(pkg)], tmp_path, timeout=180) as server:
+        body = {"model": "voice", "voice": "joe", "response_format": "pcm",
+                "input": " ".join(f"Sentence {i} keeps the only slot busy." for i in range(10))}
+        with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=60) as r:
+            received = r.iter_bytes()
+            next(received)
+            second = httpx.post(server.url + "/v1/audio/speech", json={**body, "input": "Me too."}, timeout=30)
+            assert second.status_code == 429 and int(second.headers["retry-after"]) >= 1
+
+            async def ws_refused() -> int:
+                try:
+                    async with websockets.connect(server.url.replace("http", "ws") + "/v1/audio/speech/stream"):
+                        return 101
+                except websockets.InvalidStatus as exc:
+                    return exc.response.status_code
+
+            assert asyncio.run(ws_refused()) == 429
+
+        async def idle() -> tuple[dict, int]:
+            async with websockets.connect(server.url.replace("http", "ws") + "/v1/audio/speech/stream") as ws:
+                await ws.recv()
+                error = json.loads(await asyncio.wait_for(ws.recv(), 10))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+                return error, closed.value.rcvd.code
+
+        deadline = time.monotonic() + 10
+        while _state(server)["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        error, code = asyncio.run(idle())
+        assert error["type"] == "error" and "no frame for 1 s" in error["message"] and code == 1008
+        assert _state(server)["in_flight"] == 0

@@ -136,3 +136,22 @@ def test_defaults_and_messages() -> None:
     assert parse_stream_query({"speed": "1.5"}, LIMITS).response_format == "pcm"
     with pytest.raises(SpeechError, match="speed"):
         parse_stream_query({"speed": "quick"}, LIMITS)
+
+
+def test_the_worker_serves_the_job_whose_listener_runs_out_of_audio_first() -> None:
+    from headway.runtime.tts.synth import Job, next_job
+
+    def job(i: int, arrived: float, first: float | None, audio: float, pending: int) -> Job:
+        j = Job(i, 1.0, arrived, None, None)  # type: ignore[arg-type]
+        j.first_audio, j.audio_s = first, audio
+        j.sentences.extend(["x."] * pending)
+        return j
+
+    playing = job(1, 0.0, 1.0, 10.0, 5)       # its listener has audio until t=11
+    new = job(2, 5.0, None, 0.0, 1)           # waiting for its first audio since t=5
+    starving = job(3, 0.0, 1.0, 2.0, 3)       # runs out at t=3
+    idle = job(4, 0.0, None, 0.0, 0)          # nothing to say yet
+    assert next_job([playing, new, starving, idle]) is starving
+    assert next_job([playing, new, idle]) is new
+    assert next_job([playing, idle]) is playing
+    assert next_job([idle]) is None

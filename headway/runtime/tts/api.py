@@ -42,6 +42,7 @@ from headway.server.disconnect import ClientGone, cancel_on_disconnect
 from headway.server.gate import Gate, Refused
 
 STREAM_PATH = "/v1/audio/speech/stream"
+MAX_STREAM_CHARS = 100_000      # per WebSocket connection (its sentences wait in memory until spoken)
 
 
 def _refusal(exc: Refused) -> JSONResponse:
@@ -56,8 +57,9 @@ def _sse(data: dict[str, Any], event: str | None = None) -> bytes:
 
 class SpeechAPI:
     def __init__(self, synth: Callable[[], Synthesizer], limits: Callable[[], Limits], gate: Gate | None,
-                 metrics: TTSMetrics, out_rate: Callable[[], int]):
+                 metrics: TTSMetrics, out_rate: Callable[[], int], idle_s: float = 60.0):
         self.synth, self.limits, self.gate, self.metrics, self.out_rate = synth, limits, gate, metrics, out_rate
+        self.idle_s = idle_s   # a WebSocket silent this long is closed (it holds an admission slot)
 
     def router(self) -> APIRouter:
         router = APIRouter()
@@ -185,7 +187,10 @@ class SpeechAPI:
         async def receive() -> None:
             while True:
                 try:
-                    msg = json.loads(await ws.receive_text())
+                    msg = json.loads(await asyncio.wait_for(ws.receive_text(), self.idle_s))
+                except asyncio.TimeoutError:
+                    raise SpeechError(f"no frame for {self.idle_s:g} s; send {{\"end\": true}} when the text is "
+                                      "finished") from None
                 except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
                     raise SpeechError("send JSON text frames: {\"text\": \"...\"}, {\"flush\": true} or "
                                       "{\"end\": true}") from None
@@ -195,6 +200,9 @@ class SpeechAPI:
                 if text is not None:
                     if not isinstance(text, str) or len(text) > MAX_INPUT_CHARS:
                         raise SpeechError(f"'text' must be a string of at most {MAX_INPUT_CHARS} characters",
+                                          param="text")
+                    if buffer.characters + len(text) > MAX_STREAM_CHARS:
+                        raise SpeechError(f"a connection speaks at most {MAX_STREAM_CHARS} characters; open another",
                                           param="text")
                     queue(buffer.feed(text))
                 if msg.get("flush") or msg.get("end"):

@@ -96,7 +96,8 @@ class TTSRuntime(Runtime):
     def router(self, gate: Gate | None = None) -> APIRouter:
         from headway.runtime.tts.api import SpeechAPI
 
-        self._api = SpeechAPI(self._synth, self.limits, gate, self.metrics, self.out_rate)
+        self._api = SpeechAPI(self._synth, self.limits, gate, self.metrics, self.out_rate,
+                              idle_s=self.package.config.runtime_options.streaming_read_timeout)
         return self._api.router()
 
     def parse(self, body: Any) -> Any:
