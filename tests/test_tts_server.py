@@ -76,6 +76,8 @@ def test_formats_sse_and_speed(tts: ServerProcess) -> None:
     pcm = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
     assert pcm == httpx.post(tts.url + "/v1/audio/speech", json={**body, "response_format": "pcm"}, timeout=60).content \
         or len(pcm) > 10000   # synthesis is sampled (noise): same length range, not the same bytes
+    default = httpx.post(tts.url + "/v1/audio/speech", json=body, timeout=60)   # OpenAI's default: mp3
+    assert default.headers["content-type"] == ("audio/mpeg" if importlib.util.find_spec("av") else "audio/wav")
     if importlib.util.find_spec("av") is not None:
         for fmt, magic in (("flac", b"fLaC"), ("mp3", None)):
             r = httpx.post(tts.url + "/v1/audio/speech", json={**body, "response_format": fmt}, timeout=60)
@@ -225,7 +227,7 @@ def test_state_and_metrics(tts: ServerProcess) -> None:
 
 
 def test_admission_and_idle_websocket(tmp_path) -> None:  # noqa: ANN001
-    """A package of the voice with one slot and no queue: a second request while one streams gets
+    """A package of the voice with one slot, no queue, output at 24 kHz: a second request while one streams gets
     429 with Retry-After, a WebSocket too; a WebSocket silent past streaming_read_timeout is closed
     and gives its slot back."""
     import websockets
@@ -233,12 +235,13 @@ def test_admission_and_idle_websocket(tmp_path) -> None:  # noqa: ANN001
     from tests.conftest import write_package
 
     pkg = write_package(tmp_path / "voice", "name: voice\nruntime: tts\nmodel: {source: piper-joe}\n"
-                        "engine: {max_concurrency: 1, num_threads: 1}\n"
+                        "engine: {max_concurrency: 1, num_threads: 1, sample_rate: 24000}\n"
                         "runtime_options: {queue_size: 0, streaming_read_timeout: 1}\n", None)
     with running_server(["serve", str(pkg)], tmp_path, timeout=180) as server:
         body = {"model": "voice", "voice": "joe", "response_format": "pcm",
                 "input": " ".join(f"Sentence {i} keeps the only slot busy." for i in range(10))}
         with httpx.stream("POST", server.url + "/v1/audio/speech", json=body, timeout=60) as r:
+            assert r.headers["x-headway-sample-rate"] == "24000"   # resampled from the voice's 22050 Hz
             received = r.iter_bytes()
             next(received)
             second = httpx.post(server.url + "/v1/audio/speech", json={**body, "input": "Me too."}, timeout=30)
