@@ -270,3 +270,27 @@ def test_admission_and_idle_websocket(tmp_path) -> None:  # noqa: ANN001
         error, code = asyncio.run(idle())
         assert error["type"] == "error" and "no frame for 1 s" in error["message"] and code == 1008
         assert _state(server)["in_flight"] == 0
+
+
+def test_a_websocket_client_leaving_frees_its_work(tts: ServerProcess) -> None:
+    import websockets
+
+    before = _state(tts)["tts"]["cancelled"]
+
+    async def run() -> None:
+        async with websockets.connect(tts.url.replace("http", "ws") + "/v1/audio/speech/stream") as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"text": " ".join(f"Sentence {i} is never heard by anyone." for i in range(30)),
+                                      "flush": True}))
+            while not isinstance(await ws.recv(), bytes):
+                pass
+            assert _state(tts)["tts"]["pending_sentences"] > 10
+        # closed here, mid-speech
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and (_state(tts)["in_flight"] or _state(tts)["tts"]["active"]):
+        time.sleep(0.05)
+    state = _state(tts)
+    assert state["in_flight"] == 0 and state["tts"]["active"] == 0 and state["tts"]["pending_sentences"] == 0
+    assert state["tts"]["cancelled"] == before + 1
