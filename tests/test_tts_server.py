@@ -223,7 +223,9 @@ def test_state_and_metrics(tts: ServerProcess) -> None:
                  "headway_tts_audio_seconds_total", "headway_in_flight"):
         assert name in text
     # text is payload: not in the log, even at debug level
-    assert "Count me" not in tts.log() and "Hello from Headway" not in tts.log()
+    log = tts.log()
+    assert "Count me" not in log and "Hello from Headway" not in log and "found about the weather" not in log
+    assert "nobody will hear" not in log and "never heard by anyone" not in log
 
 
 def test_admission_and_idle_websocket(tmp_path) -> None:  # noqa: ANN001
