@@ -222,6 +222,8 @@ class AsrEngineOptions(_Strict):
 
 class TtsEngineOptions(_Strict):
     sample_rate: int | None = Field(None, ge=8000, examples=[22050])
+    num_threads: int | None = Field(None, ge=1, examples=[2], description="ONNX threads (default: the CPU share).")
+    max_concurrency: int = Field(8, ge=1, le=1024, examples=[8], description="Requests synthesized at once.")
 
 
 class CustomEngineOptions(_Strict):

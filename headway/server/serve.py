@@ -103,6 +103,10 @@ def build_runtime(package: Package, secrets_dir: str | None = None, fetch: Remot
         from headway.runtime.llm.serving import LLMRuntime
 
         return LLMRuntime(package, fetch)
+    if cfg.runtime == "tts":
+        from headway.runtime.tts.serving import TTSRuntime
+
+        return TTSRuntime(package)
     raise PackageError(package.root, [FieldError(
         "runtime", f"runtime '{cfg.runtime}' is not available in this version of Headway yet "
         "(available: custom, llm)", "runtime: custom")])

@@ -43,6 +43,7 @@ PUBLIC: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/models/{name}:predict"),
     Endpoint("GET", "/v1/models/{name}/schema"),
     Endpoint("WS", "/v1/models/{name}/ws"),         # a model's own WebSocket (custom runtimes)
+    Endpoint("WS", "/v1/audio/speech/stream"),      # text in as it arrives, speech out per sentence (tts)
 )
 
 # Replica paths a client is refused with 403 rather than 404: they exist, but only for operators.
