@@ -436,8 +436,8 @@ async def test_manager_removes_starting_replicas_first_and_replaces_generations(
     assert router.replicas.candidates("d")[0].url == first.url
     m.scale("d", 1)
     m._reconcile(m.deployments["d"])
-    assert await _until(lambda: sorted(provider.stopped) == sorted(provider.started[1:]))   # stops run off the loop   # the starting ones went, not the serving one
-    assert m.counts("d") == (1, 0)
+    assert await _until(lambda: sorted(provider.stopped) == sorted(provider.started[1:]))   # the starting ones went
+    assert await _until(lambda: m.counts("d") == (1, 0)), m.counts("d")   # stops run off the loop
     # a spec change that needs new replicas: a new generation starts; the old one serves until it is ready
     m.apply(spec.model_copy(update={"package": "p2"}))
     m._reconcile(m.deployments["d"])
