@@ -102,9 +102,13 @@ def build_runtime(package: Package, secrets_dir: str | None = None, fetch: Remot
         from headway.runtime.llm.serving import LLMRuntime
 
         return LLMRuntime(package, fetch)
+    if cfg.runtime == "embeddings":
+        from headway.runtime.embed.serving import EmbeddingsRuntime
+
+        return EmbeddingsRuntime(package, fetch)
     raise PackageError(package.root, [FieldError(
         "runtime", f"runtime '{cfg.runtime}' is not available in this version of Headway yet "
-        "(available: custom, llm)", "runtime: custom")])
+        "(available: custom, llm, embeddings)", "runtime: custom")])
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
