@@ -9,6 +9,7 @@ base64 encoding, and cancellation when the client goes away (499, its work dropp
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import Callable
@@ -21,6 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from headway.runtime.embed.engine import EmbedEngine
 from headway.runtime.embed.inputs import ApiError, Query, Tokenize, parse_embed, parse_openai
 from headway.server.disconnect import ClientGone, cancel_on_disconnect
+
+
+LARGE_BODY = 64 * 1024     # bytes of request body parsed in a worker thread
+LARGE_RESPONSE = 16        # vectors past which a response is serialized in a worker thread
 
 
 def finish(vectors: np.ndarray, q: Query) -> np.ndarray:
@@ -39,6 +44,13 @@ def _encode(vec: np.ndarray, fmt: str) -> Any:
     return vec.tolist()
 
 
+async def _respond(render: Callable[[], bytes], count: int) -> Response:
+    """A JSON response; many vectors are serialized off the event loop (hundreds of ms for
+    thousands of float vectors), so single-sentence requests are not held behind them."""
+    body = render() if count <= LARGE_RESPONSE else await asyncio.to_thread(render)
+    return Response(body, media_type="application/json")
+
+
 class EmbeddingsAPI:
     def __init__(self, names: list[str], engine: Callable[[], EmbedEngine | None],
                  tokenize: Callable[[], Tokenize | None]):
@@ -53,8 +65,9 @@ class EmbeddingsAPI:
         return engine, tokenize
 
     async def _body(self, request: Request) -> Any:
-        try:
-            return await request.json()
+        raw = await request.body()
+        try:   # a large body is parsed off the event loop, so small requests keep flowing
+            return json.loads(raw) if len(raw) <= LARGE_BODY else await asyncio.to_thread(json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(f"the request body is not valid JSON: {exc}") from None
 
@@ -92,10 +105,13 @@ class EmbeddingsAPI:
                 return JSONResponse(exc.body(), status_code=exc.status)
             except ClientGone:
                 return Response(status_code=499)
-            data = [{"object": "embedding", "index": i, "embedding": _encode(v, q.encoding_format)}
-                    for i, v in enumerate(vecs)]
-            return JSONResponse({"object": "list", "data": data, "model": model,
-                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+            def render() -> bytes:
+                data = [{"object": "embedding", "index": i, "embedding": _encode(v, q.encoding_format)}
+                        for i, v in enumerate(vecs)]
+                return json.dumps({"object": "list", "data": data, "model": model,
+                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+
+            return await _respond(render, len(vecs))
 
         @router.post("/embed")
         async def embed(request: Request) -> Response:
@@ -108,6 +124,6 @@ class EmbeddingsAPI:
                 return JSONResponse(exc.body(), status_code=exc.status)
             except ClientGone:
                 return Response(status_code=499)
-            return JSONResponse(vecs.tolist())
+            return await _respond(lambda: json.dumps(vecs.tolist()).encode(), len(vecs))
 
         return router

@@ -133,9 +133,11 @@ class EmbedEngine:
                         self._lock.wait()
                     if self._stop:
                         break
-                    batch = self._batcher.next_batch()
+                    # small requests first (they wait for no pass), then a round-robin batch
+                    urgent = self.urgent_tokens > 0 and self._batcher.has_urgent(self.urgent_tokens)
+                    batch = self._batcher.next_batch(urgent_tokens=self.urgent_tokens if urgent else None)
                 try:
-                    self._run(batch, urgent=False)
+                    self._run(batch, urgent=urgent)
                 except Exception as exc:   # a failed pass fails its requests, never the engine
                     log.exception("forward pass failed")
                     self._fail(batch, exc)
@@ -149,7 +151,7 @@ class EmbedEngine:
         started, nested = time.perf_counter(), 0.0
         run = self.encoder.start([it.ids for it in batch])
         while not self.encoder.step(run):
-            if urgent:
+            if urgent or self.urgent_tokens <= 0:
                 continue
             with self._lock:
                 small = (self._batcher.next_batch(urgent_tokens=self.urgent_tokens)
