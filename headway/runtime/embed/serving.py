@@ -26,7 +26,11 @@ from headway.server.runtime import Runtime
 
 
 def default_threads() -> int:
-    """The CPUs this process may run on (its affinity: the replica's share), not the machine's."""
+    """The replica's CPU share: OMP_NUM_THREADS when set (the fleet sets it from the deployment's
+    `resources.cpu`), else the CPUs this process may run on (its affinity), not the machine's."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
