@@ -230,3 +230,16 @@ def test_behind_headway_route(server: Proc, tmp_path: Path, texts: list[str], re
         assert any(rep["runtime"] == "embeddings" for rep in view["replicas"])
     finally:
         r.stop()
+
+
+def test_a_bare_sentence_transformers_directory_is_served_as_embeddings(model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from headway.server.serve import resolve_target
+
+    local = tmp_path / "My-MiniLM"
+    shutil.copytree(model_dir, local)
+    pkg = resolve_target(str(local))
+    assert pkg.config.runtime == "embeddings" and pkg.config.name == "my-minilm"
+    assert pkg.config.model.source == str(local)
+    assert resolve_target(str(local), {"num_threads": 1}, name="docs").config.engine == {"num_threads": 1}
