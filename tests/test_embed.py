@@ -243,3 +243,31 @@ def test_a_bare_sentence_transformers_directory_is_served_as_embeddings(model_di
     assert pkg.config.runtime == "embeddings" and pkg.config.name == "my-minilm"
     assert pkg.config.model.source == str(local)
     assert resolve_target(str(local), {"num_threads": 1}, name="docs").config.engine == {"num_threads": 1}
+
+
+async def test_engine_urgent_passes_between_layers_are_exact(model_dir: Path) -> None:
+    """In process: a small request slips in between the layers of a large pass (an urgent pass),
+    and both the small and the large request get the vectors each text gets alone."""
+    import asyncio
+
+    from headway.runtime.embed.engine import EmbedEngine
+    from headway.runtime.embed.inputs import Query, Tokenize
+    from headway.runtime.embed.spec import load_tokenizer, read_spec
+
+    spec = read_spec(model_dir)
+    engine = EmbedEngine(spec, max_batch_tokens=2048, urgent_tokens=64, num_threads=2)
+    try:
+        tok = Tokenize(load_tokenizer(model_dir), spec.max_tokens, spec.vocab_size)
+        big = await tok(Query(mixed_corpus(60, seed=5, max_tokens=250), None, True, True, None), "input")
+        small = await tok(Query(short_sentences(2, seed=8), None, False, True, None), "input")
+        big_task = asyncio.create_task(engine.embed(big))
+        while not 0 < engine.state()["embed"]["pending_tokens"] < sum(map(len, big)):
+            await asyncio.sleep(0.001)     # until the first pass of the big request has started
+        got_small = await engine.embed(small)
+        got_big = await big_task
+        assert engine.metrics.urgent_batches._value.get() >= 1   # noqa: SLF001
+        alone = np.stack([engine.encoder.forward([ids]).numpy()[0] for ids in small + big[:8]])
+        assert cosines(np.concatenate([got_small, got_big[:8]]), alone).min() >= 0.9999
+        assert engine.state()["in_flight"] == 0
+    finally:
+        engine.stop()
