@@ -271,3 +271,21 @@ async def test_engine_urgent_passes_between_layers_are_exact(model_dir: Path) ->
         assert engine.state()["in_flight"] == 0
     finally:
         engine.stop()
+
+
+def test_headway_deploy_serves_it_behind_the_control_plane(tmp_path: Path, texts: list[str],
+                                                           reference: np.ndarray) -> None:
+    from tests.test_fleet import Plane
+
+    plane = Plane(tmp_path / "state", tmp_path / "plane.log")
+    try:
+        plane.deploy({"name": "emb", "package": MODEL, "replicas": {"min": 1, "max": 1}, "resources": {"cpu": 1}})
+        plane.wait(lambda: plane.status("emb")["ready"] == 1, timeout=180, what="a ready embeddings replica")
+        res = client(plane.url).embeddings.create(model="emb", input=texts[:4])
+        assert res.model == "emb"
+        assert cosines(np.array([d.embedding for d in res.data]), reference[:4]).min() >= 0.9999
+        [rep] = [r for r in plane.status("emb")["replicas"] if r["phase"] == "ready"]
+        state = httpx.get(rep["url"] + "/headway/state", timeout=10).json()
+        assert state["runtime"] == "embeddings" and state["replica_id"]
+    finally:
+        plane.stop()
