@@ -147,3 +147,62 @@ def test_a_rise_counts_from_its_onset() -> None:
     assert StartupAware(cfg).decide(DeploymentMetrics(young, ready=10), 100).reason != "forecast"
     noise = samples(lambda t: 40 + (1 if int(t) % 2 else -1), 100, span=120)  # noise is no trend
     assert StartupAware(cfg).decide(DeploymentMetrics(noise, ready=10), 100).desired == 10
+
+
+# ---- resuming after a control-plane restart ----------------------------------------------------
+
+def test_a_fresh_policy_after_a_restart_would_drop_what_runs_and_a_resumed_one_holds_it() -> None:
+    """Four replicas carry 16 in flight; the control plane restarts and its first sample sees 0
+    (clients reconnecting). With no history a policy scales to zero at once (the bug); resumed
+    with the adopted count it holds 4 for the scale-down delay and a full stable window."""
+    quiet = [(100.0, 0.0)]
+    assert StartupAware(CFG).decide(DeploymentMetrics(quiet, ready=4), 100).desired == 0
+    for cls in (StartupAware, KnativeKPA):
+        p = cls(CFG)
+        p.resume({}, 0.0, 4, 0.0, 100.0)                 # no saved state: hold for max(delay 30, window 20)
+        for now in (100.0, 110.0, 129.0):
+            d = p.decide(DeploymentMetrics([(t, 0.0) for t in range(100, int(now) + 1)], ready=4), now)
+            assert (d.desired, d.reason) == (4, "resumed"), (cls.name, now, d)
+        d = p.decide(DeploymentMetrics([(t, 0.0) for t in range(100, 162)], ready=4), 161)
+        assert d.desired == 0, (cls.name, d)             # nothing came for a whole delay: now it may go
+        p = cls(CFG)
+        p.resume({}, 0.0, 4, 0.0, 100.0)
+        busy = [(t, 40.0) for t in range(95, 106)]       # more load than before: growing is never held back
+        assert p.decide(DeploymentMetrics(busy, ready=4), 105).desired == 10, cls.name
+
+
+def test_state_survives_json_and_a_clock_shift() -> None:
+    """A restart moves the loop's clock (a new process, maybe a new machine): saved times move by
+    the shift, and a policy resumed from JSON (with the loop's samples moved alike) decides as the
+    one that never stopped."""
+    import json
+
+    p = StartupAware(CFG)
+    load = lambda now: samples(lambda t: 16 if t <= 50 else 0, now, span=now)  # noqa: E731
+    for now in range(1, 61):
+        d = p.decide(DeploymentMetrics(load(now), ready=4), float(now))
+    assert d.desired == 4 and d.reason == "hold"
+    q = StartupAware(CFG)
+    q.resume(json.loads(json.dumps(p.state())), 1000.0, 0, 20.0, 1060.0)   # adopted 0: no floor
+    went = []
+    for now in range(61, 130):
+        a = p.decide(DeploymentMetrics(load(now), ready=4), float(now))
+        b = q.decide(DeploymentMetrics([(t + 1000, c) for t, c in load(now)], ready=4), now + 1000.0)
+        assert a == b, (now, a, b)
+        went.append(a.desired)
+    assert went[0] == 4 and went[-1] == 0          # it held, then let go, on both
+    k = KnativeKPA(CFG)
+    k.decide(DeploymentMetrics(load(50), ready=4), 50)
+    k2 = KnativeKPA(CFG)
+    k2.resume(json.loads(json.dumps(k.state())), 10.0, 0, 20.0, 60.0)
+    assert k2.decide(DeploymentMetrics([(60.0, 0.0)], ready=4), 60).desired == 4
+    r = RayServeDefault(CFG)
+    r.decide(DeploymentMetrics([(0.0, 0.0)], ready=4), 0.0)        # a pending scale-down since 0
+    r2 = RayServeDefault(CFG)
+    r2.resume(json.loads(json.dumps(r.state())), 5.0, 4, 0.0, 10.0)
+    assert r2.decide(DeploymentMetrics([(604.0, 0.0)], ready=4), 604.0).desired == 4   # 599 s since
+    assert r2.decide(DeploymentMetrics([(606.0, 0.0)], ready=4), 606.0).desired == 0
+    for cls in (StartupAware, KnativeKPA, RayServeDefault):
+        for junk in ({"hold": "garbage", "panic_until": "x", "since": [1]},
+                     {"hold": [["x", 1], [1, None], [True, 2]], "since": ["down", "later"], "latency_floor": "2"}):
+            cls(CFG).resume(junk, 0.0, 1, 0.0, 0.0)      # unreadable state is no state, not an error

@@ -268,7 +268,7 @@ async def test_engine_urgent_passes_between_layers_are_exact(model_dir: Path) ->
         assert engine.metrics.urgent_batches._value.get() >= 1   # noqa: SLF001
         alone = np.stack([engine.encoder.forward([ids]).numpy()[0] for ids in small + big[:8]])
         assert cosines(np.concatenate([got_small, got_big[:8]]), alone).min() >= 0.9999
-        assert engine.state()["in_flight"] == 0
+        assert engine.state()["embed"]["requests"] == 0
     finally:
         engine.stop()
 

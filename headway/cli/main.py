@@ -70,16 +70,29 @@ def serve(
         help="LLM host-memory KV tier in tokens: evicted prefixes are restored from it (0 = off).")] = None,
     lora: Annotated[Optional[list[str]], typer.Option(
         help="LoRA adapter to serve, NAME=PATH to a PEFT directory; repeatable.")] = None,
+    lora_root: Annotated[Optional[list[str]], typer.Option(
+        "--lora-root", help="Directory POST /v1/load_lora_adapter may load adapters from; repeatable (none: "
+        "loading from a path at run time is refused).")] = None,
     secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
                                                 "name); the control plane passes the deployment's.")] = None,
     replica_id: Annotated[Optional[str], typer.Option(help="Identity reported on /headway/state (set by the "
                                                       "control plane).")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="Serve HTTPS only, with this certificate (PEM); "
+                                                     "needs --tls-key.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a model package or a library model on one machine."""
     from headway.infra.weights import fetch_for_runtime
     from headway.server.serve import serve as run
+    from headway.tls import TLSConfigError, server_tls
+
+    try:
+        tls = server_tls(tls_cert, tls_key)
+    except TLSConfigError as exc:
+        _fail(str(exc), 2)
+        return
 
     adapters = None
     if lora:
@@ -90,9 +103,11 @@ def serve(
         adapters = {n: str(Path(p).expanduser().resolve()) for n, p in (item.split("=", 1) for item in lora)}
     try:
         run(target, host, port, log_level=log_level, secrets_dir=secrets_dir, fetch=fetch_for_runtime, name=name,
-            replica_id=replica_id, engine_overrides={"dtype": dtype, "num_threads": threads,
+            replica_id=replica_id, requirements_venv=True, tls=tls, engine_overrides={"dtype": dtype, "num_threads": threads,
                                                      "quantization": quantization, "speculative": speculative,
-                                                     "kv_offload_tokens": kv_offload_tokens, "lora_adapters": adapters})
+                                                     "kv_offload_tokens": kv_offload_tokens, "lora_adapters": adapters,
+                                                     "lora_roots": [str(Path(p).expanduser().resolve()) for p in lora_root]
+                                                     if lora_root else None})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
@@ -158,6 +173,19 @@ def _read_data(data: str) -> Any:
         _fail(f"--data is not valid JSON ({exc}); pass JSON, @file.json or - for stdin")
 
 
+def _served_model(client: Any, base: str) -> str:
+    """The model a replica serves (its /headway/state), or a router's only one (its /v1/models:
+    a router does not pass /headway/* through)."""
+    state = client.get(f"{base}/headway/state")
+    if state.status_code == 200 and state.json().get("model"):
+        return str(state.json()["model"])
+    listed = client.get(f"{base}/v1/models")
+    names = [m["id"] for m in listed.json().get("data", [])] if listed.status_code == 200 else []
+    if len(names) != 1:
+        _fail(f"{base} serves {', '.join(names) if names else 'no model it names'}; say which with --model")
+    return str(names[0])
+
+
 @app.command()
 def predict(
     data: Annotated[str, typer.Option("--data", "-d", help="JSON input, @file.json, or - for stdin.")],
@@ -173,7 +201,7 @@ def predict(
     try:
         with httpx.Client(timeout=timeout) as client:
             if model is None:
-                model = client.get(f"{base}/headway/state").json()["model"]
+                model = _served_model(client, base)
             with client.stream("POST", f"{base}/v1/models/{model}:predict", json=body) as resp:
                 if resp.status_code >= 400:
                     resp.read()

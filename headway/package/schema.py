@@ -94,6 +94,11 @@ class RuntimeOptions(_Strict):
         description="Requests allowed to wait for a predict slot; past it, 429 with Retry-After.",
         examples=[64],
     )
+    max_prompts_per_request: int = Field(
+        16, ge=1, le=4096, examples=[16],
+        description="Prompts one /v1/completions request may carry (`prompt` as a list); more gets 400. "
+        "A request takes one admission slot whatever its prompts, so this bounds its work together "
+        "with n (at most 16 choices per prompt).")
     streaming_read_timeout: float = Field(
         60.0, gt=0, description="Seconds a stream may stay silent before it is ended.", examples=[60]
     )
@@ -191,7 +196,12 @@ class LLMEngineOptions(_Strict):
         default_factory=dict, examples=[{"sql": "adapters/sql"}],
         description="LoRA adapters served at start: name (what clients put in `model`) -> PEFT directory "
         "(adapter_config.json + adapter_model.safetensors; relative to the package). More can be loaded at "
-        "run time with POST /v1/load_lora_adapter.")
+        "run time with POST /v1/load_lora_adapter from under lora_roots.")
+    lora_roots: list[str] = Field(
+        default_factory=list, examples=[["/srv/adapters"]],
+        description="Directories POST /v1/load_lora_adapter may load adapters from (relative to the package; "
+        "symlinks and '..' are resolved first). None (the default): loading from a path at run time is refused; "
+        "adapters in lora_adapters are always served.")
     max_loras: int = Field(4, ge=1, le=64, examples=[4],
                            description="LoRA adapters resident in memory at most (least recently used evicted).")
     max_lora_rank: int = Field(64, ge=1, le=512, examples=[64], description="Largest LoRA rank accepted.")
@@ -233,6 +243,8 @@ class AsrEngineOptions(_Strict):
 
 class TtsEngineOptions(_Strict):
     sample_rate: int | None = Field(None, ge=8000, examples=[22050])
+    num_threads: int | None = Field(None, ge=1, examples=[2], description="ONNX threads (default: the CPU share).")
+    max_concurrency: int = Field(8, ge=1, le=1024, examples=[8], description="Requests synthesized at once.")
 
 
 class CustomEngineOptions(_Strict):
@@ -258,7 +270,9 @@ class PackageConfig(_Strict):
     description: str | None = Field(None, examples=["Sentiment classifier"])
     model: ModelSource = Field(default_factory=ModelSource)
     requirements: list[str] = Field(
-        default_factory=list, description="pip requirement specifiers installed before load.",
+        default_factory=list, description="pip requirement specifiers, installed before load into a virtual "
+        "environment of their own (one per requirement set on a node, inheriting torch and headway), never into "
+        "the shared interpreter.",
         examples=[["numpy==2.1.0"]],
     )
     environment: dict[str, str] = Field(

@@ -3,6 +3,8 @@
 Owns the HTTP contract every runtime shares: predict and schema endpoints, health, Prometheus
 metrics, the replica-state endpoint the infrastructure reads, admission (429 + Retry-After),
 body limits (413), cancellation on disconnect, and errors inside streams as error events.
+The runtime's own routes (the OpenAI API) pass the same Gate (gate.py): 503 with the reason
+while the replica cannot serve, and one admission ticket per request.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
 from headway.package.model_file import InputError
 from headway.package.schema import RuntimeOptions
-from headway.server.admission import Admission, Overloaded, Ticket
+from headway.server.admission import Admission, Ticket
 from headway.server.body_limit import BodyLimitMiddleware, BodyTooLarge
 from headway.server.disconnect import ClientGone, cancel_on_disconnect
+from headway.server.faults import install_test_faults
+from headway.server.gate import Gate, Refusal, Refused
 from headway.server.metrics import ServerMetrics
+from headway.server.redact import failure
 from headway.server.runtime import Runtime
 
 log = logging.getLogger("headway.server")
@@ -72,6 +77,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
     metrics = ServerMetrics(runtime.name)
     admission: Admission | None = None
     runtime.mark_phase = life.mark
+    gate = Gate(runtime.name, loaded=lambda: life.ready, load_error=lambda: life.error, failure=runtime.failure)
 
     async def load_in_background() -> None:
         try:
@@ -89,8 +95,9 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal admission
-        admission = Admission(runtime.max_concurrency, options.queue_size)
+        admission = gate.admission = Admission(runtime.max_concurrency, options.queue_size)
         app.state.admission = admission
+        install_test_faults(runtime)
         task = asyncio.create_task(load_in_background())
         try:
             yield
@@ -109,10 +116,13 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
         return _error("request_too_large", f"request body exceeds the limit of {options.max_request_body} "
                       "bytes (runtime_options.max_request_body in headway.yaml)", 413)
 
-    def not_ready() -> JSONResponse:
-        if life.error:
-            return _error("model_load_failed", f"model '{runtime.name}' failed to load: {life.error}", 503)
-        return _error("model_loading", f"model '{runtime.name}' is still loading", 503, {"Retry-After": "1"})
+    def refused(refusal: Refusal) -> JSONResponse:
+        # OpenAI's error shape (message, type, param, code) plus the HTTP status as `code`
+        return _error(refusal.kind, refusal.message, refusal.status, refusal.headers, param=None)
+
+    @app.exception_handler(Refused)
+    async def _refused(request: Request, exc: Refused) -> JSONResponse:
+        return refused(exc.refusal)
 
     @app.get("/health/live")
     async def live() -> dict[str, Any]:
@@ -120,11 +130,12 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
 
     @app.get("/health/ready")
     async def ready() -> Response:
-        if life.ready:
+        why = gate.reason()
+        if why is None:
             return JSONResponse({"ready": True, "model": runtime.name})
-        body = {"ready": False, "model": runtime.name, "reason": "load_failed" if life.error else "loading"}
-        if life.error:
-            body["error"] = life.error
+        body = {"ready": False, "model": runtime.name, "reason": why[0]}
+        if why[1] is not None:
+            body["error"] = why[1]
         return JSONResponse(body, status_code=503)
 
     @app.get("/metrics")
@@ -132,24 +143,30 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
         if admission is not None:
             metrics.in_flight.set(admission.running)
             metrics.queued.set(admission.waiting)
+        metrics.ready.set(1 if gate.reason() is None else 0)
         return Response(metrics.render() + runtime.metrics_text(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/headway/state")
     async def state() -> dict[str, Any]:
+        why = gate.reason()
         body: dict[str, Any] = {
-            "ready": life.ready, "runtime": runtime.kind, "model": runtime.name,
-            "in_flight": admission.running if admission else 0,
-            "queued": admission.waiting if admission else 0,
+            "ready": why is None, "runtime": runtime.kind, "model": runtime.name,
             "max_concurrency": runtime.max_concurrency,
             "startup": {**life.phases, **runtime.startup, "server_started_unix": round(life.started_unix, 3)},
         }
         if replica_id:
             body["replica_id"] = replica_id
-        if life.error:
-            body["error"] = life.error
+        if why is not None:
+            body["reason"] = why[0]
+            if why[1] is not None:
+                body["error"] = why[1]
         if life.ready:
             body.update(runtime.state())
+        # requests (every route: predict and the runtime's own) running and waiting for a slot;
+        # the server's count, never a runtime's (the router and autoscaler read these two)
+        body["in_flight"] = admission.running if admission else 0
+        body["queued"] = admission.waiting if admission else 0
         return body
 
     def check_name(name: str) -> JSONResponse | None:
@@ -162,8 +179,8 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
     async def schema(name: str) -> Response:
         if (bad := check_name(name)) is not None:
             return bad
-        if not life.ready:
-            return not_ready()
+        if (refusal := gate.refusal()) is not None:
+            return refused(refusal)
         return JSONResponse({"model": runtime.name, "input": runtime.input_schema()})
 
     @app.post("/v1/models/{name}:predict")
@@ -182,18 +199,17 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
             body = json.loads(raw) if raw else {}
         except json.JSONDecodeError as exc:
             return _error("invalid_json", f"request body is not valid JSON: {exc}", 400)
-        if not life.ready:
-            return not_ready()
+        if (refusal := gate.refusal()) is not None:
+            return refused(refusal)
         try:
             inputs = runtime.parse(body)
         except InputError as exc:
             return _error("invalid_input", f"input does not match the model's schema: {exc}", 422,
                           details=exc.errors)
-        assert admission is not None
         try:
-            ticket = await admission.acquire()
-        except Overloaded as exc:
-            return _error("overloaded", str(exc), 429, {"Retry-After": str(exc.retry_after)})
+            ticket = await gate.admit()
+        except Refused as exc:
+            return refused(exc.refusal)
         if runtime.streams(inputs):
             return _stream_response(inputs, ticket, request)
         try:
@@ -208,7 +224,9 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
             log.info("client disconnected; cancelled its request")
             return Response(status_code=499)
         except Exception as exc:
-            log.exception("predict failed")
+            if (refusal := gate.refusal()) is not None:  # the runtime failed under this request
+                return refused(refusal)
+            log.error("predict failed: %s (the message went to the caller only)", failure(exc))
             return _error("model_error", f"{type(exc).__name__}: {exc}", 500)
         return JSONResponse(_jsonable(result))
 
@@ -235,7 +253,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
                 raise
             except Exception as exc:
                 status["code"] = 500
-                log.exception("stream failed")
+                log.error("stream failed: %s (the message went to the caller only)", failure(exc))
                 yield _sse(error_body("model_error", f"{type(exc).__name__}: {exc}", 500), event="error")
             finally:
                 ticket.release()
@@ -247,7 +265,7 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
                                  # a stream cancelled before it started never runs its finally
                                  background=BackgroundTask(ticket.release))
 
-    extra = runtime.router()
-    if extra is not None:
-        app.include_router(extra)
+    extra = runtime.router(gate)
+    if extra is not None:  # every runtime route answers 503 with the reason while it cannot serve
+        app.include_router(extra, dependencies=[Depends(gate.check)])
     return app

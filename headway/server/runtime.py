@@ -7,9 +7,12 @@ routes (the LLM runtime adds the OpenAI API), and reporting its part of /headway
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
+
+if TYPE_CHECKING:
+    from headway.server.gate import Gate
 
 
 class Runtime:
@@ -45,9 +48,21 @@ class Runtime:
     def stream(self, inputs: Any) -> AsyncIterator[Any]:
         raise NotImplementedError
 
-    def router(self) -> APIRouter | None:
-        """Extra routes (e.g. /v1/chat/completions)."""
+    def router(self, gate: Gate) -> APIRouter | None:
+        """Extra routes (e.g. /v1/chat/completions). The server refuses them while the replica
+        cannot serve (loading, failed); a route that runs a model takes a ticket from
+        `gate.admit()` per request, as predict does."""
         return None
+
+    def failure(self) -> str | None:
+        """Why the loaded model can no longer serve (e.g. its engine thread died), else None.
+        The server then reports not ready and refuses every model route with 503."""
+        return None
+
+    def inject_fault(self) -> bool:
+        """Break the runtime as a real bug would (tests only; HEADWAY_TEST_FAULTS=1 + SIGUSR1).
+        False when this runtime has nothing to break."""
+        return False
 
     def state(self) -> dict[str, Any]:
         """Runtime-specific fields merged into /headway/state (kv, prefix_digest, adapters...)."""

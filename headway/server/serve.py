@@ -8,17 +8,18 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from packaging.requirements import InvalidRequirement, Requirement
+from packaging.requirements import Requirement
 
 from headway.package.load import FieldError, Package, PackageError, load_package, validate_config
 from headway.server.app import create_app
 from headway.server.runtime import Runtime
+from headway.server.venv import normalize, reexec_in_venv
+from headway.tls import ServerTLS
 
 if TYPE_CHECKING:
     from headway.runtime.llm.serving import RemoteFetch
@@ -88,15 +89,13 @@ def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None, 
     return Package(Path.cwd(), config)
 
 
-def ensure_requirements(requirements: list[str]) -> None:
-    """pip-install the package's requirements that the interpreter does not already satisfy."""
+def check_requirements(requirements: list[str]) -> None:
+    """Raise a PackageError naming the requirements this interpreter does not satisfy. Nothing is
+    installed here: `headway serve` runs a package with requirements in its own virtual
+    environment (venv.py), never pip-installing into the shared interpreter."""
     missing: list[str] = []
-    for spec in requirements:
-        try:
-            req = Requirement(spec)
-        except InvalidRequirement as exc:
-            raise PackageError("headway.yaml", [FieldError("requirements", f"'{spec}' is not a pip "
-                                                           f"requirement: {exc}", "requirements: [numpy==2.1.0]")])
+    for spec in normalize(requirements):
+        req = Requirement(spec)
         try:
             have = importlib.metadata.version(req.name)
         except importlib.metadata.PackageNotFoundError:
@@ -105,14 +104,16 @@ def ensure_requirements(requirements: list[str]) -> None:
         if req.specifier and not req.specifier.contains(have, prereleases=True):
             missing.append(spec)
     if missing:
-        log.info("installing requirements: %s", " ".join(missing))
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *missing], check=True)
+        raise PackageError("headway.yaml", [FieldError(
+            "requirements", f"{', '.join(missing)} not installed in {sys.prefix}; `headway serve PACKAGE` installs a "
+            "package's requirements into its own virtual environment under $HEADWAY_CACHE/venvs and runs there",
+            "requirements: [numpy==2.1.0]")])
 
 
 def build_runtime(package: Package, secrets_dir: str | None = None, fetch: RemoteFetch | None = None) -> Runtime:
     cfg = package.config
     os.environ.update(cfg.environment)
-    ensure_requirements(cfg.requirements)
+    check_requirements(cfg.requirements)
     if cfg.runtime == "custom":
         from headway.server.custom import CustomRuntime
 
@@ -125,17 +126,29 @@ def build_runtime(package: Package, secrets_dir: str | None = None, fetch: Remot
         from headway.runtime.embed.serving import EmbeddingsRuntime
 
         return EmbeddingsRuntime(package, fetch)
+    if cfg.runtime == "tts":
+        from headway.runtime.tts.serving import TTSRuntime
+
+        return TTSRuntime(package)
     raise PackageError(package.root, [FieldError(
         "runtime", f"runtime '{cfg.runtime}' is not available in this version of Headway yet "
-        "(available: custom, llm, embeddings)", "runtime: custom")])
+        "(available: custom, llm, embeddings, tts)", "runtime: custom")])
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
           engine_overrides: dict[str, Any] | None = None, secrets_dir: str | None = None,
-          fetch: RemoteFetch | None = None, name: str | None = None, replica_id: str | None = None) -> None:
+          fetch: RemoteFetch | None = None, name: str | None = None, replica_id: str | None = None,
+          requirements_venv: bool = False, tls: ServerTLS | None = None) -> None:
+    """requirements_venv: when the package has requirements, re-execute this process (the `headway
+    serve` CLI, same argv) with the python of their own virtual environment (venv.py).
+    `tls`: serve HTTPS only (from headway.tls.server_tls, checked by the caller before this)."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     package = resolve_target(target, engine_overrides, name)
+    if requirements_venv:
+        reexec_in_venv(package.config.requirements)
     runtime = build_runtime(package, secrets_dir, fetch)
     app = create_app(runtime, package.config.runtime_options, replica_id=replica_id)
-    log.info("serving '%s' (%s) on http://%s:%d", runtime.name, package.config.runtime, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    log.info("serving '%s' (%s) on %s://%s:%d", runtime.name, package.config.runtime, "https" if tls else "http",
+             host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                **(tls.uvicorn_options() if tls else {}))

@@ -21,6 +21,12 @@
   without traffic; any lower recommendation must hold for `scale_down_delay_s`;
 - with a latency objective, grows by one replica per decision while the latency is above it.
 
+Every policy can hand out its state (`state()`, JSON-able) and take it back (`resume()`), so a
+control plane that restarts continues where it stopped instead of deciding from no history. A
+resumed policy also holds the replica count the control plane adopted until it has evidence to
+go lower: for `scale_down_delay_s`, and at least until the restored and new samples together
+cover a stable window (a restart is no evidence of lower load).
+
 `KnativeKPA`: Knative's KPA (stable and panic windows, no forecast). `RayServeDefault`: Ray
 Serve's default autoscaler (ongoing requests over a look-back window against a target, with
 upscale and downscale delays). They share the config's targets so comparisons are like for like.
@@ -30,7 +36,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics, ScaleDecision, window_mean
 
@@ -73,6 +80,44 @@ class _Hold:
             self._recs.popleft()
         return max(r for _, r in self._recs)
 
+    def state(self) -> list[list[float]]:
+        return [[t, r] for t, r in self._recs]
+
+    def resume(self, recs: object, shift: float) -> None:
+        self._recs = deque((t + shift, int(r)) for t, r in _pairs(recs))
+
+
+class _Floor:
+    """After a resume: the adopted count, held until `until` (a restart is no evidence of lower load)."""
+
+    def __init__(self) -> None:
+        self.until = -math.inf
+        self.count = 0
+
+    def resume(self, cfg: AutoscaleConfig, adopted: int, covered_s: float, now: float) -> None:
+        self.until = now + max(cfg.scale_down_delay_s, cfg.window_s - max(0.0, covered_s))
+        self.count = adopted
+
+    def apply(self, now: float, held: int) -> int:
+        return max(held, self.count) if now < self.until else held
+
+
+def _pairs(value: object) -> list[tuple[float, float]]:
+    """[[t, x], ...] of numbers from saved state; anything else is no state."""
+    if not isinstance(value, list):
+        return []
+    return [(p[0], p[1]) for p in value if isinstance(p, (list, tuple)) and len(p) == 2
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p)]
+
+
+def _time(value: object, shift: float) -> float:
+    """A saved time (None: never) moved onto the new clock."""
+    return float(value) + shift if isinstance(value, (int, float)) else -math.inf
+
+
+def _saved_time(t: float) -> float | None:
+    return t if math.isfinite(t) else None
+
 
 def _clamp(cfg: AutoscaleConfig, n: int) -> int:
     return max(cfg.min_replicas, min(cfg.max_replicas, n))
@@ -89,6 +134,19 @@ class StartupAware:
         self._hold = _Hold(config.scale_down_delay_s)
         self._panic_until = -math.inf
         self._latency_floor = 0
+        self._floor = _Floor()
+
+    def state(self) -> dict[str, Any]:
+        return {"hold": self._hold.state(), "panic_until": _saved_time(self._panic_until),
+                "latency_floor": self._latency_floor}
+
+    def resume(self, state: Mapping[str, Any], shift: float, adopted: int, covered_s: float, now: float) -> None:
+        """Continue from `state()` (its times move by `shift` onto this clock), holding `adopted`."""
+        self._hold.resume(state.get("hold"), shift)
+        self._panic_until = _time(state.get("panic_until"), shift)
+        floor = state.get("latency_floor")
+        self._latency_floor = floor if isinstance(floor, int) else 0
+        self._floor.resume(self.cfg, adopted, covered_s, now)
 
     def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision:
         cfg = self.cfg
@@ -134,10 +192,12 @@ class StartupAware:
             held = rec  # the line says where the load is going: no delay on a ramp down (to zero: the delay)
         if panic:
             held = max(held, total)
+        if self._floor.apply(now, held) > held:
+            held, reason = self._floor.apply(now, held), "resumed"
         desired = _clamp(cfg, held)
         if desired != held:
             reason = "bounds"
-        elif held > rec:
+        elif held > rec and reason != "resumed":
             reason = "hold"
         return ScaleDecision(desired, reason, panic)
 
@@ -152,6 +212,15 @@ class KnativeKPA:
         self.cfg = config
         self._panic_until = -math.inf
         self._hold = _Hold(config.scale_down_delay_s)
+        self._floor = _Floor()
+
+    def state(self) -> dict[str, Any]:
+        return {"hold": self._hold.state(), "panic_until": _saved_time(self._panic_until)}
+
+    def resume(self, state: Mapping[str, Any], shift: float, adopted: int, covered_s: float, now: float) -> None:
+        self._hold.resume(state.get("hold"), shift)
+        self._panic_until = _time(state.get("panic_until"), shift)
+        self._floor.resume(self.cfg, adopted, covered_s, now)
 
     def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision:
         cfg = self.cfg
@@ -164,8 +233,10 @@ class KnativeKPA:
         rec = max(want_panic, total) if panic else want_stable
         if m.queued > 0 and rec < 1:
             rec = 1  # the activator asks for a pod at once
-        desired = _clamp(cfg, self._hold.push(now, rec))
-        return ScaleDecision(desired, "panic" if panic else "stable", panic)
+        held = self._hold.push(now, rec)
+        floored = self._floor.apply(now, held)
+        desired = _clamp(cfg, floored)
+        return ScaleDecision(desired, "resumed" if floored > held else "panic" if panic else "stable", panic)
 
 
 class RayServeDefault:
@@ -182,6 +253,16 @@ class RayServeDefault:
         self.up_delay = upscale_delay_s
         self.down_delay = downscale_delay_s
         self._since: tuple[str, float] | None = None  # direction of the pending change, since when
+
+    def state(self) -> dict[str, Any]:
+        return {"since": list(self._since) if self._since else None}
+
+    def resume(self, state: Mapping[str, Any], shift: float, adopted: int, covered_s: float, now: float) -> None:
+        """Its own delays already hold a count it sees: only the pending change needs restoring."""
+        since = state.get("since")
+        ok = (isinstance(since, list) and len(since) == 2 and since[0] in ("up", "down")
+              and isinstance(since[1], (int, float)))
+        self._since = (str(since[0]), float(since[1]) + shift) if ok else None  # type: ignore[index]
 
     def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision:
         cfg = self.cfg

@@ -10,9 +10,9 @@ windows); it reads no clock and does no I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class DeploymentMetrics:
 @dataclass(frozen=True)
 class ScaleDecision:
     desired: int      # total replicas wanted (ready + starting), within [min, max]
-    reason: str       # "stable", "panic", "forecast", "latency", "from-zero", "hold", "bounds"
+    reason: str       # "stable", "panic", "forecast", "latency", "from-zero", "hold", "bounds", "resumed"
     panic: bool = False
 
 
@@ -75,6 +75,21 @@ class AutoscalePolicy(Protocol):
     name: str
 
     def decide(self, m: DeploymentMetrics, now: float) -> ScaleDecision: ...
+
+
+class ResumablePolicy(AutoscalePolicy, Protocol):
+    """A policy the control loop can save and restore across a control-plane restart (still pure:
+    the state and the time come in as arguments)."""
+
+    def state(self) -> dict[str, Any]:
+        """What it carries between decisions, JSON-able; times on the clock `decide` was given."""
+        ...
+
+    def resume(self, state: Mapping[str, Any], shift: float, adopted: int, covered_s: float, now: float) -> None:
+        """Continue from a `state()`, whose times move by `shift` onto the current clock; hold
+        `adopted` replicas (the count found running) until the history says otherwise;
+        `covered_s`: how much of the stable window the restored samples cover."""
+        ...
 
 
 def window_mean(samples: Sequence[tuple[float, float]], now: float, window_s: float) -> float:

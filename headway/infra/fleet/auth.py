@@ -52,7 +52,7 @@ def loopback_problem(host: str | None, origin: str | None, port: int | None) -> 
     return None
 
 
-class Gate:
+class AuthGate:
     """Identifies the caller (a key, or the keyless loopback user), checks scopes and rate limits."""
 
     def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.time):
@@ -135,7 +135,11 @@ def redact(spec: dict[str, Any], full_access: bool) -> dict[str, Any]:
         return spec
     masked = {}
     for name, value in env.items():
-        secret = (not full_access or SECRET_NAME.search(str(name)) is not None
-                  or (isinstance(value, dict) and bool(value.get("secret"))))
-        masked[name] = MASK if secret else value
+        marked = isinstance(value, dict) and bool(value.get("secret"))
+        if marked:
+            masked[name] = {**value, "value": MASK}   # the spec's own shape, the value hidden
+        elif not full_access or SECRET_NAME.search(str(name)) is not None:
+            masked[name] = MASK
+        else:
+            masked[name] = value
     return {**spec, "env": masked}

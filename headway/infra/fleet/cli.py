@@ -18,6 +18,9 @@ ControlOpt = Annotated[Optional[str], typer.Option("--control", help=f"Control p
 KeyOpt = Annotated[Optional[str], typer.Option("--key", envvar=KEY_ENV, show_envvar=True,
                                                help="API key (sent as Authorization: Bearer KEY); needed once the "
                                                "control plane has keys.")]
+CaFileOpt = Annotated[Optional[str], typer.Option("--ca-file", help="CA bundle (PEM) trusted for an https:// "
+                                                  "control plane (default: $HEADWAY_CA_FILE, $SSL_CERT_FILE, "
+                                                  "else the system's).")]
 
 
 def _fail(message: str) -> None:
@@ -25,15 +28,26 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _call(control: str | None, method: str, path: str, body: Any = None, key: str | None = None) -> Any:
+def _call(control: str | None, method: str, path: str, body: Any = None, key: str | None = None,
+          ca_file: str | None = None) -> Any:
     import httpx
+
+    from headway.tls import TLSConfigError, client_context
 
     base = (control or os.environ.get(CONTROL_ENV) or DEFAULT_CONTROL).rstrip("/")
     headers = {"authorization": f"Bearer {key}"} if key else {}
     try:
-        resp = httpx.request(method, f"{base}/headway/control{path}", json=body, timeout=30, headers=headers)
+        verify = client_context(ca_file)
+    except TLSConfigError as exc:
+        _fail(str(exc))
+    try:
+        resp = httpx.request(method, f"{base}/headway/control{path}", json=body, timeout=30, headers=headers,
+                             verify=verify)
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach the control plane at {base} ({type(exc).__name__}: {exc}); start one with `headway up`")
+        hint = ("; if it serves HTTPS, use an https:// --control URL" if base.startswith("http://") else
+                "; for a private CA pass --ca-file or set HEADWAY_CA_FILE" if "CERTIFICATE" in str(exc) else "")
+        _fail(f"cannot reach the control plane at {base} ({type(exc).__name__}: {exc}); start one with `headway up`"
+              + hint)
     try:
         data = resp.json()
     except ValueError:
@@ -57,12 +71,25 @@ def up(
     health_interval: Annotated[float, typer.Option(help="Seconds between the router's health checks.")] = 1.0,
     standby: Annotated[bool, typer.Option(help="Keep a local process with torch and the server imported, to "
                                           "become the next replica (a faster cold start).")] = True,
+    tls_cert: Annotated[Optional[str], typer.Option(help="Serve HTTPS only (model traffic and the control API), "
+                                                    "with this certificate (PEM); needs --tls-key.")] = None,
+    tls_key: Annotated[Optional[str], typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    package_root: Annotated[Optional[list[Path]], typer.Option(
+        "--package-root", help="A directory whose model packages (their model.py runs in replicas) may be deployed; "
+        "repeatable. Without one, only model-library names and s3:// / https:// weights are accepted.")] = None,
 ) -> None:
     """Start the control plane: API, router, autoscaler and replica manager in one process."""
     from headway.infra.fleet.control import ControlPlane
     from headway.infra.fleet.keys_cli import has_admin_key, is_loopback
     from headway.infra.router.server import serve
+    from headway.tls import TLSConfigError, server_tls
+
+    try:
+        tls = server_tls(tls_cert, tls_key)
+    except TLSConfigError as exc:
+        _fail(str(exc))
+        return
 
     if not is_loopback(host) and not has_admin_key(state_dir):
         _fail(f"refusing to listen on {host}: off loopback the control plane needs an API key, and {state_dir} holds "
@@ -85,13 +112,18 @@ def up(
 
         provider = LocalProvider(state_dir / "logs", host="127.0.0.1" if host in ("127.0.0.1", "localhost") else host,
                                  standby=standby)
-    plane = ControlPlane(state_dir, provider, health_interval_s=health_interval)
-    typer.echo(f"headway control plane on http://{host}:{port} (state: {state_dir.resolve()}, "
-               f"replicas: {'ray ' + ray if ray else 'local processes'})")
+    try:
+        plane = ControlPlane(state_dir, provider, health_interval_s=health_interval, package_roots=package_root or [])
+    except ValueError as exc:
+        provider.close()
+        _fail(str(exc))
+    typer.echo(f"headway control plane on {'https' if tls else 'http'}://{host}:{port} (state: {state_dir.resolve()}, "
+               f"replicas: {'ray ' + ray if ray else 'local processes'}, package roots: "
+               f"{', '.join(str(p) for p in plane.manager.package_roots or ()) or 'none'})")
     typer.echo("API keys: every route but /health/* needs one" if not plane.ring.empty else
                "no API keys yet: only local, same-origin requests are answered; add one with "
                "`headway keys create --scope admin`")
-    serve(plane, host, port, log_level)  # type: ignore[arg-type]
+    serve(plane, host, port, log_level, tls)
 
 
 def deploy(
@@ -100,6 +132,7 @@ def deploy(
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 300.0,
     control: ControlOpt = None,
     key: KeyOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Create or update a deployment from its spec."""
     from headway.infra.fleet.spec import load_spec
@@ -110,13 +143,13 @@ def deploy(
     except PackageError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2)
-    data = _call(control, "POST", "/deployments", parsed.model_dump(mode="json"), key=key)
+    data = _call(control, "POST", "/deployments", parsed.model_dump(mode="json"), key=key, ca_file=ca_file)
     typer.echo(f"deployed '{parsed.name}' (generation {data['generation']}, {data['desired']} replica(s) wanted); "
                f"send requests with model='{parsed.name}'")
     if wait:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            data = _call(control, "GET", f"/deployments/{parsed.name}", key=key)
+            data = _call(control, "GET", f"/deployments/{parsed.name}", key=key, ca_file=ca_file)
             if data["ready"] >= min(parsed.replicas.min, data["desired"]):
                 typer.echo(f"'{parsed.name}': {data['ready']} replica(s) ready")
                 return
@@ -130,11 +163,12 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw status.")] = False,
     control: ControlOpt = None,
     key: KeyOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Deployments, their replicas, and each replica's cold-start breakdown."""
     import json
 
-    deps = [_call(control, "GET", f"/deployments/{name}", key=key)] if name else _call(control, "GET", "/deployments", key=key)["deployments"]
+    deps = [_call(control, "GET", f"/deployments/{name}", key=key, ca_file=ca_file)] if name else _call(control, "GET", "/deployments", key=key, ca_file=ca_file)["deployments"]
     if as_json:
         typer.echo(json.dumps(deps, indent=2))
         return
@@ -168,6 +202,7 @@ def scale(
     replicas: Annotated[str, typer.Argument(help="A replica count, or 'auto' to hand it back to the autoscaler.")],
     control: ControlOpt = None,
     key: KeyOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Pin a deployment's replica count, or give it back to the autoscaler."""
     if replicas == "auto":
@@ -178,7 +213,7 @@ def scale(
         except ValueError:
             _fail(f"replicas must be a whole number or 'auto', got {replicas!r}")
             return
-    data = _call(control, "POST", f"/deployments/{name}/scale", {"replicas": count}, key=key)
+    data = _call(control, "POST", f"/deployments/{name}/scale", {"replicas": count}, key=key, ca_file=ca_file)
     typer.echo(f"'{name}': {data['desired']} replica(s) wanted ({'manual' if count is not None else 'autoscaler'})")
 
 
@@ -186,9 +221,10 @@ def delete(
     name: Annotated[str, typer.Argument(help="The deployment.")],
     control: ControlOpt = None,
     key: KeyOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Delete a deployment: its replicas drain (finish their requests) and stop."""
-    _call(control, "DELETE", f"/deployments/{name}", key=key)
+    _call(control, "DELETE", f"/deployments/{name}", key=key, ca_file=ca_file)
     typer.echo(f"'{name}': draining its replicas; it disappears once they have stopped")
 
 
@@ -197,9 +233,10 @@ def down(
     = False,
     control: ControlOpt = None,
     key: KeyOpt = None,
+    ca_file: CaFileOpt = None,
 ) -> None:
     """Stop the control plane (and, unless --keep-replicas, every replica it runs)."""
-    _call(control, "POST", "/shutdown", {"stop_replicas": not keep_replicas}, key=key)
+    _call(control, "POST", "/shutdown", {"stop_replicas": not keep_replicas}, key=key, ca_file=ca_file)
     typer.echo("control plane stopping" + (" (replicas left running)" if keep_replicas else " with its replicas"))
 
 

@@ -10,6 +10,9 @@ router.
   generation: new replicas start, and the old ones drain once enough new ones are ready.
 - A replica whose process (or Ray actor) died is taken out and replaced; a deployment whose
   replicas keep failing to start backs off (1, 2, 4 ... 60 s) instead of crash-looping.
+- A serving replica whose process lives on but that stops being ready (its engine failed) is
+  stopped and replaced too: at once when its state says `engine_failed`, else after
+  UNREADY_CHECKS consecutive not-ready answers, one health interval apart.
 
 Invariant (asserted in check()): every replica behind the router for a managed deployment is a
 live replica here in phase ready or draining; every live replica is in the store.
@@ -22,13 +25,16 @@ import logging
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from headway.infra.autoscale.activator import QueueLimits
 from headway.infra.fleet.providers.base import Launch, Provider
+from headway.infra.fleet.roots import allowed_package
 from headway.infra.fleet.spec import DeploymentSpec
 from headway.infra.fleet.store import DeploymentRow, ReplicaRow, Store
 from headway.infra.router.proxy import RouterApp
@@ -37,6 +43,7 @@ from headway.infra.router.replicas import Replica
 log = logging.getLogger("headway.fleet")
 
 _REPLACING_FIELDS = ("package", "serve_args", "env", "resources")
+UNREADY_CHECKS = 3   # consecutive not-ready answers of a serving replica before it is replaced
 
 
 @dataclass
@@ -58,14 +65,19 @@ class _Deployment:
         return self.row.manual if self.row.manual is not None else self.desired
 
     def event(self, text: str) -> None:
+        text = self.spec.redact(text)
         self.events.append((time.time(), text))
         del self.events[:-50]
         log.info("%s: %s", self.row.name, text)
 
 
 class ReplicaManager:
-    def __init__(self, store: Store, provider: Provider, router: RouterApp, *, poll_s: float = 0.1):
+    def __init__(self, store: Store, provider: Provider, router: RouterApp, *, poll_s: float = 0.1,
+                 package_roots: Sequence[Path] | None = None):
+        """package_roots: where package directories may be (see roots.py); the control plane always
+        passes its list (empty: library names and remote weights only); None checks nothing."""
         self.store = store
+        self.package_roots = None if package_roots is None else tuple(package_roots)
         self.provider = provider
         self.router = router
         self.poll_s = poll_s
@@ -73,11 +85,13 @@ class ReplicaManager:
         self.live: dict[str, ReplicaRow] = {}          # starting, ready, draining
         self._drain_started: dict[str, float] = {}
         self._busy: set[str] = set()                   # replicas with a start/stop call in flight
+        self._unready: dict[str, tuple[float, int]] = {}  # serving replica -> (last check, not-ready streak)
 
     # --- deployments ----------------------------------------------------------------------------
     async def restore(self) -> None:
         """After a (re)start: the deployments and replicas the store remembers; live ones adopted
-        (serving ones go straight back behind the router, checked before the first request)."""
+        (serving ones go straight back behind the router, checked before the first request), and
+        each deployment keeps the count it adopted (the autoscaler resumes from there)."""
         for row in self.store.deployments():
             self._register(row)
         for r in self.store.replicas(live_only=True):
@@ -93,12 +107,23 @@ class ReplicaManager:
                 r.phase, r.ended_at = "failed", time.time()
                 r.error = r.error or "gone while the control plane was down"
                 self.store.put_replica(r)
+        for name, dep in self.deployments.items():
+            # keep what was adopted until the autoscaler (resumed from its saved state) decides
+            # otherwise: starting from replicas.min would drain the surplus at once
+            adopted = sum(self.counts(name))
+            dep.desired = min(max(adopted, dep.spec.replicas.min), dep.spec.replicas.max)
+            dep.reason = "resumed"
         session = self.router.forwarder.session
         if session is not None:
             await self.router.replicas.check_all(session)
 
+    def check_package(self, spec: DeploymentSpec) -> str:
+        """The package as a replica gets it; PackageNotAllowed (a ValueError) when outside the roots."""
+        return spec.package if self.package_roots is None else allowed_package(spec.package, self.package_roots)
+
     def apply(self, spec: DeploymentSpec) -> DeploymentRow:
-        """Create or update a deployment."""
+        """Create or update a deployment (refused, changing nothing, if its package is not allowed)."""
+        self.check_package(spec)
         old = self.store.deployment(spec.name)
         replace = old is not None and any(getattr(old.spec, f) != getattr(spec, f) for f in _REPLACING_FIELDS)
         row = self.store.put_deployment(spec, bump_generation=replace)
@@ -189,7 +214,8 @@ class ReplicaManager:
 
     async def _watch(self, session: aiohttp.ClientSession, r: ReplicaRow) -> None:
         if not self.provider.alive(r.handle):
-            self._stop(r, "failed", f"the replica process exited; its log ends:\n{self.provider.log_tail(r.handle)}")
+            tail = self._redact(r.deployment, self.provider.log_tail(r.handle))
+            self._stop(r, "failed", f"the replica process exited; its log ends:\n{tail}")
             return
         if r.phase == "starting":
             if r.url is None:
@@ -199,9 +225,11 @@ class ReplicaManager:
                 self.store.put_replica(r)
             body = await _state(session, r.url)
             if body is not None and body.get("error"):
-                self._stop(r, "failed", f"the model failed to load: {body['error']}")
+                self._stop(r, "failed", self._redact(r.deployment, f"the model failed to load: {body['error']}"))
             elif body is not None and body.get("ready"):
                 self._became_ready(r, body)
+        elif r.phase == "ready":
+            await self._check_serving(session, r)
         elif r.phase == "draining":
             routed = self.router.replicas.find(r.url or "")
             waited = time.monotonic() - self._drain_started.get(r.id, time.monotonic())
@@ -211,6 +239,26 @@ class ReplicaManager:
                     log.warning("replica %s still had %d requests after the %g s drain timeout",
                                 r.id, routed.in_flight, timeout)
                 self._stop(r, "stopped", "")
+
+    async def _check_serving(self, session: aiohttp.ClientSession, r: ReplicaRow) -> None:
+        """A serving replica that says it is no longer ready is replaced (see the module doc).
+        No answer at all is the router's business (it ejects), not a reason to replace."""
+        now = time.monotonic()
+        last, streak = self._unready.get(r.id, (0.0, 0))
+        if now - last < self.router.replicas.check_interval_s or r.url is None:
+            return
+        self._unready[r.id] = (now, streak)
+        body = await _state(session, r.url)
+        if body is None or r.phase != "ready" or r.id in self._busy:
+            return
+        if body.get("ready", True):
+            self._unready[r.id] = (now, 0)
+            return
+        streak += 1
+        self._unready[r.id] = (now, streak)
+        if body.get("reason") == "engine_failed" or streak >= UNREADY_CHECKS:
+            why = body.get("error") or body.get("reason") or "not ready"
+            self._stop(r, "failed", f"the replica stopped being ready ({body.get('reason', '?')}): {why}")
 
     def _became_ready(self, r: ReplicaRow, body: dict[str, Any]) -> None:
         r.phase, r.ready_at = "ready", time.time()
@@ -251,6 +299,10 @@ class ReplicaManager:
             self.router.replicas.managed.discard(name)
             self.router.activator.forget(name)
 
+    def _redact(self, name: str, text: str) -> str:
+        dep = self.deployments.get(name)
+        return dep.spec.redact(text) if dep is not None else text
+
     def _in_flight(self, r: ReplicaRow) -> int:
         routed = self.router.replicas.find(r.url or "")
         return routed.in_flight if routed else 0
@@ -259,12 +311,17 @@ class ReplicaManager:
         spec = dep.spec
         rid = f"{spec.name}-{uuid.uuid4().hex[:8]}"
         res = spec.resources
-        launch = Launch(rid, spec.name, spec.package, list(spec.serve_args), dict(spec.env), res.cpu, res.gpu,
+        try:
+            package = self.check_package(spec)   # again: a directory may have been swapped since it was deployed
+        except ValueError as exc:
+            self._backoff(dep, f"not starting a replica: {exc}")
+            return
+        launch = Launch(rid, spec.name, package, list(spec.serve_args), spec.env_values(), res.cpu, res.gpu,
                         res.memory_gb, dict(res.custom), scheduled_at=time.time())
         try:
             handle = self.provider.start(launch)
         except Exception as exc:  # noqa: BLE001 - a provider that cannot start a replica is reported, then retried
-            self._backoff(dep, f"could not start a replica: {type(exc).__name__}: {exc}")
+            self._backoff(dep, f"could not start a replica: {type(exc).__name__}: {spec.redact(str(exc))}")
             return
         r = ReplicaRow(rid, spec.name, dep.row.generation, self.provider.name, handle, self.provider.url(handle),
                        "starting", launch.scheduled_at,
@@ -315,6 +372,7 @@ class ReplicaManager:
         r.phase, r.ended_at, r.error = phase, time.time(), error
         self.live.pop(r.id, None)
         self._drain_started.pop(r.id, None)
+        self._unready.pop(r.id, None)
         self.store.put_replica(r)
         self.store.prune(r.deployment)
         dep = self.deployments.get(r.deployment)
@@ -346,8 +404,9 @@ class ReplicaManager:
             routed = self.router.replicas.find(r.url or "") if r.phase in ("ready", "draining") else None
             replicas.append({"id": r.id, "phase": r.phase, "url": r.url, "generation": r.generation, "handle": r.handle,
                              "in_flight": routed.in_flight if routed else 0, "breakdown": r.breakdown,
-                             "scheduled_at": r.scheduled_at, "ready_at": r.ready_at, "error": r.error[-2000:]})
-        return {"name": name, "spec": dep.spec.model_dump(mode="json"), "generation": dep.row.generation,
+                             "scheduled_at": r.scheduled_at, "ready_at": r.ready_at,
+                             "error": dep.spec.redact(r.error)[-2000:]})
+        return {"name": name, "spec": dep.spec.public_dump(), "generation": dep.row.generation,
                 "desired": dep.target(), "autoscaler": {"desired": dep.desired, "reason": dep.reason},
                 "manual": dep.row.manual, "deleting": dep.row.deleting, "ready": ready, "starting": starting,
                 "queued": self.router.activator.queued(name), "in_flight": self.router.replicas.in_flight(name),

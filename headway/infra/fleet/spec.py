@@ -8,6 +8,12 @@ a corrected example); `json_schema()` exports its schema.
     replicas: {min: 0, max: 4}
     autoscaling: {target_concurrency: 8, target_utilization: 0.7, window_s: 60, scale_down_delay_s: 30}
     resources: {cpu: 1}
+    env:
+      LOG_LEVEL: info                              # a plain value
+      HF_TOKEN: {secret: true, value: "hf_..."}    # a secret: "***" in every status answer and log line
+
+Secrets reach the replica's environment and nothing else: `public_dump()` is the spec as every
+status path shows it, and `redact(text)` masks the values in any text (log tails, errors).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -28,6 +34,11 @@ from headway.package.schema import _Strict
 
 SPEC = "the deployment spec"
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+MASK = "***"
+# variables that make an interpreter or the dynamic linker run code from elsewhere: a spec must not set them
+_CODE_ENV = re.compile(r"^(LD_.*|DYLD_.*|PYTHON(PATH|HOME|STARTUP|USERBASE|EXECUTABLE|INSPECT|PLATLIBDIR|"
+                       r"BREAKPOINT|SAFEPATH)|PATH|BASH_ENV|ENV|HEADWAY_CACHE|VIRTUAL_ENV|PIP_.*)$")
+_CODE_ARGS = ("--lora-root", "--secrets-dir")
 
 
 class Replicas(_Strict):
@@ -87,6 +98,13 @@ class Drain(_Strict):
                              "requests before it is stopped anyway.", examples=[60])
 
 
+class SecretEnv(_Strict):
+    """An environment value the replica gets but no status answer, log line or error shows."""
+
+    secret: Literal[True] = Field(True, description="Always true: the value is shown as \"***\".", examples=[True])
+    value: str = Field(..., repr=False, description="The value.", examples=["hf_xxx"])
+
+
 class DeploymentSpec(_Strict):
     name: str = Field(..., description="Deployment name: the `model` clients ask for.", examples=["chat"])
     package: str = Field(..., description="A model-library name or a model package directory.",
@@ -100,8 +118,29 @@ class DeploymentSpec(_Strict):
                                       examples=["predicted-latency"])
     serve_args: list[str] = Field(default_factory=list, description="Extra `headway serve` options for each replica.",
                                   examples=[["--quantization", "int8"]])
-    env: dict[str, str] = Field(default_factory=dict, description="Environment of each replica.",
-                                examples=[{"HEADWAY_CACHE": "/var/cache/headway"}])
+    env: dict[str, str | SecretEnv] = Field(
+        default_factory=dict, description="Environment of each replica: NAME: value, or NAME: {secret: true, value: "
+        "...} for a value that no status answer, log line or error message shows (\"***\" instead).",
+        examples=[{"LOG_LEVEL": "info", "HF_TOKEN": {"secret": True, "value": "hf_xxx"}}])
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str | SecretEnv]) -> dict[str, str | SecretEnv]:
+        bad = sorted(k for k in v if _CODE_ENV.match(k))
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot be set by a deployment spec: such variables make the replica "
+                             "run code or use files from elsewhere; set them where the control plane starts, or "
+                             "put the code in a package under an allowed --package-root")
+        return v
+
+    @field_validator("serve_args")
+    @classmethod
+    def _serve_args(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a.split("=", 1)[0] in _CODE_ARGS]
+        if bad:
+            raise ValueError(f"{bad[0]} cannot be set by a deployment spec (it widens what a replica loads); put "
+                             "engine.lora_roots in the package's headway.yaml, e.g. serve_args: [--quantization, int8]")
+        return v
 
     @field_validator("name")
     @classmethod
@@ -135,6 +174,24 @@ class DeploymentSpec(_Strict):
             scale_down_delay_s=a.scale_down_delay_s, startup_s=a.startup_s,
             latency_objective_s=a.latency_objective.ttft_p95_s if a.latency_objective else None)
 
+    def env_values(self) -> dict[str, str]:
+        """The replica's environment additions, secrets included (for providers only)."""
+        return {k: v.value if isinstance(v, SecretEnv) else v for k, v in self.env.items()}
+
+    def secrets(self) -> list[str]:
+        return [v.value for v in self.env.values() if isinstance(v, SecretEnv) and v.value]
+
+    def public_dump(self) -> dict[str, Any]:
+        """The spec as every status answer and log shows it: secret values are "***"."""
+        data = self.model_dump(mode="json")
+        data["env"] = {k: {"secret": True, "value": MASK} if isinstance(v, SecretEnv) else v
+                       for k, v in self.env.items()}
+        return data
+
+    def redact(self, text: str) -> str:
+        """`text` with every secret value of this spec replaced by "***"."""
+        return redact(text, self.secrets())
+
     def resolved(self, base: Path) -> DeploymentSpec:
         """The spec with a relative package directory made absolute against `base` (the spec's folder),
         so the control plane can start replicas from anywhere."""
@@ -142,6 +199,14 @@ class DeploymentSpec(_Strict):
         if p.is_dir() or p.name == "headway.yaml":
             return self.model_copy(update={"package": str(p.resolve())})
         return self
+
+
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with each of `secrets` replaced by "***" (longest first, so one inside another goes too)."""
+    for value in sorted(set(secrets), key=len, reverse=True):
+        if value:
+            text = text.replace(value, MASK)
+    return text
 
 
 def validate_spec(data: Any, path: Path | str = "deployment.yaml") -> DeploymentSpec:

@@ -1,5 +1,7 @@
 """The control plane's state in SQLite: deployments (their specs and manual scale), replicas
-(their provider handles, phases and startup breakdowns) and API keys (their hashes and scopes).
+(their provider handles, phases and startup breakdowns), API keys (their hashes and scopes) and each
+deployment's autoscaler state (its last decision, recent concurrency samples and the policy's state;
+no request content).
 
 It is the control plane's memory across its own restarts: on start it reads the replicas back and
 adopts the ones still alive instead of starting new ones. One writer (the control plane's loop);
@@ -9,6 +11,7 @@ every change is committed at once (WAL, so `headway status` reads never block it
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -56,6 +59,10 @@ CREATE TABLE IF NOT EXISTS keys (
     rpm INTEGER,
     tpm INTEGER
 );
+CREATE TABLE IF NOT EXISTS autoscaler (
+    deployment TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+);
 """
 
 
@@ -93,6 +100,10 @@ class Store:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # specs hold secret env values: the database (and its -wal/-shm, which SQLite creates with the
+        # same mode) is readable by this user only; the API shows specs through public_dump()
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
@@ -121,6 +132,7 @@ class Store:
     def drop_deployment(self, name: str) -> None:
         self.db.execute("DELETE FROM deployments WHERE name=?", (name,))
         self.db.execute("DELETE FROM replicas WHERE deployment=?", (name,))
+        self.db.execute("DELETE FROM autoscaler WHERE deployment=?", (name,))
 
     def deployment(self, name: str) -> DeploymentRow | None:
         row = self.db.execute("SELECT name, spec, generation, manual, created, deleting FROM deployments WHERE name=?",
@@ -184,3 +196,19 @@ class Store:
         """Mark a key revoked (kept, so `headway keys list` shows when); False if there is no such key."""
         cur = self.db.execute("UPDATE keys SET revoked=COALESCE(revoked, ?) WHERE id=?", (now, key_id))
         return cur.rowcount > 0
+
+    # --- autoscaler state -----------------------------------------------------------------------
+    def put_autoscaler_state(self, deployment: str, state: dict[str, Any]) -> None:
+        """The autoscaler's last decision for a deployment (written once per decision)."""
+        self.db.execute("INSERT INTO autoscaler (deployment, state) VALUES (?, ?) ON CONFLICT(deployment) "
+                        "DO UPDATE SET state=excluded.state", (deployment, json.dumps(state)))
+
+    def autoscaler_state(self, deployment: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT state FROM autoscaler WHERE deployment=?", (deployment,)).fetchone()
+        if row is None:
+            return None
+        try:
+            state = json.loads(row[0])
+        except ValueError:
+            return None                  # unreadable: decide from scratch (holding what is adopted)
+        return state if isinstance(state, dict) else None

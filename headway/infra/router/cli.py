@@ -9,6 +9,7 @@ import typer
 
 from headway.infra.router.policies import POLICIES
 from headway.infra.router.tokenize import PromptTokenizer, load_prompt_tokenizer
+from headway.tls import ca_file as tls_ca_file, server_tls
 
 
 def route(
@@ -39,6 +40,11 @@ def route(
         help="Require API keys: a control plane's state (its --state-dir, or DIR/headway.db) holding keys made by "
         "`headway keys create --state-dir DIR`. Model traffic then needs an invoke or admin key, /metrics and "
         "/headway/router a deploy or admin key; re-read every second.")] = None,
+    tls_cert: Annotated[Optional[str], typer.Option(help="Serve HTTPS (and gRPC over TLS) only, with this "
+                                                    "certificate (PEM); needs --tls-key.")] = None,
+    tls_key: Annotated[Optional[str], typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
+    ca_file: Annotated[Optional[str], typer.Option(help="CA bundle (PEM) trusted for https:// replicas (default: "
+                                                   "$HEADWAY_CA_FILE, $SSL_CERT_FILE, else the system's).")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Route requests for one or more deployments over their replicas."""
@@ -78,15 +84,16 @@ def route(
     if max_in_flight is not None and max_in_flight < 1:
         fail(f"--max-in-flight must be >= 1, got {max_in_flight}")
     try:
+        tls = server_tls(tls_cert, tls_key)
         config = RouterConfig(policy=policy, seed=seed, max_attempts=max_attempts,
                               deployment_policies=per_deployment or None, tokenizers=tokenizers or None,
-                              auto_tokenizer=auto_tokenizer)
+                              auto_tokenizer=auto_tokenizer, ca_file=tls_ca_file(ca_file))
         app = build_app(replica, config, regions=regions, max_in_flight=max_in_flight, check_interval_s=health_interval, eject_after=eject_after,
-                        grpc_host=host, grpc_port=grpc_port, key_file=key_file)
-    except ValueError as exc:
+                        grpc_host=host, grpc_port=grpc_port, key_file=key_file, tls=tls)
+    except ValueError as exc:   # TLSConfigError is one
         fail(str(exc))
         return
-    serve(app, host, port, log_level)
+    serve(app, host, port, log_level, tls)
 
 
 def main() -> None:

@@ -1,22 +1,27 @@
 """The router's gRPC service (proto/router.proto): unary Predict and server-streaming Generate.
 
 Both go through the same Forwarder as HTTP (same policies, leases, retries before the first
-byte). Generate turns the replica's server-sent events into one GenerateChunk each; a stream
-that breaks after it started ends with an "error" chunk, as HTTP streams end with an error event.
+byte). The request's path, when given, must be one of the public POST endpoints of allow.PUBLIC
+(a client cannot reach a replica's admin paths through gRPC either). Generate turns the replica's
+server-sent events into one GenerateChunk each; a stream that breaks after it started ends with
+an "error" chunk, as HTTP streams end with an error event.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
 from multidict import CIMultiDict
 
+from headway.infra.router import allow
 from headway.infra.router.proto import router_pb2, router_pb2_grpc
 from headway.infra.router.upstream import NoCapacity, Opened
+from headway.tls import ServerTLS
 
 if TYPE_CHECKING:
     from headway.infra.router.proxy import RouterApp
@@ -35,9 +40,15 @@ class RouterService(router_pb2_grpc.RouterServicer):
         if not request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PredictRequest.model is required: the "
                                 "deployment (or adapter) name")
-        path = request.path or f"/v1/models/{request.model}:predict"
-        if not path.startswith("/"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"PredictRequest.path must start with '/', got {path!r}")
+        verdict = allow.check("POST", request.path or f"/v1/models/{request.model}:predict")
+        if verdict.status != 200:
+            code = grpc.StatusCode.PERMISSION_DENIED if verdict.status == 403 else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, f"PredictRequest.path: {verdict.message}")
+        if verdict.name is not None and verdict.name != request.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"PredictRequest.path names model "
+                                f"'{verdict.name}' but PredictRequest.model is '{request.model}'; leave path empty "
+                                "for /v1/models/{model}:predict")
+        path = verdict.path
         headers = [(b"x-headway-region", request.region.encode())] if request.region else []
         req = self.app.route_request(path, request.body, headers, name=request.model)
         if isinstance(req, str):
@@ -114,10 +125,14 @@ def _parse_event(raw: bytes) -> tuple[str, bytes]:
     return event, b"\n".join(data)
 
 
-async def start_grpc(app: RouterApp, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc(app: RouterApp, host: str, port: int, tls: ServerTLS | None = None) -> grpc.aio.Server:
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServicer_to_server(RouterService(app), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        creds = grpc.ssl_server_credentials([(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())])
+        bound = server.add_secure_port(f"{host}:{port}", creds)
     if bound == 0:
         raise OSError(f"could not bind the gRPC port {host}:{port}")
     await server.start()

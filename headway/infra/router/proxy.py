@@ -1,4 +1,4 @@
-"""The router's ASGI app: local endpoints, then every other request proxied to a replica.
+"""The router's ASGI app: local endpoints, then the public model API (allow.py) proxied to a replica.
 
 Bytes stream through as they arrive (no buffering of responses). A stream that breaks after its
 first byte ends with an SSE error event (for text/event-stream) or a cut body; a request no
@@ -24,6 +24,7 @@ from multidict import CIMultiDict
 from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
 from headway.infra.fleet.auth import error_json, estimate_tokens, rejection_headers, usage_tokens
 from headway.infra.fleet.keys import KeyRecord, Rejection, authorize
+from headway.infra.router import allow
 from headway.infra.router.extract import model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
@@ -33,7 +34,7 @@ from headway.infra.router.types import RouteRequest
 from headway.infra.router.upstream import Forwarder, NoCapacity, RouterConfig
 
 if TYPE_CHECKING:
-    from headway.infra.fleet.auth import Gate
+    from headway.infra.fleet.auth import AuthGate
 
 log = logging.getLogger("headway.router")
 T = TypeVar("T")
@@ -49,6 +50,7 @@ HOP_RESPONSE = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"
 MAX_BODY = 64 * 1024 * 1024
 NEEDS_PROMPT = frozenset({"cache-aware", "predicted-latency"})
 OPS_PATHS = frozenset({"/metrics", "/headway/router"})   # with a gate: admin or deploy keys only
+DENIED = {400: "bad_request", 403: "admin_endpoint", 404: "not_found", 405: "method_not_allowed"}
 
 
 def error_body(kind: str, message: str, code: int) -> bytes:
@@ -85,7 +87,7 @@ async def _close_on_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -
 class RouterApp:
     def __init__(self, replicas: ReplicaSet, config: RouterConfig | None = None,
                  on_startup: Callable[[RouterApp], Awaitable[None]] | None = None,
-                 on_shutdown: Callable[[RouterApp], Awaitable[None]] | None = None, gate: Gate | None = None):
+                 on_shutdown: Callable[[RouterApp], Awaitable[None]] | None = None, gate: AuthGate | None = None):
         self.replicas = replicas
         self.gate = gate     # keys and rate limits; None: every request is let through (no keys configured)
         self.hop_request = HOP_REQUEST | {b"authorization"} if gate is not None else HOP_REQUEST   # keys stay here
@@ -205,7 +207,8 @@ class RouterApp:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived = time.perf_counter()
         method: str = scope["method"]
-        path: str = scope["path"]
+        verdict = allow.check(method, scope["path"])
+        path = verdict.path
         gate = self.gate
         caller: KeyRecord | None = None
         if gate is not None and not path.startswith("/health/"):
@@ -215,6 +218,11 @@ class RouterApp:
                 return
             caller = checked
         if await self.local(method, path, send):
+            return
+        if verdict.status != 200:
+            extra = [(b"allow", ", ".join(verdict.allow).encode())] if verdict.allow else []
+            await respond(send, verdict.status, error_body(DENIED[verdict.status], verdict.message, verdict.status),
+                          headers=extra)
             return
         body = b""
         more = True
@@ -241,7 +249,7 @@ class RouterApp:
         hop = self.hop_request
         headers = CIMultiDict((k.decode("latin-1"), v.decode("latin-1")) for k, v in raw_headers if k not in hop)
         qs: bytes = scope.get("query_string", b"")
-        path_qs = scope.get("raw_path", path.encode()).decode("latin-1") + ("?" + qs.decode("latin-1") if qs else "")
+        path_qs = path + ("?" + qs.decode("latin-1") if qs else "")   # the normalised path: what was allowed
         try:
             opened = await self.open(req, method, path_qs, headers, body, receive)
         except ClientGone:

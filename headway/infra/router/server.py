@@ -10,19 +10,22 @@ from typing import Any
 
 import uvicorn
 
-from headway.infra.fleet.auth import Gate
+from headway.infra.fleet.auth import AuthGate
 from headway.infra.fleet.keys import KeyRing
 from headway.infra.router.proxy import RouterApp
 from headway.infra.router.replicas import Replica, ReplicaSet
 from headway.infra.router.upstream import RouterConfig
+from headway.tls import ServerTLS
 
 
 def build_app(replica_urls: list[str], config: RouterConfig, *, regions: dict[str, str] | None = None,
               max_in_flight: int | None = None, check_interval_s: float = 1.0, eject_after: int = 3,
-              grpc_host: str = "127.0.0.1", grpc_port: int | None = None, key_file: Path | None = None) -> RouterApp:
-    """The router app for these replica URLs (http://host:port); gRPC starts with it when a port is given.
-    With `key_file` (a control plane's state: its directory or headway.db), model traffic needs an
-    invoke key and /metrics, /headway/router a deploy key, read from it (re-read every second)."""
+              grpc_host: str = "127.0.0.1", grpc_port: int | None = None, key_file: Path | None = None,
+              tls: ServerTLS | None = None) -> RouterApp:
+    """The router app for these replica URLs (http://host:port); gRPC starts with it when a port is
+    given (over TLS with `tls`, as the HTTP port is when served with it). With `key_file` (a control
+    plane's state: its directory or headway.db), model traffic needs an invoke key and /metrics,
+    /headway/router a deploy key, read from it (re-read every second)."""
     for url in replica_urls:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"replica URL must start with http:// or https://, got {url!r}")
@@ -38,7 +41,7 @@ def build_app(replica_urls: list[str], config: RouterConfig, *, regions: dict[st
             grpc_server["keys"] = asyncio.create_task(reload())
         if grpc_port is not None:
             from headway.infra.router.grpc_service import start_grpc
-            grpc_server["server"] = await start_grpc(app, grpc_host, grpc_port)
+            grpc_server["server"] = await start_grpc(app, grpc_host, grpc_port, tls)
 
     async def on_shutdown(app: RouterApp) -> None:
         if "keys" in grpc_server:
@@ -49,7 +52,7 @@ def build_app(replica_urls: list[str], config: RouterConfig, *, regions: dict[st
     return RouterApp(replicas, config, on_startup=on_startup, on_shutdown=on_shutdown, gate=gate)
 
 
-def _keys(key_file: Path) -> tuple[Gate, Callable[[], Awaitable[None]]]:
+def _keys(key_file: Path) -> tuple[AuthGate, Callable[[], Awaitable[None]]]:
     """A gate over the keys in a control plane's state, and the loop that re-reads them."""
     from headway.infra.fleet.store import Store
 
@@ -72,10 +75,12 @@ def _keys(key_file: Path) -> tuple[Gate, Callable[[], Awaitable[None]]]:
             except Exception as exc:  # noqa: BLE001 - a busy database: keep the keys we have
                 logging.getLogger("headway.router").warning("could not re-read the keys: %s", exc)
 
-    return Gate(ring), reload
+    return AuthGate(ring), reload
 
 
-def serve(app: RouterApp, host: str, port: int, log_level: str = "info") -> None:
+def serve(app: Any, host: str, port: int, log_level: str = "info", tls: ServerTLS | None = None) -> None:
+    """Serve the router (or the control plane around one); HTTPS only with `tls`."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", ws="websockets-sansio", server_header=False, date_header=False, proxy_headers=False,
-                log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30)
+                log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30,
+                **(tls.uvicorn_options() if tls else {}))

@@ -22,6 +22,7 @@ from headway.infra.router.policies import LLM_DEFAULT, OTHER_DEFAULT, make_polic
 from headway.infra.router.replicas import Replica, ReplicaSet
 from headway.infra.router.tokenize import PromptTokenizer
 from headway.infra.router.types import RouteEvent, RouteRequest, RoutingPolicy
+from headway.tls import client_context
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
 
@@ -38,6 +39,7 @@ class RouterConfig:
     deployment_policies: dict[str, str] | None = None  # per deployment, over `policy` and the defaults
     tokenizers: dict[str, PromptTokenizer] | None = None  # per deployment: exact prompt token ids
     auto_tokenizer: bool = True          # fetch an LLM deployment's tokenizer from its replicas (tokenizer_fetch)
+    ca_file: str | None = None           # CA bundle trusted for https:// replicas (None: the system's store)
 
 
 class NoCapacity(Exception):
@@ -67,7 +69,8 @@ class Forwarder:
         self._ids = itertools.count(1)
 
     def start(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300)
+        tls = client_context(self.config.ca_file) if self.config.ca_file else True   # True: the system's trust store
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ttl_dns_cache=300, ssl=tls)
         timeout = aiohttp.ClientTimeout(total=None, connect=self.config.connect_timeout_s,
                                         sock_read=self.config.read_timeout_s)
         self.session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,

@@ -1,8 +1,10 @@
 """WebSocket pass-through: the client's socket joined to a socket on a chosen replica.
 
-The deployment comes from the path (`/v1/models/NAME/...`), a `model` query parameter, or the
-router's only deployment. The upstream socket is opened first (retried on another replica if it
-fails), then the client's is accepted; frames are copied both ways until either side closes.
+Only the WebSocket paths of allow.PUBLIC are joined; any other is refused before the handshake
+with an HTTP answer (404, or 403 for an admin path). The deployment comes from the path
+(`/v1/models/NAME/...`), a `model` query parameter, or the router's only deployment. The
+upstream socket is opened first (retried on another replica if it fails), then the client's is
+accepted; frames are copied both ways until either side closes.
 For a deployment the control plane manages, a connection no replica can take waits in the
 activator (scaling from zero, or every replica at its limit), like an HTTP request. Otherwise,
 or when that wait ends without a replica, it is refused before acceptance (close code 1013,
@@ -12,6 +14,7 @@ or when that wait ends without a replica, it is refused before acceptance (close
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -20,6 +23,7 @@ import aiohttp
 
 from headway.infra.autoscale.activator import ClientGone
 from headway.infra.fleet.keys import Rejection
+from headway.infra.router import allow
 from headway.infra.router.extract import model_from_path
 from headway.infra.router.types import RouteEvent, RouteRequest
 from headway.infra.router.upstream import NoCapacity
@@ -39,10 +43,28 @@ def _deployment(app: RouterApp, scope: Scope) -> tuple[str, str | None] | None:
     return app.replicas.resolve(name) if name else None
 
 
+async def _deny(scope: Scope, send: Send, status: int, message: str) -> None:
+    """Refuse the handshake with an HTTP answer the client can read (ASGI denial response), or a
+    plain close (403) where the server does not support one."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
+    body = json.dumps({"error": {"type": "not_found" if status == 404 else "admin_endpoint" if status == 403
+                                 else "bad_request", "message": message, "code": status}}).encode()
+    await send({"type": "websocket.http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 async def proxy_websocket(app: RouterApp, scope: Scope, receive: Receive, send: Send) -> None:
     first = await receive()
     if first["type"] != "websocket.connect":
         return
+    verdict = allow.check("WS", scope["path"])
+    if verdict.status != 200:
+        await _deny(scope, send, verdict.status, verdict.message)
+        return
+    scope = {**scope, "path": verdict.path}
     resolved = _deployment(app, scope)
     if resolved is None:
         await send({"type": "websocket.close", "code": 1008, "reason": "unknown model"})

@@ -5,12 +5,13 @@ Layout under `$HEADWAY_CACHE/weights` (default `~/.cache/headway/weights`):
     blobs/<sha256>                 the bytes, named by their sha256, read-only once published
     index/<keyhash>.json           source key (endpoint + URL + ETag/version + size) -> sha256
     locks/<keyhash>.lock           one fetcher per source key across threads and processes
-    tmp/<keyhash>.<id>.part        a download in progress (only its lock holder touches it)
+    tmp/<keyhash>.<random>/part    a download in progress: a 0700 directory with an unpredictable name
     dirs/<dirhash>/                model directories assembled from blobs by hard links
 
 Invariants: a blob exists only after its bytes were fully written, fsynced, checked (size,
 MD5 when the store gives one, the caller's sha256) and renamed into place, so a crash leaves
-at most a `.part` file, which the next holder of that key's lock deletes. An index entry is
+at most a private temp directory, which the next holder of that key's lock deletes; nothing
+unverified ever has a final name, and no cache directory is group- or world-writable. An index entry is
 written after its blob and is used only if that blob exists with the recorded size. Locks are
 `flock`s: the kernel drops the lock of a killed process, so a dead fetcher never wedges a key.
 """
@@ -19,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from filelock import FileLock
 from headway.infra.weights.errors import IntegrityError
 from headway.infra.weights.ranges import file_digests
 from headway.library.cache import cache_root
-from headway.library.fileops import atomic_write_text
+from headway.library.fileops import atomic_write_text, cache_dir
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,9 @@ class NodeCache:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root if root is not None else cache_root() / "weights"
+        cache_dir(self.root)
         for sub in ("blobs", "index", "locks", "tmp", "dirs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            cache_dir(self.root / sub)
 
     def blob_path(self, sha256: str) -> Path:
         return self.root / "blobs" / sha256
@@ -93,9 +96,10 @@ class NodeCache:
             found = self.lookup(key)
             if found is not None and (sha256 is None or found.sha256 == sha256):
                 return Blob(found.path, found.sha256, found.size, True, 0, waited)
-            for stale in (self.root / "tmp").glob(f"{kh}.*.part"):
-                stale.unlink(missing_ok=True)  # left by a fetcher that died holding this lock
-            tmp = self.root / "tmp" / f"{kh}.{uuid.uuid4().hex[:12]}.part"
+            for stale in (self.root / "tmp").glob(f"{kh}.*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a fetcher that died holding this lock
+            private = Path(tempfile.mkdtemp(prefix=f"{kh}.", dir=self.root / "tmp"))   # 0700, unpredictable
+            tmp = private / "part"
             try:
                 fetch(tmp)
                 digest = self._verify(tmp, size, what=what, md5=md5, sha256=sha256)
@@ -105,9 +109,8 @@ class NodeCache:
                 else:
                     os.chmod(tmp, 0o444)
                     os.replace(tmp, blob)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
+            finally:
+                shutil.rmtree(private, ignore_errors=True)
             atomic_write_text(self.root / "index" / f"{kh}.json",
                               json.dumps({"key": key, "sha256": digest, "size": size, "fetched_at": time.time()}))
             return Blob(blob, digest, size, False, size, waited)

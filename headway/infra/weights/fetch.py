@@ -11,8 +11,8 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -130,7 +130,7 @@ def _assemble(cache: NodeCache, files: list[tuple[str, Blob]]) -> Path:
             return final
         for stale in (cache.root / "dirs").glob(f".tmp-{dh}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        build = cache.root / "dirs" / f".tmp-{dh}-{uuid.uuid4().hex[:12]}"
+        build = Path(tempfile.mkdtemp(prefix=f".tmp-{dh}-", dir=cache.root / "dirs"))   # 0700 until published
         try:
             for rel, blob in files:
                 (build / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +139,8 @@ def _assemble(cache: NodeCache, files: list[tuple[str, Blob]]) -> Path:
                 except OSError:  # a file system without hard links
                     os.symlink(blob.path, build / rel)
             (build / DIR_MANIFEST).write_text(json.dumps(listing, indent=1, sort_keys=True))
+            for sub in [build, *(p for p in build.rglob("*") if p.is_dir() and not p.is_symlink())]:
+                os.chmod(sub, 0o755)
             if final.exists():  # damaged: replaced under the lock
                 shutil.rmtree(final)
             os.rename(build, final)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from headway.runtime.embed.engine import EmbedEngine
 from headway.runtime.embed.inputs import ApiError, Query, Tokenize, parse_embed, parse_openai
 from headway.server.disconnect import ClientGone, cancel_on_disconnect
+from headway.server.gate import Gate, Refused
 
 
 LARGE_BODY = 64 * 1024     # bytes of request body parsed in a worker thread
@@ -51,12 +52,19 @@ async def _respond(render: Callable[[], bytes], count: int) -> Response:
     return Response(body, media_type="application/json")
 
 
+def _refused(exc: Refused) -> JSONResponse:
+    r = exc.refusal
+    return JSONResponse({"error": {"message": r.message, "type": r.kind, "param": None, "code": r.kind}},
+                        status_code=r.status, headers=r.headers)
+
+
 class EmbeddingsAPI:
     def __init__(self, names: list[str], engine: Callable[[], EmbedEngine | None],
-                 tokenize: Callable[[], Tokenize | None]):
+                 tokenize: Callable[[], Tokenize | None], gate: Gate | None = None):
         self.names = names
         self.engine = engine
         self.tokenize = tokenize
+        self.gate = gate   # the server's readiness and admission (one ticket per request); None: no limit
 
     def _ready(self) -> tuple[EmbedEngine, Tokenize]:
         engine, tokenize = self.engine(), self.tokenize()
@@ -71,12 +79,17 @@ class EmbeddingsAPI:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(f"the request body is not valid JSON: {exc}") from None
 
-    async def vectors(self, q: Query, param: str, request: Request | None = None) -> tuple[np.ndarray, int]:
-        """(finished vectors, tokens embedded) for a validated query."""
+    async def vectors(self, q: Query, param: str, request: Request) -> tuple[np.ndarray, int]:
+        """(finished vectors, tokens embedded) for a validated query, under one admission ticket
+        taken after tokenizing (a too-long input is refused before it waits for a slot)."""
         engine, tokenize = self._ready()
         ids = await tokenize(q, param)
-        work = engine.embed(ids)
-        raw = await (cancel_on_disconnect(work, request) if request is not None else work)
+        ticket = await cancel_on_disconnect(self.gate.admit(), request) if self.gate else None
+        try:
+            raw = await cancel_on_disconnect(engine.embed(ids), request)
+        finally:
+            if ticket is not None:
+                ticket.release()
         return finish(raw, q), sum(len(s) for s in ids)
 
     def router(self) -> APIRouter:
@@ -103,6 +116,8 @@ class EmbeddingsAPI:
                 vecs, tokens = await self.vectors(q, "input", request)
             except ApiError as exc:
                 return JSONResponse(exc.body(), status_code=exc.status)
+            except Refused as exc:
+                return _refused(exc)
             except ClientGone:
                 return Response(status_code=499)
             def render() -> bytes:
@@ -122,6 +137,8 @@ class EmbeddingsAPI:
                 vecs, _ = await self.vectors(q, "inputs", request)
             except ApiError as exc:
                 return JSONResponse(exc.body(), status_code=exc.status)
+            except Refused as exc:
+                return _refused(exc)
             except ClientGone:
                 return Response(status_code=499)
             return await _respond(lambda: json.dumps(vecs.tolist()).encode(), len(vecs))

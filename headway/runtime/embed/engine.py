@@ -104,12 +104,18 @@ class EmbedEngine:
             self._lock.notify()
         self._thread.join(timeout=10)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive() or self._stop
+
     def state(self) -> dict[str, Any]:
+        """The engine's block of /headway/state (the server publishes in_flight and queued from
+        its admission; `requests` here are those inside the engine, `waiting` none of whose texts
+        has started)."""
         with self._lock:
-            in_flight, queued, pending = len(self._requests), self._batcher.queued_jobs, self._batcher.pending_tokens
+            requests, waiting, pending = len(self._requests), self._batcher.queued_jobs, self._batcher.pending_tokens
         texts_s, tokens_s = self.throughput()
-        return {"in_flight": in_flight, "queued": queued,
-                "embed": {"texts_per_s": round(texts_s, 1), "tokens_per_s": round(tokens_s, 1),
+        return {"embed": {"texts_per_s": round(texts_s, 1), "tokens_per_s": round(tokens_s, 1),
+                          "requests": requests, "waiting": waiting,
                           "pending_tokens": pending, "max_batch_tokens": self.max_batch_tokens,
                           "max_input_tokens": self.spec.max_tokens, "dimensions": self.spec.dimensions}}
 

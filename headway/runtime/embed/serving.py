@@ -22,6 +22,7 @@ from headway.runtime.embed.api import EmbeddingsAPI, finish
 from headway.runtime.embed.engine import EmbedEngine
 from headway.runtime.embed.inputs import ApiError, Tokenize, parse_embed
 from headway.runtime.llm.serving import RemoteFetch, _model_dir
+from headway.server.gate import Gate
 from headway.server.runtime import Runtime
 
 
@@ -81,8 +82,14 @@ class EmbeddingsRuntime(Runtime):
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
 
-    def router(self) -> APIRouter:
+    def router(self, gate: Gate | None = None) -> APIRouter:
+        self._api.gate = gate
         return self._api.router()
+
+    def failure(self) -> str | None:
+        if self.engine is not None and not self.engine.alive():
+            return "the embeddings engine thread stopped"
+        return None
 
     def input_schema(self) -> dict[str, Any]:
         return {"type": "object", "required": ["inputs"], "properties": {

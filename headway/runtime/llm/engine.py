@@ -134,6 +134,7 @@ class LLMEngine:
         self._pending: list[_Request] = []  # touched only by the loop thread
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failure: str | None = None  # why the loop thread died; set once, by that thread
         self._recent: deque[tuple[float, int]] = deque()
         self.tokens_per_s = 0.0
         self.cache_hit_tokens = self.cache_query_tokens = 0  # prompt tokens found cached / looked up (Prometheus'
@@ -182,13 +183,53 @@ class LLMEngine:
             engine._thread = threading.current_thread()
             box["engine"] = engine
             loaded.set()
-            engine._run()
+            try:
+                engine._run()
+            except BaseException as exc:  # the loop itself broke: fail loudly, never hang callers
+                engine._fail(exc)
+                return
+            if not engine._stopping:
+                engine._fail(RuntimeError("the engine loop ended without being stopped"))
 
         threading.Thread(target=main, name="headway-engine", daemon=True).start()
         loaded.wait()
         if "error" in box:
             raise box["error"]
         return box["engine"]
+
+    def inject_fault(self) -> None:
+        """Make the loop thread raise outside a step, as a real bug would (tests only: the server
+        calls this on SIGUSR1 when HEADWAY_TEST_FAULTS=1). Safe to call from a signal handler."""
+        self._commands.put(("fault",))
+
+    def _fail(self, exc: BaseException) -> None:
+        """The loop thread is ending on an error: record why (the server turns not ready and
+        refuses new requests) and fail every request it holds or has not yet taken, at once.
+        `failure` is set before the command queue is drained, and `generate()` checks it after it
+        queues, so no request can slip in between and wait forever."""
+        self.failure = f"{type(exc).__name__}: {exc}"
+        log.critical("engine thread died: %s", self.failure, exc_info=exc)
+        error = self._failure_error()
+        for req in list(self._requests.values()):
+            req.send(error)
+        self._requests.clear()
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                cmd[1].send(error)
+            elif cmd[0] == "call":
+                cmd[2].call_soon_threadsafe(_settle, cmd[3], None, error)
+        try:
+            self._flush()
+        except Exception:  # noqa: BLE001 - a loop that closed cannot be told; its callers are gone
+            log.exception("could not deliver the engine failure to every request")
+
+    def _failure_error(self) -> OpenAIError:
+        return OpenAIError(f"the engine failed and this replica is out of service: {self.failure}",
+                           status=503, type="engine_failed", code="engine_failed")
 
     def stop(self) -> None:
         self._stopping = True
@@ -203,12 +244,12 @@ class LLMEngine:
                        cache_key: Hashable = None, adapter: str | None = None) -> AsyncIterator[list[ChoiceDelta]]:
         """Yield each step's new output for this request until all its n choices finish
         (``adapter``: a registered LoRA adapter's name, None for the base model)."""
-        if self._thread is None or not self._thread.is_alive():
-            raise OpenAIError("the engine is not running", status=503, type="server_error")
+        self._check_running()
         rid = uuid.uuid4().hex
         req = _Request(rid, params.n, asyncio.get_running_loop(), asyncio.Queue(), pending=self._pending)
         key = cache_key if self.prefix_caching else ("nocache", rid)
         self._commands.put(("add", req, list(prompt_ids), params, key, adapter))
+        self._check_running()  # died meanwhile: _fail may have drained the queue before this put
         done = False
         try:
             while True:
@@ -264,6 +305,8 @@ class LLMEngine:
                 self._forget(gone)
                 for seq in self.scheduler.abort(rid):
                     self._record_finish(seq)
+        elif cmd[0] == "fault":
+            raise RuntimeError("fault injected for a test (HEADWAY_TEST_FAULTS=1, SIGUSR1)")
         elif cmd[0] == "call":  # run on this thread for an asyncio caller (adapter load/unload)
             _, fn, loop, fut = cmd
             try:
@@ -279,11 +322,17 @@ class LLMEngine:
             self.loras.release(req.adapter)
             req.adapter = None
 
-    async def _on_loop(self, fn: Any) -> Any:
+    def _check_running(self) -> None:
+        if self.failure is not None:
+            raise self._failure_error()
         if self._thread is None or not self._thread.is_alive():
             raise OpenAIError("the engine is not running", status=503, type="server_error")
+
+    async def _on_loop(self, fn: Any) -> Any:
+        self._check_running()
         fut = asyncio.get_running_loop().create_future()
         self._commands.put(("call", fn, asyncio.get_running_loop(), fut))
+        self._check_running()
         return await fut
 
     async def load_adapter(self, name: str, path: str) -> None:
@@ -500,7 +549,7 @@ class LLMEngine:
         total, free, evictable = self.pool.total, self.pool.num_free, self.cache.evictable
         running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         return {
-            "in_flight": running + waiting, "queued": waiting, "running": running,
+            "in_flight": running + waiting, "queued": waiting, "running": running, "waiting": waiting,
             "kv": {"total_tokens": total, "used_tokens": total - free, "evictable_tokens": evictable},
             "prefix_cache": {"hit_rate": round(self.prefix_hit_rate, 4), "hit_tokens": self.cache_hit_tokens,
                              "query_tokens": self.cache_query_tokens},

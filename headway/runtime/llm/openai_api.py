@@ -10,11 +10,12 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from headway.runtime.llm.grammar import GrammarCompiler, GrammarError, GrammarSpec, ToolCallParser, constraint_for
 from headway.runtime.llm.grammar.tools import chat_messages, functions_of
@@ -23,7 +24,9 @@ from headway.runtime.llm.protocol import (ChatCompletionRequest, CompletionReque
                                           parse_request)
 from headway.runtime.llm.sequence import SamplingParams
 from headway.runtime.llm.tokenizer import ModelTokenizer
+from headway.server.admission import Ticket
 from headway.server.disconnect import ClientGone, cancel_on_disconnect
+from headway.server.gate import Gate, Refused
 
 
 class GenerateEngine(Protocol):
@@ -43,10 +46,30 @@ def _error_response(exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
 
 
+def _refused_response(exc: Refused) -> JSONResponse:
+    r = exc.refusal
+    return JSONResponse({"error": {"message": r.message, "type": r.kind, "param": None, "code": r.kind}},
+                        status_code=r.status, headers=r.headers)
+
+
+async def _held(chunks: AsyncGenerator[bytes, None], ticket: Ticket) -> AsyncIterator[bytes]:
+    """A stream that holds its admission ticket until it ends (finished, failed or cancelled by
+    a disconnect). An error chunk (`data: {"error": ...}`) goes out as an SSE `error` event."""
+    try:
+        async for chunk in chunks:
+            yield b"event: error\n" + chunk if chunk.startswith(b'data: {"error"') else chunk
+    finally:
+        ticket.release()
+        await chunks.aclose()  # closed early: the call's own cleanup (abort in the engine) runs now
+
+
 class OpenAIServer:
     def __init__(self, engine: GenerateEngine, model_names: list[str], is_ready: Callable[[], bool],
-                 adapters: Callable[[], tuple[str, ...]] = tuple, parent: str | None = None):
+                 adapters: Callable[[], tuple[str, ...]] = tuple, parent: str | None = None,
+                 gate: Gate | None = None, max_prompts: int = 16):
         self.engine = engine
+        self.gate = gate  # the server's admission (one ticket per request) and readiness; None: no limit
+        self.max_prompts = max_prompts  # prompts one /v1/completions request may carry
         self.names = model_names
         self.is_ready = is_ready
         self.adapters = adapters  # the LoRA adapters served now (names clients may put in `model`)
@@ -118,7 +141,10 @@ class OpenAIServer:
         router = APIRouter()
 
         @router.get("/v1/models")
-        async def models() -> dict[str, Any]:
+        async def models() -> Any:
+            if not self.is_ready():
+                return _error_response(OpenAIError("the model is still loading; retry shortly", status=503,
+                                                   type="model_loading"))
             return {"object": "list", "data": [
                 {"id": n, "object": "model", "created": 0, "owned_by": "headway",
                  "max_model_len": self.engine.max_model_len} for n in self.names] + [
@@ -159,7 +185,12 @@ class OpenAIServer:
         else:
             req = parse_request(CompletionRequest, body)
             adapter = self._check_model(req.model)
-            prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in req.prompts()]
+            given = req.prompts()
+            if len(given) > self.max_prompts:
+                raise OpenAIError(f"too many prompts: {len(given)} in one request; this server takes at most "
+                                  f"{self.max_prompts} per request (runtime_options.max_prompts_per_request). "
+                                  "Split them over several requests.", param="prompt", code="too_many_prompts")
+            prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in given]
             vocab = self.engine.tokenizer.vocab_size
             if any(not 0 <= t < vocab for p in prompts for t in p):
                 raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -205,18 +236,42 @@ class OpenAIServer:
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 raise OpenAIError(f"the request body is not valid JSON: {exc}") from None
             call = self._prepare(body, chat=chat)
+        except OpenAIError as exc:
+            return _error_response(exc)
+        try:  # one admission ticket per request, taken after validation, before any work
+            ticket = await cancel_on_disconnect(self.gate.admit(), request) if self.gate else None
+        except Refused as exc:
+            return _refused_response(exc)
+        except ClientGone:
+            return Response(status_code=499)
+        response: Response | None = None
+        try:
+            response = await self._run(call, request, ticket)
+            return response
+        finally:  # a stream's ticket goes with the stream; every other exit releases it here
+            if ticket is not None and not isinstance(response, StreamingResponse):
+                ticket.release()
+
+    async def _run(self, call: _Call, request: Request, ticket: Ticket | None) -> Response:
+        try:
             await call.ready()
         except OpenAIError as exc:
             return _error_response(exc)
         if call.req.stream:
-            return StreamingResponse(call.stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            chunks = call.stream() if ticket is None else _held(call.stream(), ticket)
+            return StreamingResponse(chunks, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                     # a stream cancelled before it started never runs its finally
+                                     background=BackgroundTask(ticket.release) if ticket else None)
         try:
             return JSONResponse(await cancel_on_disconnect(call.collect(), request))
         except ClientGone:
             return Response(status_code=499)
         except OpenAIError as exc:
             return _error_response(exc)
+        except Exception as exc:  # a failed generation is a JSON 500, never a bare traceback page
+            return _error_response(OpenAIError(f"generation failed: {type(exc).__name__}: {exc}", status=500,
+                                               type="server_error"))
 
 
 class _Call:
@@ -328,11 +383,13 @@ class _Call:
         want_lp = self.jobs[0][1].logprobs
         offsets = [0] * (len(self.jobs) * self.req.n)
         parsers = [ToolCallParser() for _ in offsets] if self.tool_parsing else []
+        # Nothing is written before the first token: the chat role chunk goes out with the first
+        # token's chunk, so a replica that dies while prefilling has sent no byte and the router can
+        # retry the request elsewhere (a stream that has started cannot be retried).
+        opening = _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                             "logprobs": None, "finish_reason": None}
+                                            for i in range(len(offsets))], **usage_field}) if self.chat else b""
         try:
-            if self.chat:
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}
-                                                for i in range(len(offsets))], **usage_field})
             async for deltas in self.deltas():
                 choices = []
                 for d in deltas:
@@ -355,7 +412,10 @@ class _Call:
                         choice["finish_reason"] = "tool_calls"
                     choices.append(choice)
                 if choices:
-                    yield _sse({**head, "choices": choices, **usage_field})
+                    yield opening + _sse({**head, "choices": choices, **usage_field})
+                    opening = b""
+            if opening:
+                yield opening   # no choice had any text: the role chunk still opens the stream
             if self.req.include_usage:
                 yield _sse({**head, "choices": [], "usage": self._usage()})
             yield b"data: [DONE]\n\n"

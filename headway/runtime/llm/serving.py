@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from headway.package.load import Package
 from headway.package.schema import LLMEngineOptions
 from headway.runtime.llm.protocol import OpenAIError
+from headway.server.gate import Gate
 from headway.server.runtime import Runtime
 
 log = logging.getLogger("headway.llm")
@@ -122,15 +123,27 @@ class LLMRuntime(Runtime):
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
 
-    def router(self) -> APIRouter:
+    def failure(self) -> str | None:
+        return self.engine.failure if self.engine is not None else None
+
+    def inject_fault(self) -> bool:
+        if self.engine is None:
+            return False
+        self.engine.inject_fault()
+        return True
+
+    def router(self, gate: Gate | None = None) -> APIRouter:
         from headway.runtime.llm.lora.api import lora_router
+        from headway.runtime.llm.lora.roots import resolve_roots
         from headway.runtime.llm.openai_api import OpenAIServer
 
         self._api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None,
                                  adapters=lambda: self.engine.loras.names if self.engine is not None else (),
-                                 parent=self.name)
+                                 parent=self.name, gate=gate,
+                                 max_prompts=self.package.config.runtime_options.max_prompts_per_request)
         router = self._api.router()
-        router.include_router(lora_router(lambda: self.engine))
+        roots = resolve_roots(self.options.lora_roots, self.package.root)
+        router.include_router(lora_router(lambda: self.engine, roots))
 
         @router.get("/headway/tokenizer")
         async def tokenizer_files() -> Response:

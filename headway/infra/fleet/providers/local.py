@@ -8,12 +8,19 @@ A standby process (see standby.py) that has already imported torch and the serve
 and becomes the next replica, so a cold start does not pay the imports; a deployment whose spec
 sets environment variables gets a fresh interpreter instead (some libraries read their variables
 only at import).
+
+The standby is the control plane's own process (unlike replicas): it dies with it (see
+standby.py), and its pid and start time are kept in LOG_DIR/standby.json, so a control plane
+restarted after a crash kills a standby its predecessor left behind (checked to still be that
+process, and still a standby, not a replica it became).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -23,6 +30,9 @@ import time
 from pathlib import Path
 
 from headway.infra.fleet.providers.base import Handle, Launch, replica_command, replica_env
+
+log = logging.getLogger("headway.fleet")
+STANDBY_MODULE = "headway.infra.fleet.providers.standby"
 
 
 def _stat(pid: int) -> list[str]:
@@ -64,26 +74,38 @@ class LocalProvider:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}   # the ones this process started (reaped here)
         self._spare: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
         self._closed = False
+        self._closing = threading.Event()
+        self._requests: queue.Queue[float | None] = queue.Queue()   # delays before the next standby
+        self._spawned = threading.Event()
+        self.record = self.log_dir / "standby.json"
+        kill_leftover_standby(self.record, self.log_dir / "standby.log")
         if standby:
-            self._spare = self._new_spare()
+            # one long-lived thread starts every standby: a parent-death signal fires when the
+            # *thread* that forked the child ends, so a short-lived timer thread would kill it
+            threading.Thread(target=self._keep, daemon=True, name="headway-standby-keeper").start()
+            self._requests.put(0.0)
+            self._spawned.wait(30)
 
-    def _respawn_later(self) -> None:
-        def spawn() -> None:
+    def _keep(self) -> None:
+        while True:
+            delay = self._requests.get()
+            if delay is None or (delay and self._closing.wait(delay)):
+                return
             with self._lock:
                 if not self._closed and (self._spare is None or self._spare.poll() is not None):
                     self._spare = self._new_spare()
+            self._spawned.set()
 
-        if self._timer is None or not self._timer.is_alive():
-            self._timer = threading.Timer(self.standby_delay_s, spawn)
-            self._timer.daemon = True
-            self._timer.start()
+    def _respawn_later(self) -> None:
+        self._requests.put(self.standby_delay_s)
 
     def _new_spare(self) -> subprocess.Popen[bytes]:
-        with open(self.log_dir / "standby.log", "ab") as log:
-            return subprocess.Popen([sys.executable, "-m", "headway.infra.fleet.providers.standby"],
-                                    stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.log_dir / "standby.log", "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", STANDBY_MODULE, str(os.getpid())],
+                                    stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        _write_json(self.record, {"pid": proc.pid, "started": _start_time(proc.pid)})
+        return proc
 
     def start(self, launch: Launch) -> Handle:
         port = _free_port(self.host)
@@ -94,6 +116,7 @@ class LocalProvider:
             use_spare = spare is not None and spare.poll() is None and not launch.env
             if use_spare:
                 self._spare = None
+                self.record.unlink(missing_ok=True)    # from now on it is a replica, not a standby
         if use_spare:
             assert spare is not None and spare.stdin is not None
             order = {"argv": cmd[3:], "env": replica_env(launch), "log": str(log_path)}   # cmd[:3]: python -m headway
@@ -114,8 +137,8 @@ class LocalProvider:
         """Let the standby go (it exits when its stdin closes)."""
         with self._lock:
             self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._closing.set()
+        self._requests.put(None)
         if self._spare is not None and self._spare.stdin is not None:
             self._spare.stdin.close()
             try:
@@ -123,6 +146,7 @@ class LocalProvider:
             except subprocess.TimeoutExpired:
                 self._spare.kill()
             self._spare = None
+        self.record.unlink(missing_ok=True)
 
     def url(self, handle: Handle) -> str | None:
         return f"http://{handle['host']}:{handle['port']}"
@@ -169,3 +193,37 @@ class LocalProvider:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _write_json(path: Path, data: dict[str, object]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def kill_leftover_standby(record: Path, standby_log: Path) -> int | None:
+    """Kill the standby a crashed control plane left (named in `record` by pid and start time);
+    only if that pid is still that process and still a standby (its output still goes to
+    `standby_log`: one that became a replica writes to its own log and is left alone).
+    Returns the pid killed, if any."""
+    try:
+        data = json.loads(record.read_text())
+        pid, started = int(data["pid"]), data["started"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    record.unlink(missing_ok=True)
+    if _start_time(pid) != started or _zombie(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        out = os.readlink(f"/proc/{pid}/fd/1")
+    except OSError:
+        return None
+    if STANDBY_MODULE.encode() not in cmdline or Path(out) != standby_log.resolve():
+        return None
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return None
+    log.warning("killed standby process %d left by a control plane that did not stop cleanly", pid)
+    return pid

@@ -3,20 +3,23 @@
     POST /v1/load_lora_adapter    {"lora_name": "sql", "lora_path": "/adapters/sql"}
     POST /v1/unload_lora_adapter  {"lora_name": "sql"}
 
-400 for a bad body or an adapter directory that does not fit the base model, 404 for unloading
-an unknown name, 409 for loading a name that is already loaded. Errors have OpenAI's shape.
+400 for a bad body or an adapter directory that does not fit the base model, 403 for a path
+outside the server's adapter roots (or any path when it has none; see roots.py), 404 for
+unloading an unknown name, 409 for loading a name that is already loaded. Errors have OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from headway.runtime.llm.lora.adapter import AdapterError
+from headway.runtime.llm.lora.roots import allowed_adapter_path
 from headway.runtime.llm.protocol import OpenAIError
 
 
@@ -35,8 +38,9 @@ async def _body(request: Request, fields: tuple[str, ...]) -> dict[str, str]:
     return {k: body[k] for k in fields}
 
 
-def lora_router(engine: Callable[[], Any]) -> APIRouter:
-    """The load/unload routes over ``engine()`` (the LLMEngine, None while loading)."""
+def lora_router(engine: Callable[[], Any], roots: Sequence[Path] = ()) -> APIRouter:
+    """The load/unload routes over ``engine()`` (the LLMEngine, None while loading); adapters load
+    only from under ``roots`` (resolved directories; none: loading from a path is refused)."""
     router = APIRouter()
 
     async def run(request: Request, fields: tuple[str, ...], action: str) -> JSONResponse:
@@ -47,13 +51,13 @@ def lora_router(engine: Callable[[], Any]) -> APIRouter:
             body = await _body(request, fields)
             name = body["lora_name"]
             if action == "load":
-                await eng.load_adapter(name, body["lora_path"])
+                await eng.load_adapter(name, allowed_adapter_path(body["lora_path"], roots))
             else:
                 await eng.unload_adapter(name)
         except OpenAIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         except AdapterError as exc:
-            err = OpenAIError(str(exc), status=exc.status, param="lora_path" if exc.status == 400 else "lora_name")
+            err = OpenAIError(str(exc), status=exc.status, param="lora_path" if exc.status in (400, 403) else "lora_name")
             return JSONResponse(err.body(), status_code=err.status)
         return JSONResponse({"object": "lora_adapter", "id": name, "status": "loaded" if action == "load" else "unloaded",
                              "adapters": list(eng.loras.names)})
