@@ -4,7 +4,9 @@ POST /embed (Hugging Face TEI's shape: a bare list of vectors, with truncate and
 Owns the translation between the wire formats and `EmbedEngine.embed`: validation (inputs.py),
 tokenization in the request's coroutine, pooling's post-processing (normalization as the model's
 sentence-transformers pipeline says; `dimensions` keeps the first N and renormalizes), float or
-base64 encoding, and cancellation when the client goes away (499, its work dropped).
+base64 encoding, one admission ticket per request from the server's gate (taken after the input
+is validated and tokenized, released on every exit), and cancellation when the client goes away
+(499, its work dropped from the engine).
 """
 
 from __future__ import annotations
