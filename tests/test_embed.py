@@ -226,6 +226,8 @@ def test_behind_headway_route(server: Proc, tmp_path: Path, texts: list[str], re
         assert cosines(np.array([d.embedding for d in res.data]), reference[:6]).min() >= 0.9999
         bad = httpx.post(r.url + "/v1/embeddings", json={"model": MODEL, "input": ""}, timeout=30)
         assert bad.status_code == 400 and "empty string" in bad.text
+        own = httpx.post(r.url + "/embed", json={"model": MODEL, "inputs": texts[:2]}, timeout=30)   # /embed too
+        assert own.status_code == 200, own.text
         view = httpx.get(r.url + "/headway/router").json()
         assert any(rep["runtime"] == "embeddings" for rep in view["replicas"])
     finally:

@@ -37,6 +37,7 @@ PUBLIC: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/chat/completions"),
     Endpoint("POST", "/v1/completions"),
     Endpoint("POST", "/v1/embeddings"),
+    Endpoint("POST", "/embed"),                      # the embeddings runtime's own (truncate, normalize)
     Endpoint("POST", "/v1/audio/transcriptions"),
     Endpoint("POST", "/v1/audio/translations"),
     Endpoint("POST", "/v1/audio/speech"),
