@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import ROOT, free_port
+from tests.test_fleet import Plane as FleetPlane
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 TINY = {"name": "tiny", "package": "tinycoder-test", "replicas": {"min": 1, "max": 1}, "serve_args": ["--threads", "1"],
@@ -29,28 +30,11 @@ def headway(*args: str, key: str | None = None, timeout: float = 60) -> subproce
                           timeout=timeout)
 
 
-class Plane:
-    def __init__(self, state: Path, log: Path, extra: tuple[str, ...] = ()):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.state, self.log_path = state, log
-        self._log = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "headway", "up", "--port", str(self.port), "--state-dir",
-                                      str(state), "--health-interval", "0.2", "--no-standby", *extra],
-                                     stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log()
-            try:
-                if httpx.get(self.url + "/health/live", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise TimeoutError(self.log())
+class Plane(FleetPlane):
+    """test_fleet's real `headway up`, without a standby; requests carry a key."""
 
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
+    def __init__(self, state: Path, log: Path, extra: tuple[str, ...] = ()):
+        super().__init__(state, log, extra=["--no-standby", *extra])
 
     def call(self, method: str, path: str, key: str | None = None, body: object = None,
              headers: dict[str, str] | None = None) -> httpx.Response:

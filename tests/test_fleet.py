@@ -407,6 +407,17 @@ class RecordingProvider:
         pass
 
 
+async def _until(predicate, timeout: float = 10.0) -> bool:
+    """Yield to the loop until `predicate()` holds: work the manager runs off the loop (stops) takes
+    a thread hop, longer than any fixed sleep on a loaded 2-core machine."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
 async def test_manager_removes_starting_replicas_first_and_replaces_generations(tmp_path: Path) -> None:
     from headway.infra.fleet.manager import ReplicaManager
     from headway.infra.router.proxy import RouterApp
@@ -425,9 +436,8 @@ async def test_manager_removes_starting_replicas_first_and_replaces_generations(
     assert router.replicas.candidates("d")[0].url == first.url
     m.scale("d", 1)
     m._reconcile(m.deployments["d"])
-    await asyncio.sleep(0.05)                      # stops run off the loop
-    assert sorted(provider.stopped) == sorted(provider.started[1:])   # the starting ones went, not the serving one
-    assert m.counts("d") == (1, 0)
+    assert await _until(lambda: sorted(provider.stopped) == sorted(provider.started[1:]))   # the starting ones went
+    assert await _until(lambda: m.counts("d") == (1, 0)), m.counts("d")   # stops run off the loop
     # a spec change that needs new replicas: a new generation starts; the old one serves until it is ready
     m.apply(spec.model_copy(update={"package": "p2"}))
     m._reconcile(m.deployments["d"])
@@ -442,14 +452,12 @@ async def test_manager_removes_starting_replicas_first_and_replaces_generations(
     assert first.phase == "draining" and first.id not in provider.stopped
     router.replicas.release(routed, ok=True)
     await m._watch(None, first)
-    await asyncio.sleep(0.05)
-    assert first.id in provider.stopped and first.phase == "stopped"
+    assert await _until(lambda: first.id in provider.stopped and first.phase == "stopped")
     m.check()
     # a replica that dies is replaced
     provider.dead.add(new_id)
     await m._watch(None, m.live[new_id])
-    await asyncio.sleep(0.05)
-    assert new_id not in m.live
+    assert await _until(lambda: new_id not in m.live)
     m.deployments["d"].next_start_at = 0
     m._reconcile(m.deployments["d"])
     assert provider.started[-1] != new_id and m.counts("d") == (0, 1)

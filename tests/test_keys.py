@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from headway.infra.fleet.auth import LOOPBACK_USER, Gate, estimate_tokens, loopback_problem, redact, usage_tokens
+from headway.infra.fleet.auth import LOOPBACK_USER, AuthGate, estimate_tokens, loopback_problem, redact, usage_tokens
 from headway.infra.fleet.keys import KeyRecord, KeyRing, Rejection, authorize, digest, new_key, parse_expires
 from headway.infra.fleet.keys_cli import is_loopback
 from headway.infra.fleet.ratelimit import KeyLimits, TokenBucket
@@ -90,7 +90,7 @@ def test_store_keeps_keys_and_revocations(tmp_path: Path) -> None:
 # ---- the gate: keyless loopback, keys, redaction ----------------------------------------------
 
 def test_keyless_gate_answers_only_local_same_origin_requests() -> None:
-    gate = Gate(KeyRing(), clock=lambda: NOW)
+    gate = AuthGate(KeyRing(), clock=lambda: NOW)
     assert gate.identify(http_scope({"host": "127.0.0.1:8080"})) is LOOPBACK_USER
     assert gate.identify(http_scope({"host": "localhost:8080", "origin": "http://localhost:8080"})) is LOOPBACK_USER
     assert gate.identify(http_scope({"host": "[::1]:8080", "origin": "http://127.0.0.1:8080"})) is LOOPBACK_USER
@@ -108,7 +108,7 @@ def test_gate_with_keys_needs_a_bearer_key_on_loopback_too() -> None:
     ring = KeyRing()
     key, rec = new_key("c", "invoke", NOW, deployments=("chat",))
     ring.add(rec)
-    gate = Gate(ring, clock=lambda: NOW)
+    gate = AuthGate(ring, clock=lambda: NOW)
     local = {"host": "127.0.0.1:8080"}
     assert isinstance(gate.check(http_scope(local), "invoke"), Rejection)
     assert gate.check(http_scope({**local, "authorization": f"Bearer {key}"}), "invoke", "chat") == rec
@@ -158,7 +158,7 @@ def test_key_limits_count_requests_and_charged_tokens() -> None:
 
 def test_gate_rate_limit_answers_429_with_retry_after() -> None:
     now = [NOW]
-    gate = Gate(KeyRing(), clock=lambda: now[0])
+    gate = AuthGate(KeyRing(), clock=lambda: now[0])
     _, rec = new_key("c", "invoke", NOW, rpm=2)
     assert gate.admit(rec) is None and gate.admit(rec) is None
     refused = gate.admit(rec)
@@ -245,7 +245,7 @@ def test_router_websocket_needs_an_invoke_key_for_its_deployment() -> None:
     ring = KeyRing()
     other_key, other = new_key("o", "invoke", NOW, deployments=("other",))
     ring.add(other)
-    app = RouterApp(ReplicaSet([]), gate=Gate(ring))
+    app = RouterApp(ReplicaSet([]), gate=AuthGate(ring))
     app.replicas.managed.add("chat")
     client = TestClient(app)
     for headers, reason in (({}, "401 missing_api_key"), ({"authorization": f"Bearer {other_key}"},

@@ -15,7 +15,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.conftest import running_server
+from tests.conftest import running_server, wait_for
 
 SMOL = "smollm2-135m-instruct"
 
@@ -41,14 +41,6 @@ def kv_idle(server) -> bool:
     kv = state["kv"]
     return state["in_flight"] == 0 and kv["used_tokens"] == kv["evictable_tokens"]
 
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # ---- plumbing, on tinycoder ------------------------------------------------------------------

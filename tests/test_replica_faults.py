@@ -18,18 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import running_server, write_package
+from tests.conftest import running_server, wait_for, write_package
 
 SMOL = "smollm2-135m-instruct"
 
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def llm_package(root: Path, source: str, *, max_running: int, queue_size: int) -> Path:

@@ -77,7 +77,7 @@ def test_check_refuses_admin_paths_however_spelled(path: str) -> None:
 
 
 def test_check_allows_the_public_api_and_names_what_it_serves() -> None:
-    for method, path in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+    for method, path in [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"), ("POST", "/embed"),
                          ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/audio/translations"),
                          ("POST", "/v1/audio/speech"), ("POST", "/v1/models/smollm2-135m-instruct:predict"),
                          ("GET", "/v1/models/text-classifier/schema"), ("WS", "/v1/models/echo-ws/ws")]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import EXAMPLES, write_package
+from tests.conftest import EXAMPLES, wait_for, write_package
 
 SLOW_MODEL = '''
 import asyncio, time
@@ -69,14 +69,6 @@ secrets: {secrets}
 runtime_options: {{predict_concurrency: {concurrency}, queue_size: {queue}, max_request_body: {body}}}
 """, SLOW_MODEL)
 
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.fixture(scope="module")

@@ -210,9 +210,30 @@ class LLMEngineOptions(_Strict):
 
 
 class EmbeddingsEngineOptions(_Strict):
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", examples=["float32"])
-    max_batch_size: int = Field(32, ge=1, examples=[32])
-    normalize: bool = Field(True, examples=[True])
+    """`engine:` of an embeddings package (runtime: embeddings)."""
+
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", examples=["float32"], description="Weights and activations dtype; auto is float32 on CPUs.")
+    max_batch_tokens: int = Field(
+        1024, ge=16, examples=[1024],
+        description="Token budget of one forward pass: texts from many requests are packed into it "
+        "(never less than the longest input allowed).")
+    urgent_tokens: int = Field(
+        256, ge=0, examples=[256],
+        description="A request of at most this many tokens that has not started runs between two layers of "
+        "a larger pass instead of after it (0 = off).")
+    max_input_tokens: int | None = Field(
+        None, ge=2, examples=[256],
+        description="Longest input in tokens, special tokens included; default and upper bound: the model's "
+        "sentence-transformers max_seq_length (else its position table).")
+    num_threads: int | None = Field(None, ge=1, examples=[2],
+                                    description="CPU threads for the forward pass; default: the CPUs this process may use.")
+    max_concurrency: int = Field(256, ge=1, examples=[256],
+                                 description="Requests in flight a router may send this replica at once.")
+    normalize: bool | None = Field(
+        None, examples=[True],
+        description="L2-normalize /v1/embeddings vectors; default: as the model's modules.json says (a Normalize step).")
+    served_model_name: str | None = Field(None, description="Name clients use in `model`.", examples=["minilm"])
 
 
 class AsrEngineOptions(_Strict):
@@ -226,6 +247,8 @@ class AsrEngineOptions(_Strict):
 
 class TtsEngineOptions(_Strict):
     sample_rate: int | None = Field(None, ge=8000, examples=[22050])
+    num_threads: int | None = Field(None, ge=1, examples=[2], description="ONNX threads (default: the CPU share).")
+    max_concurrency: int = Field(8, ge=1, le=1024, examples=[8], description="Requests synthesized at once.")
 
 
 class CustomEngineOptions(_Strict):

@@ -4,6 +4,7 @@ replica server."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -31,6 +32,19 @@ def _is_package_path(target: str) -> bool:
     return p.is_dir() or p.name == "headway.yaml" or "/" in target or target.startswith(".")
 
 
+def _is_encoder_dir(target: str) -> bool:
+    """A sentence-transformers or Hugging Face BERT directory (no headway.yaml): served as embeddings."""
+    p = Path(target).expanduser()
+    if not p.is_dir() or (p / "headway.yaml").exists() or not (p / "config.json").exists():
+        return False
+    if (p / "modules.json").exists():
+        return True
+    try:
+        return json.loads((p / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, ValueError):
+        return False
+
+
 def _name_from_url(url: str) -> str:
     """s3://bucket/models/tiny-llama/ -> 'tiny-llama'; https://h/x/Model.Q4.gguf -> 'model.q4'."""
     segments = [p for p in url.split("://", 1)[1].split("?", 1)[0].split("/") if p]
@@ -48,6 +62,11 @@ def resolve_target(target: str, engine_overrides: dict[str, Any] | None = None, 
         config = validate_config({"name": name or _name_from_url(target), "runtime": "llm", "model": {"source": target},
                                   "engine": overrides}, f"url:{target}")
         return Package(Path.cwd(), config)
+    if _is_encoder_dir(target):
+        local = Path(target).expanduser().resolve()
+        config = validate_config({"name": name or _name_from_url(f"file://{local}"), "runtime": "embeddings",
+                                  "model": {"source": str(local)}, "engine": overrides}, f"dir:{target}")
+        return Package(local, config)
     if _is_package_path(target):
         pkg = load_package(target)
         if overrides or name:
@@ -103,13 +122,21 @@ def build_runtime(package: Package, secrets_dir: str | None = None, fetch: Remot
         from headway.runtime.llm.serving import LLMRuntime
 
         return LLMRuntime(package, fetch)
+    if cfg.runtime == "embeddings":
+        from headway.runtime.embed.serving import EmbeddingsRuntime
+
+        return EmbeddingsRuntime(package, fetch)
+    if cfg.runtime == "tts":
+        from headway.runtime.tts.serving import TTSRuntime
+
+        return TTSRuntime(package)
     if cfg.runtime == "asr":
         from headway.runtime.asr.serving import AsrRuntime
 
         return AsrRuntime(package)
     raise PackageError(package.root, [FieldError(
         "runtime", f"runtime '{cfg.runtime}' is not available in this version of Headway yet "
-        "(available: custom, llm)", "runtime: custom")])
+        "(available: custom, llm, embeddings, tts, asr)", "runtime: custom")])
 
 
 def serve(target: str, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",

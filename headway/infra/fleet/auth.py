@@ -52,7 +52,7 @@ def loopback_problem(host: str | None, origin: str | None, port: int | None) -> 
     return None
 
 
-class Gate:
+class AuthGate:
     """Identifies the caller (a key, or the keyless loopback user), checks scopes and rate limits."""
 
     def __init__(self, ring: KeyRing, clock: Callable[[], float] = time.time):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headway.infra.autoscale.controller import AutoscaleLoop, Observed
-from headway.infra.fleet.auth import Gate
+from headway.infra.fleet.auth import AuthGate
 from headway.infra.fleet.control_api import PREFIX, body_limits, build_control_api
 from headway.infra.fleet.keys import KeyRing
 from headway.infra.fleet.manager import ReplicaManager
@@ -41,7 +41,7 @@ class ControlPlane:
         self.store = Store(self.state_dir / "headway.db")
         self.ring = KeyRing()
         self.reload_keys()
-        self.gate = Gate(self.ring)
+        self.gate = AuthGate(self.ring)
         self.router = RouterApp(ReplicaSet([], check_interval_s=health_interval_s), router_config or RouterConfig(),
                                 on_startup=self._started, on_shutdown=self._stopping, gate=self.gate)
         self.manager = ReplicaManager(self.store, provider, self.router, package_roots=normalize_roots(package_roots))

@@ -1,6 +1,6 @@
 """The control API under /headway/control: a FastAPI app (pydantic bodies, an OpenAPI schema).
 
-Every route depends on one auth check (`Gate`, scope per route); bodies must be JSON (415) and at
+Every route depends on one auth check (`AuthGate`, scope per route); bodies must be JSON (415) and at
 most MAX_BODY bytes (413); every error is `{"error": {"message", "type", "code"}}`, which the CLI
 reads. Model traffic does not come here: the control plane sends it through the raw-ASGI router.
 """

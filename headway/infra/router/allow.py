@@ -37,12 +37,14 @@ PUBLIC: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/chat/completions"),
     Endpoint("POST", "/v1/completions"),
     Endpoint("POST", "/v1/embeddings"),
+    Endpoint("POST", "/embed"),                      # the embeddings runtime's own (truncate, normalize)
     Endpoint("POST", "/v1/audio/transcriptions"),
     Endpoint("POST", "/v1/audio/translations"),
     Endpoint("POST", "/v1/audio/speech"),
     Endpoint("POST", "/v1/models/{name}:predict"),
     Endpoint("GET", "/v1/models/{name}/schema"),
     Endpoint("WS", "/v1/models/{name}/ws"),         # a model's own WebSocket (custom runtimes)
+    Endpoint("WS", "/v1/audio/speech/stream"),      # text in as it arrives, speech out per sentence (tts)
 )
 
 # Replica paths a client is refused with 403 rather than 404: they exist, but only for operators.

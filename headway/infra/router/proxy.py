@@ -34,7 +34,7 @@ from headway.infra.router.types import RouteRequest
 from headway.infra.router.upstream import Forwarder, NoCapacity, RouterConfig
 
 if TYPE_CHECKING:
-    from headway.infra.fleet.auth import Gate
+    from headway.infra.fleet.auth import AuthGate
 
 log = logging.getLogger("headway.router")
 T = TypeVar("T")
@@ -87,7 +87,7 @@ async def _close_on_disconnect(receive: Receive, resp: aiohttp.ClientResponse) -
 class RouterApp:
     def __init__(self, replicas: ReplicaSet, config: RouterConfig | None = None,
                  on_startup: Callable[[RouterApp], Awaitable[None]] | None = None,
-                 on_shutdown: Callable[[RouterApp], Awaitable[None]] | None = None, gate: Gate | None = None):
+                 on_shutdown: Callable[[RouterApp], Awaitable[None]] | None = None, gate: AuthGate | None = None):
         self.replicas = replicas
         self.gate = gate     # keys and rate limits; None: every request is let through (no keys configured)
         self.hop_request = HOP_REQUEST | {b"authorization"} if gate is not None else HOP_REQUEST   # keys stay here

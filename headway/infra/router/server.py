@@ -10,7 +10,7 @@ from typing import Any
 
 import uvicorn
 
-from headway.infra.fleet.auth import Gate
+from headway.infra.fleet.auth import AuthGate
 from headway.infra.fleet.keys import KeyRing
 from headway.infra.router.proxy import RouterApp
 from headway.infra.router.replicas import Replica, ReplicaSet
@@ -52,7 +52,7 @@ def build_app(replica_urls: list[str], config: RouterConfig, *, regions: dict[st
     return RouterApp(replicas, config, on_startup=on_startup, on_shutdown=on_shutdown, gate=gate)
 
 
-def _keys(key_file: Path) -> tuple[Gate, Callable[[], Awaitable[None]]]:
+def _keys(key_file: Path) -> tuple[AuthGate, Callable[[], Awaitable[None]]]:
     """A gate over the keys in a control plane's state, and the loop that re-reads them."""
     from headway.infra.fleet.store import Store
 
@@ -75,7 +75,7 @@ def _keys(key_file: Path) -> tuple[Gate, Callable[[], Awaitable[None]]]:
             except Exception as exc:  # noqa: BLE001 - a busy database: keep the keys we have
                 logging.getLogger("headway.router").warning("could not re-read the keys: %s", exc)
 
-    return Gate(ring), reload
+    return AuthGate(ring), reload
 
 
 def serve(app: Any, host: str, port: int, log_level: str = "info", tls: ServerTLS | None = None) -> None:
