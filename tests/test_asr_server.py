@@ -196,7 +196,7 @@ def test_clients_share_batches(server: ServerProcess) -> None:
     st = state(server)
     asr = st["asr"]
     assert asr["audio_seconds_total"] > 0 and 0 < asr["real_time_factor"] < 5   # type: ignore[index]
-    assert {"in_flight", "queued", "max_concurrency", "ready"} <= st.keys()
+    assert {"in_flight", "queued", "max_concurrency", "ready", "audio_seconds_per_s", "real_time_factor"} <= st.keys()
 
 
 def test_a_client_leaving_mid_stream_frees_its_work(server: ServerProcess) -> None:

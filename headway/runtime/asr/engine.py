@@ -195,6 +195,10 @@ class AsrEngine:
                 self._pending.clear()
 
     def state(self) -> dict[str, Any]:
-        return {"asr": {**self.metrics.figures(), "pending_chunks": self.pending_chunks(),
-                        "max_batch_size": self.max_batch_size, "num_threads": self.num_threads,
-                        "compute_type": self.compute_type}}
+        """Throughput at the top level (what a router or autoscaler compares across replicas) and
+        the details in an `asr` block."""
+        figures = self.metrics.figures()
+        return {"audio_seconds_per_s": figures["audio_seconds_per_s"], "real_time_factor": figures["real_time_factor"],
+                "asr": {**figures, "pending_chunks": self.pending_chunks(), "max_batch_size": self.max_batch_size,
+                        "num_threads": self.num_threads, "compute_type": self.compute_type,
+                        "beam_size": self.beam_size}}
