@@ -39,7 +39,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     (pkg / "headway.yaml").write_text(
         f"name: {MODEL}\nruntime: asr\nmodel: {{source: {MODEL}}}\n"
         "engine: {max_audio_seconds: 300, max_batch_size: 2}\n")
-    with running_server(["serve", str(pkg)], tmp, timeout=300) as s:
+    with running_server(["serve", str(pkg), "--log-level", "debug"], tmp, timeout=300) as s:   # debug: no payload
         yield s
 
 
@@ -225,9 +225,11 @@ def _speech_seconds(server: ServerProcess) -> float:
 def test_metrics_and_no_payload_in_the_log(server: ServerProcess) -> None:
     text = httpx.get(server.url + "/metrics").text
     assert "headway_asr_audio_seconds_total" in text and "headway_asr_real_time_factor" in text
-    log = server.log().lower()
+    log = server.log().lower()          # at log level debug, after every test above
+    assert "debug" in log or "info" in log
     for sentence in SENTENCES:
         assert sentence.lower()[:25] not in log
+    assert "neighbo" not in log and "fox" not in log
 
 
 def test_library_name_behind_headway_route(tmp_path: Path) -> None:
