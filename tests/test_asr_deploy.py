@@ -25,11 +25,13 @@ def test_deployed_asr_replica_serves_through_the_plane(tmp_path: Path) -> None:
                                       "engine: {beam_size: 1}\n")
     plane = Plane(tmp_path / "state", tmp_path / "plane.log")
     try:
-        plane.deploy({"name": "stt", "package": str(pkg), "replicas": {"min": 1, "max": 1}})
-        plane.wait(lambda: plane.status("stt")["ready"] == 1, timeout=300, what="a ready ASR replica")
+        plane.deploy({"name": "stt", "package": str(pkg), "replicas": {"min": 0, "max": 1},
+                      "activator": {"timeout_s": 290}})
+        assert plane.status("stt")["replicas"] == []                 # from zero: the request waits for one
         r = httpx.post(plane.url + "/v1/audio/transcriptions", data={"model": "stt", "language": "en"},
                        files={"file": ("a.wav", wav_bytes(synthesize(SENTENCES[3])))}, timeout=300)
         assert r.status_code == 200, r.text
+        assert plane.status("stt")["ready"] == 1
         assert wer(SENTENCES[3], r.json()["text"]) < 0.35
         bad = httpx.post(plane.url + "/v1/audio/transcriptions", data={"model": "stt"},
                          files={"file": ("a.txt", b"plain text, not audio" * 20)}, timeout=60)

@@ -281,9 +281,11 @@ def test_headway_deploy_serves_it_behind_the_control_plane(tmp_path: Path, texts
 
     plane = Plane(tmp_path / "state", tmp_path / "plane.log")
     try:
-        plane.deploy({"name": "emb", "package": MODEL, "replicas": {"min": 1, "max": 1}, "resources": {"cpu": 1}})
-        plane.wait(lambda: plane.status("emb")["ready"] == 1, timeout=180, what="a ready embeddings replica")
-        res = client(plane.url).embeddings.create(model="emb", input=texts[:4])
+        plane.deploy({"name": "emb", "package": MODEL, "replicas": {"min": 0, "max": 1}, "resources": {"cpu": 1},
+                      "activator": {"timeout_s": 240}})
+        assert plane.status("emb")["replicas"] == []                 # from zero: the request waits for one
+        res = client(plane.url).embeddings.create(model="emb", input=texts[:4], timeout=300)
+        assert plane.status("emb")["ready"] == 1
         assert res.model == "emb"
         assert cosines(np.array([d.embedding for d in res.data]), reference[:4]).min() >= 0.9999
         [rep] = [r for r in plane.status("emb")["replicas"] if r["phase"] == "ready"]

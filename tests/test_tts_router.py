@@ -101,11 +101,13 @@ def test_headway_deploy_serves_the_voice(tmp_path) -> None:  # noqa: ANN001
 
     plane = Plane(tmp_path / "state", tmp_path / "plane.log")
     try:
-        plane.deploy({"name": "voice", "package": "piper-joe", "replicas": {"min": 1, "max": 1}})
-        plane.wait(lambda: plane.status("voice")["ready"] == 1, timeout=180, what="the voice replica")
-        r = httpx.post(plane.url + "/v1/audio/speech", timeout=60,
+        plane.deploy({"name": "voice", "package": "piper-joe", "replicas": {"min": 0, "max": 1},
+                      "activator": {"timeout_s": 240}})
+        assert plane.status("voice")["replicas"] == []               # from zero: the request waits for one
+        r = httpx.post(plane.url + "/v1/audio/speech", timeout=300,
                        json={"model": "voice", "voice": "joe", "input": "Deployed.", "response_format": "wav"})
         assert r.status_code == 200 and r.content.startswith(b"RIFF"), r.text
+        assert plane.status("voice")["ready"] == 1
         long_text = " ".join(f"Sentence {i} keeps this request busy for a while." for i in range(8))
         done: list[int] = []
         t = threading.Thread(target=lambda: done.append(httpx.post(
