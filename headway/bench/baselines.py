@@ -27,20 +27,11 @@ from transformers.generation.streamers import BaseStreamer
 
 from headway.bench.client import ProgressFn, RequestResult, RunResult
 from headway.bench.workloads import Session, Workload, build_messages, render_prompt
+from headway.runtime.host import cpu_share
 
 HFMode = Literal["sequential", "batched"]
 
 
-def cpu_share() -> int:
-    """CPUs this process may use: affinity, further capped by a cgroup v2 CPU quota."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 class _StepClock(BaseStreamer):

@@ -27,7 +27,7 @@ from headway.runtime.asr.engine import AsrEngine, Job
 from headway.runtime.asr.formats import FORMATS, Transcript, render
 from headway.server.admission import Ticket
 from headway.server.disconnect import ClientGone, cancel_on_disconnect
-from headway.server.gate import Gate, Refused
+from headway.server.gate import Gate
 
 log = logging.getLogger("headway.asr")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -24,20 +23,11 @@ from typing import Any
 from headway.runtime.asr.chunks import Chunk
 from headway.runtime.asr.decode import ChunkResult, DecodeOptions, decode_batch
 from headway.runtime.asr.metrics import AsrMetrics
+from headway.runtime.host import cpu_share
 
 log = logging.getLogger("headway.asr")
 
 
-def cpu_share() -> int:
-    """CPUs this replica may use: affinity, capped by a cgroup v2 CPU quota."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 class ChunkFailed(RuntimeError):

@@ -6,25 +6,15 @@ throughput (audio seconds, real-time factor) to /headway/state and /metrics.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
 
 from headway.package.load import Package
 from headway.package.schema import AsrEngineOptions
+from headway.runtime.host import local_or_library
 from headway.server.gate import Gate
 from headway.server.runtime import Runtime
-
-
-def _model_dir(source: str, root: Path) -> Path:
-    """A CTranslate2 Whisper directory (relative to the package) or a model-library name."""
-    local = root / Path(source.removeprefix("file://")).expanduser()
-    if local.is_dir():
-        return local
-    from headway.library import resolve
-
-    return resolve(source).path
 
 
 class AsrRuntime(Runtime):
@@ -45,7 +35,7 @@ class AsrRuntime(Runtime):
         source = self.package.config.model.source
         if source is None:
             raise ValueError("an asr package needs model.source (e.g. whisper-base, or a CTranslate2 directory)")
-        model_dir = await asyncio.to_thread(_model_dir, source, self.package.root)
+        model_dir = await asyncio.to_thread(local_or_library, source, self.package.root)
         self.mark_phase("fetched_s")
         o = self.options
         engine = AsrEngine(model_dir, compute_type=o.compute_type, num_threads=o.num_threads,

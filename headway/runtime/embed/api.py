@@ -22,10 +22,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from headway.runtime.embed.engine import EmbedEngine
-from headway.runtime.embed.inputs import ApiError, Query, Tokenize, parse_embed, parse_openai
+from headway.runtime.embed.inputs import (
+    ApiError,
+    Query,
+    Tokenize,
+    parse_embed,
+    parse_openai,
+)
 from headway.server.disconnect import ClientGone, cancel_on_disconnect
 from headway.server.gate import Gate, Refused
-
 
 LARGE_BODY = 64 * 1024     # bytes of request body parsed in a worker thread
 LARGE_RESPONSE = 16        # vectors past which a response is serialized in a worker thread

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from headway.package.schema import EmbeddingsEngineOptions
 from headway.runtime.embed.api import EmbeddingsAPI, finish
 from headway.runtime.embed.engine import EmbedEngine
 from headway.runtime.embed.inputs import ApiError, Tokenize, parse_embed
+from headway.runtime.host import cpu_share
 from headway.runtime.llm.serving import RemoteFetch, _model_dir
 from headway.server.gate import Gate
 from headway.server.runtime import Runtime
@@ -29,13 +29,7 @@ from headway.server.runtime import Runtime
 def default_threads() -> int:
     """The replica's CPU share: OMP_NUM_THREADS when set (the fleet sets it from the deployment's
     `resources.cpu`), else the CPUs this process may run on (its affinity), not the machine's."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+    return cpu_share()
 
 
 class EmbeddingsRuntime(Runtime):

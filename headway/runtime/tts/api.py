@@ -33,8 +33,14 @@ from starlette.background import BackgroundTask
 
 from headway.runtime.tts.encode import CONTENT_TYPES, encoder_for, resample
 from headway.runtime.tts.metrics import TTSMetrics
-from headway.runtime.tts.request import (MAX_INPUT_CHARS, Limits, SpeechError, SpeechRequest, parse_speech,
-                                         parse_stream_query)
+from headway.runtime.tts.request import (
+    MAX_INPUT_CHARS,
+    Limits,
+    SpeechError,
+    SpeechRequest,
+    parse_speech,
+    parse_stream_query,
+)
 from headway.runtime.tts.sentences import SentenceBuffer, split_sentences
 from headway.runtime.tts.synth import Job, Synthesizer
 from headway.server.admission import Ticket

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
 
 from headway.package.load import Package
 from headway.package.schema import TtsEngineOptions
+from headway.runtime.host import local_or_library
 from headway.runtime.tts.encode import available_formats
 from headway.runtime.tts.metrics import TTSMetrics
 from headway.runtime.tts.request import Limits
@@ -29,14 +29,6 @@ from headway.server.runtime import Runtime
 WARM_UP = "Hello there."
 
 
-def voice_dir(source: str, package_root: Path) -> Path:
-    """A directory holding a Piper voice: a local path (relative to the package) or a library name."""
-    local = package_root / Path(source.removeprefix("file://")).expanduser()
-    if local.is_dir():
-        return local
-    from headway.library import resolve
-
-    return resolve(source).path
 
 
 class TTSRuntime(Runtime):
@@ -56,7 +48,7 @@ class TTSRuntime(Runtime):
 
     async def load(self) -> None:
         source = self.package.config.model.source or self.name
-        model_dir = await asyncio.to_thread(voice_dir, source, self.package.root)
+        model_dir = await asyncio.to_thread(local_or_library, source, self.package.root)
         self.mark_phase("fetched_s")
         self.synth = await asyncio.to_thread(Synthesizer, model_dir, self.options.num_threads)
         self.synth.on_sentence = self.metrics.sentence

@@ -20,7 +20,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -31,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from headway.runtime.host import cpu_share
+
 log = logging.getLogger("headway.tts")
 
 _END = None   # the item that ends a job's audio queue
@@ -40,10 +41,7 @@ _CONTROL = {c: " " for c in [*range(0, 32), 127]}
 def default_threads() -> int:
     """Threads for the ONNX session: OMP_NUM_THREADS (what the fleet sets from a replica's CPU
     share), else the CPUs this process may use, at most 4 (Piper gains little past that)."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return max(1, min(4, cpu_share()))
 
 
 @dataclass(eq=False)
