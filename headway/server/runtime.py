@@ -6,6 +6,7 @@ routes (the LLM runtime adds the OpenAI API), and reporting its part of /headway
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -71,3 +72,24 @@ class Runtime:
     def metrics_text(self) -> bytes:
         """Extra Prometheus exposition appended to /metrics."""
         return b""
+
+
+class EngineRuntime(Runtime):
+    """A runtime whose model runs on an engine thread it owns (`self.engine`, set by load()):
+    the engine's `stop()`, `failure` and `inject_fault()` are the runtime's shutdown, failure and
+    fault hook."""
+
+    engine: Any = None
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop)
+
+    def failure(self) -> str | None:
+        return self.engine.failure if self.engine is not None else None
+
+    def inject_fault(self) -> bool:
+        if self.engine is None:
+            return False
+        self.engine.inject_fault()
+        return True

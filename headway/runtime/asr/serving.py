@@ -14,10 +14,10 @@ from headway.package.load import Package
 from headway.package.schema import AsrEngineOptions
 from headway.runtime.host import local_or_library
 from headway.server.gate import Gate
-from headway.server.runtime import Runtime
+from headway.server.runtime import EngineRuntime
 
 
-class AsrRuntime(Runtime):
+class AsrRuntime(EngineRuntime):
     kind = "asr"
 
     def __init__(self, package: Package):
@@ -43,19 +43,6 @@ class AsrRuntime(Runtime):
         await asyncio.to_thread(engine.start)
         self.engine = engine
         self.mark_phase("loaded_s")
-
-    async def shutdown(self) -> None:
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
-
-    def failure(self) -> str | None:
-        return self.engine.failure if self.engine is not None else None
-
-    def inject_fault(self) -> bool:
-        if self.engine is None:
-            return False
-        self.engine.inject_fault()
-        return True
 
     def router(self, gate: Gate | None = None) -> APIRouter:
         from headway.runtime.asr.api import TranscriptionServer

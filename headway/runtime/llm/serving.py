@@ -18,7 +18,7 @@ from headway.package.load import Package
 from headway.package.schema import LLMEngineOptions
 from headway.runtime.llm.protocol import OpenAIError
 from headway.server.gate import Gate
-from headway.server.runtime import Runtime
+from headway.server.runtime import EngineRuntime
 
 log = logging.getLogger("headway.llm")
 
@@ -52,7 +52,7 @@ def _model_dir(source: str, package_root: Path, fetch: RemoteFetch | None) -> tu
     return resolve(source).path, {}
 
 
-class LLMRuntime(Runtime):
+class LLMRuntime(EngineRuntime):
     kind = "llm"
 
     def __init__(self, package: Package, fetch: RemoteFetch | None = None):
@@ -118,19 +118,6 @@ class LLMRuntime(Runtime):
         except OpenAIError:      # no chat template: the completions path
             call = self._api.completion_call({**body, "prompt": "Hi"})
         await call.collect()
-
-    async def shutdown(self) -> None:
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
-
-    def failure(self) -> str | None:
-        return self.engine.failure if self.engine is not None else None
-
-    def inject_fault(self) -> bool:
-        if self.engine is None:
-            return False
-        self.engine.inject_fault()
-        return True
 
     def router(self, gate: Gate | None = None) -> APIRouter:
         from headway.runtime.llm.lora.api import lora_router
