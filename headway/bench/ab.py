@@ -52,7 +52,7 @@ def _serve(tree: Path, port: int, dtype: str | None, log: Path) -> subprocess.Po
         if proc.poll() is not None:
             raise RuntimeError(f"the server from {tree} exited with {proc.returncode}; see {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
