@@ -86,8 +86,11 @@ def _figures(url: str, tok: Path, work: Path, tag: str) -> dict[str, float]:
                "--pairs", "10", "--tokenizer", str(tok)], work / f"{tag}-pc.json")
     ps = _run(["bench-target", "prefill-stall", "--base-url", url, "--model", MODEL, "--streams", "8",
                "--long-tokens", "2000", "--output-tokens", "160", "--tokenizer", str(tok)], work / f"{tag}-ps.json")
+    t = tp["targets"][0]
+    if t["errors"]:
+        raise RuntimeError(f"{tag}: {t['errors']} of {t['requests']} throughput requests failed: {t['error_messages']}")
     return {
-        "throughput_tok_s": float(tp["targets"][0]["output_token_throughput"]),
+        "throughput_tok_s": float(t["output_token_throughput"]),
         "ttft_hit_ms": pc["p50_s"]["hit"] * 1000, "ttft_miss_ms": pc["p50_s"]["miss"] * 1000,
         "miss_over_hit": pc["miss_over_hit"],
         "itl_p50_ms": ps["itl"]["all"]["p50_ms"], "itl_p99_ms": ps["itl"]["all"]["p99_ms"],
