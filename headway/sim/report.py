@@ -97,8 +97,8 @@ def verdict(rows: Sequence[Summary], ours: str = "headway", sla: float = 0.99, r
         return f"no verdict: need rows for '{ours}' and 'oracle'"
     me = by[ours]
     parts = [f"SLA {100 * me.sla_attainment:.2f} % (>= {100 * sla:g} %: {'yes' if me.sla_attainment >= sla else 'NO'})",
-             f"replica-s {me.rs_vs_oracle:.2f}x oracle "
-             f"(<= {rs_ratio:g}x: {'yes' if me.rs_vs_oracle <= rs_ratio else 'NO'})"]
+             (f"replica-s {me.rs_vs_oracle:.2f}x oracle "
+              f"(<= {rs_ratio:g}x: {'yes' if me.rs_vs_oracle <= rs_ratio else 'NO'})")]
     for s in rows:
         if s.policy in (ours, "oracle"):
             continue
