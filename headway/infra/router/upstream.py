@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from aiohttp.typedefs import LooseHeaders
 
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.policies import LLM_DEFAULT, OTHER_DEFAULT, make_policy
@@ -95,7 +96,7 @@ class Forwarder:
             self.policies[deployment] = policy
         return policy
 
-    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: Any, body: bytes) -> Opened:
+    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: LooseHeaders, body: bytes) -> Opened:
         dep = req.deployment
         if not self.replicas.candidates(dep):
             raise NoCapacity(f"no replica of '{dep}' is healthy and ready")
