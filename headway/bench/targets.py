@@ -140,7 +140,8 @@ def prefill_stall(
 
     results, long = asyncio.run(run())
     window = (long["start"], long["times"][0] if long["times"] else long["start"])
-    inside, outside = [], []
+    inside: list[float] = []
+    outside: list[float] = []
     for r in results:
         for a, b in zip(r["times"], r["times"][1:]):
             (inside if a < window[1] and b > window[0] else outside).append(b - a)
