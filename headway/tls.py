@@ -14,6 +14,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 CA_ENV = "HEADWAY_CA_FILE"
 
@@ -22,12 +23,19 @@ class TLSConfigError(ValueError):
     """A TLS option that cannot work; the message says which and how to fix it."""
 
 
+class UvicornTLS(TypedDict, total=False):
+    """The keyword arguments `uvicorn.run` takes for HTTPS (none: plain HTTP)."""
+
+    ssl_certfile: str
+    ssl_keyfile: str
+
+
 @dataclass(frozen=True)
 class ServerTLS:
     cert: str
     key: str
 
-    def uvicorn_options(self) -> dict[str, str]:
+    def uvicorn_options(self) -> UvicornTLS:
         return {"ssl_certfile": self.cert, "ssl_keyfile": self.key}
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -187,7 +186,7 @@ def test_disconnect_cancels_unary_and_stream_work(server_factory, tmp_path: Path
     with server_factory(["serve", str(stream_pkg)]) as s:
         with httpx.stream("POST", f"{s.url}/v1/models/streamer:predict",
                           json={"n": 1000, "delay": 0.05, "tag": "s1"}) as r:
-            for i, line in enumerate(r.iter_lines()):
+            for i, _line in enumerate(r.iter_lines()):
                 if i > 4:
                     break  # leave mid-stream: the connection closes
         assert wait_for(lambda: (stream_pkg / "marks" / "closed-s1").exists()), s.log()
@@ -304,7 +303,7 @@ def test_requirements_get_their_own_venv_and_the_shared_interpreter_stays_clean(
     cache = tmp_path / "cache"
     env = {"HEADWAY_CACHE": str(cache), "PIP_NO_INDEX": "1"}
     prefixes = []
-    for i in range(2):
+    for _ in range(2):
         with running_server(["serve", str(pkg)], tmp_path, env=env) as s:
             out = httpx.post(f"{s.url}/v1/models/req:predict", json={}, timeout=30).json()
             assert out["version"] == "0.3" and out["torch"] is True, out

@@ -261,7 +261,7 @@ def test_tool_messages_render_for_templates_without_tools() -> None:
 
 def test_random_model_output_validates_under_each_schema(tiny, tiny_held) -> None:
     c = client(tiny)
-    for name, schema in SCHEMAS.items():
+    for schema in SCHEMAS.values():
         for seed in (1, 2):
             r = c.completions.create(model=TINY, prompt="{", max_tokens=400, temperature=1.0, seed=seed,
                                      extra_body={"response_format": rf(schema)})
@@ -392,7 +392,7 @@ def test_smol_schemas_all_validate_and_prefix_cache_still_hits(smol, smol_held) 
     c = client(smol)
     ask = [{"role": "system", "content": "You answer with JSON only."},
            {"role": "user", "content": "Invent a record about a customer of a bike shop."}]
-    for i, (name, schema) in enumerate(SCHEMAS.items()):
+    for i, schema in enumerate(SCHEMAS.values()):
         r = c.chat.completions.create(model=SMOL, messages=ask, max_tokens=120, temperature=0.7, seed=11,
                                       response_format=rf(schema, strict=i % 2 == 0))
         ch = r.choices[0]

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Literal, cast
 
 import httpx
 import torch
@@ -73,7 +73,8 @@ class TransformersBaseline:
             kwargs = {}
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).to(self.device).eval()
+        # transformers types PreTrainedModel.to through a wrapper whose signature mypy misreads
+        self.model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs).to(self.device).eval()  # type: ignore[arg-type]
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "left"
@@ -121,7 +122,7 @@ class TransformersBaseline:
             r.ttft_s = token_times[0] - t0 if token_times else None
             r.itl_s = [b - a for a, b in zip(token_times, token_times[1:])]
             r.e2e_s = (times[-1] if times else time.perf_counter()) - t0
-            r.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            r.text = cast(str, self.tokenizer.decode(ids, skip_special_tokens=True))  # one sequence: one str
             results.append(r)
             answers.append(r.text)
         return results, answers

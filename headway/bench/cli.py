@@ -186,7 +186,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> dict[str, obj
                                       device=cfg.device, dtype=getattr(torch, cfg.dtype))
             hf.ignore_eos = cfg.ignore_eos
             for mode in ("sequential", "batched"):
-                runs.append(hf.run(workload, api=cfg.api, mode=mode, duration_limit_s=cfg.duration_limit,  # type: ignore[arg-type]
+                runs.append(hf.run(workload, api=cfg.api, mode=mode, duration_limit_s=cfg.duration_limit,
                                    progress=tracker(f"transformers-{mode}"), warmup=cfg.warmup > 0))
     summaries = [summarize(r) for r in runs]
     names = [s.name for s in summaries]

@@ -164,7 +164,7 @@ async def send_request(client: httpx.AsyncClient, target: Target, messages: list
         res.error = f"timeout after {time.perf_counter() - t0:.1f}s: {type(exc).__name__} {exc}".strip()
         return res
     except httpx.HTTPError as exc:
-        res.error = f"{type(exc).__name__}: {exc or 'connection failed'} ({target.url()})"
+        res.error = f"{type(exc).__name__}: {str(exc) or 'connection failed'} ({target.url()})"
         return res
     finally:
         res.text = "".join(pieces)
@@ -231,8 +231,8 @@ async def run_workload(target: Target, workload: Workload, *, duration_limit_s: 
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
         for task in tasks:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # a bug in this module, not a request failure
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error  # a bug in this module, not a request failure
     wall = time.perf_counter() - run_start
     ordered: list[RequestResult] = []
     for s in workload.sessions:

@@ -111,7 +111,8 @@ def _sync(device: str) -> None:
 def _hf(model_dir: Path, dtype: torch.dtype, device: str) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    # transformers types PreTrainedModel.to through a wrapper whose signature mypy misreads
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()  # type: ignore[arg-type]
 
 
 def greedy_parity(model_dir: Path, device: str, *, prompts: int = 8, max_tokens: int = 24) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from headway.library import resolve
 from headway.runtime.llm.config import ModelConfig
@@ -46,7 +47,13 @@ async def _batch(engine: LLMEngine, prompts: list[list[int]], adapters: list[str
     return sum(await asyncio.gather(*[one(p, a) for p, a in zip(prompts, adapters)]))
 
 
-def run(model: str, rank: int, rounds: int, max_tokens: int, threads: int | None) -> dict[str, object]:
+class RankResult(TypedDict):
+    rank: int
+    tokens_per_s: dict[str, list[float]]   # per mode, one rate per round
+    ratio_vs_base: dict[str, float]         # per mode, the median of the per-round ratios
+
+
+def run(model: str, rank: int, rounds: int, max_tokens: int, threads: int | None) -> RankResult:
     model_dir = resolve(model).path
     cfg = ModelConfig.from_model_dir(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,10 +67,10 @@ def run(model: str, rank: int, rounds: int, max_tokens: int, threads: int | None
             engine.stop()
 
 
-def _measure(engine: LLMEngine, ads: list[str], rank: int, rounds: int, max_tokens: int) -> dict[str, object]:
+def _measure(engine: LLMEngine, ads: list[str], rank: int, rounds: int, max_tokens: int) -> RankResult:
     prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True)
                for p in PROMPTS]
-    modes = {"base": [None] * 4, "1 adapter x4": ["lora0"] * 4, "4 adapters": list(ads)}
+    modes: dict[str, list[str | None]] = {"base": [None] * 4, "1 adapter x4": ["lora0"] * 4, "4 adapters": list(ads)}
     asyncio.run(_batch(engine, prompts, modes["4 adapters"], 4))  # warm-up: first-use costs
     rates: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(rounds):
@@ -91,9 +98,9 @@ def main() -> None:
           f"{args.rounds} rounds interleaved (tokens/s per round; ratio = median of per-round ratios)")
     print(f"{'rank':>4}  {'mode':<14} {'tokens/s per round':<30} {'ratio vs base':>13}")
     for res in results:
-        for mode, rates in res["tokens_per_s"].items():  # type: ignore[union-attr]
+        for mode, rates in res["tokens_per_s"].items():
             print(f"{res['rank']:>4}  {mode:<14} {', '.join(f'{x:.1f}' for x in rates):<30} "
-                  f"{res['ratio_vs_base'][mode]:>12.3f}x")  # type: ignore[index]
+                  f"{res['ratio_vs_base'][mode]:>12.3f}x")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -133,7 +133,8 @@ def encode(samples: np.ndarray, fmt: str, rate: int = SAMPLE_RATE) -> bytes:
     out_rate = 48000 if codec == "libopus" else rate
     buf = io.BytesIO()
     with av.open(buf, "w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=out_rate, layout="mono")
+        # an audio codec gives an audio stream (av's overloads know that only for literal codec names)
+        stream = cast("av.AudioStream", container.add_stream(codec, rate=out_rate, layout="mono"))
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = rate

@@ -140,7 +140,8 @@ def prefill_stall(
 
     results, long = asyncio.run(run())
     window = (long["start"], long["times"][0] if long["times"] else long["start"])
-    inside, outside = [], []
+    inside: list[float] = []
+    outside: list[float] = []
     for r in results:
         for a, b in zip(r["times"], r["times"][1:]):
             (inside if a < window[1] and b > window[0] else outside).append(b - a)
@@ -225,9 +226,10 @@ def burst(
         rng = random.Random(0)
         vocab = engine.tokenizer.vocab_size
 
+        # add() is called only within this iteration, so it reads this iteration's engine, rng and vocab
         def add(tag: str, n: int, length: int, max_tokens: int) -> None:
             for i in range(n):
-                engine.scheduler.add(f"{tag}{i}", [rng.randrange(100, vocab - 1) for _ in range(length)],
+                engine.scheduler.add(f"{tag}{i}", [rng.randrange(100, vocab - 1) for _ in range(length)],  # noqa: B023
                                      SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
 
         add("warm", 2, 16, 8)  # a served engine has seen decode steps: its chunker has a cost model

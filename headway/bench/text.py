@@ -29,10 +29,15 @@ _STARTS = ("The", "A", "It", "This", "One")
 _MAX_FIX_STEPS = 256
 
 
+class Encoded(Protocol):
+    @property
+    def ids(self) -> list[int]: ...
+
+
 class TokenCounter(Protocol):
     """The part of ``tokenizers.Tokenizer`` this module uses."""
 
-    def encode(self, sequence: str, add_special_tokens: bool = ...) -> object: ...
+    def encode(self, sequence: str, *, add_special_tokens: bool = ...) -> Encoded: ...
 
 
 @lru_cache(maxsize=1)
@@ -64,7 +69,7 @@ class TextGenerator:
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text``: exact with a tokenizer, else words + punctuation marks."""
         if self.tokenizer is not None:
-            return len(self.tokenizer.encode(text, add_special_tokens=False).ids)  # type: ignore[attr-defined]
+            return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
         return len(re.findall(r"[A-Za-z']+|[^\sA-Za-z']", text))
 
     def sentence(self, rng: random.Random) -> str:

@@ -142,8 +142,8 @@ def run(model: str, requests: int, ws_runs: int, threads: int | None) -> dict[st
 def report(r: dict[str, Any]) -> str:
     ms = lambda d: f"{1000 * d['p50']:7.0f} {1000 * d['p95']:7.0f}"  # noqa: E731
     return "\n".join([
-        f"TTS time to first audio, {r['model']}: {r['requests']} requests, {r['threads']} ONNX thread(s), "
-        f"{r['cpus']} CPUs, load average {r['load_avg_before']} -> {r['load_avg_after']}",
+        (f"TTS time to first audio, {r['model']}: {r['requests']} requests, {r['threads']} ONNX thread(s), "
+         f"{r['cpus']} CPUs, load average {r['load_avg_before']} -> {r['load_avg_after']}"),
         f"{'':50} {'p50 ms':>7} {'p95 ms':>7}",
         f"{'HTTP streamed: first audio byte':50} {ms(r['http_first_byte_s'])}",
         f"{'HTTP streamed: last audio byte':50} {ms(r['http_last_byte_s'])}",

@@ -14,7 +14,7 @@ import inspect
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -33,7 +33,7 @@ class ModelCodeError(Exception):
 class InputError(Exception):
     """The request body does not match the model's input type; `errors` are pydantic's."""
 
-    def __init__(self, errors: list[dict[str, Any]]):
+    def __init__(self, errors: Sequence[Mapping[str, Any]]):
         self.errors = errors
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors))
 

@@ -28,7 +28,7 @@ def make_autoscaler(name: str, config: AutoscaleConfig, schedule: list[int] | No
             raise ValueError("the oracle needs its schedule (oracle_schedule)")
         return Oracle(schedule)
     try:
-        return POLICIES[name](config)  # type: ignore[no-any-return]
+        return POLICIES[name](config)
     except KeyError:
         raise ValueError(f"unknown autoscaling policy '{name}'; choose from: {', '.join(AUTOSCALERS)}, all") from None
 

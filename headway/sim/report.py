@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -66,7 +66,7 @@ def with_oracle_ratio(rows: Sequence[Summary]) -> list[Summary]:
     base = next((s.replica_seconds for s in rows if s.policy == "oracle"), None)
     if not base:
         return list(rows)
-    return [Summary(**{**s.to_dict(), "rs_vs_oracle": s.replica_seconds / base}) for s in rows]
+    return [replace(s, rs_vs_oracle=s.replica_seconds / base) for s in rows]
 
 
 def _secs(x: float) -> str:
@@ -93,12 +93,12 @@ def verdict(rows: Sequence[Summary], ours: str = "headway", sla: float = 0.99, r
     """Whether `ours` meets the target: >= `sla` attainment, <= `rs_ratio` x the oracle's
     replica-seconds, and against each other policy better on one of the two, worse on neither."""
     by = {s.policy: s for s in rows}
-    if ours not in by or by[ours].rs_vs_oracle is None:
+    me = by.get(ours)
+    if me is None or me.rs_vs_oracle is None:
         return f"no verdict: need rows for '{ours}' and 'oracle'"
-    me = by[ours]
     parts = [f"SLA {100 * me.sla_attainment:.2f} % (>= {100 * sla:g} %: {'yes' if me.sla_attainment >= sla else 'NO'})",
-             f"replica-s {me.rs_vs_oracle:.2f}x oracle "
-             f"(<= {rs_ratio:g}x: {'yes' if me.rs_vs_oracle <= rs_ratio else 'NO'})"]
+             (f"replica-s {me.rs_vs_oracle:.2f}x oracle "
+              f"(<= {rs_ratio:g}x: {'yes' if me.rs_vs_oracle <= rs_ratio else 'NO'})")]
     for s in rows:
         if s.policy in (ours, "oracle"):
             continue

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from headway.infra.autoscale.policy import POLICIES
-from headway.infra.autoscale.types import DeploymentMetrics, ResumablePolicy, ScaleDecision
+from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics, ResumablePolicy, ScaleDecision
 
 log = logging.getLogger("headway.autoscale")
 
@@ -77,12 +77,12 @@ class AutoscaleLoop:
         self.memory = memory
         self.tracks: dict[str, _Track] = {}
 
-    def configure(self, name: str, policy: str, key: str, config: object, tick_s: float, window_s: float) -> None:
+    def configure(self, name: str, policy: str, key: str, config: AutoscaleConfig, tick_s: float, window_s: float) -> None:
         """(Re)build a deployment's policy when its settings changed (keeping the samples and holding
         the last decision, as after a restart); keep it (and its state) otherwise."""
         track = self.tracks.get(name)
         if track is None or track.key != key:
-            new = self.tracks[name] = _Track(POLICIES[policy](config), key, tick_s, window_s)  # type: ignore[abstract]
+            new = self.tracks[name] = _Track(POLICIES[policy](config), key, tick_s, window_s)
             if track is not None and track.decision is not None:
                 # new settings, same load: keep the samples, and what was decided until they say otherwise
                 now = self.clock()

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics, ScaleDecision, window_mean
+from headway.infra.autoscale.types import AutoscaleConfig, DeploymentMetrics, ResumablePolicy, ScaleDecision, window_mean
 
 
 def line(samples: Sequence[tuple[float, float]], now: float, window_s: float) -> tuple[float, float, float, float]:
@@ -284,4 +284,4 @@ class RayServeDefault:
         return ScaleDecision(_clamp(cfg, current), "hold")
 
 
-POLICIES = {"headway": StartupAware, "knative-kpa": KnativeKPA, "ray-serve": RayServeDefault}
+POLICIES: dict[str, Callable[[AutoscaleConfig], ResumablePolicy]] = {"headway": StartupAware, "knative-kpa": KnativeKPA, "ray-serve": RayServeDefault}

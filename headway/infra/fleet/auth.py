@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from headway.infra.fleet.keys import KeyRecord, KeyRing, Rejection, authorize
@@ -60,7 +60,7 @@ class AuthGate:
         self.limits = KeyLimits()
         self.clock = clock
 
-    def identify(self, scope: dict[str, Any]) -> KeyRecord | Rejection:
+    def identify(self, scope: Mapping[str, Any]) -> KeyRecord | Rejection:
         auth = host = origin = None
         for k, v in scope["headers"]:
             if k == b"authorization":
@@ -85,7 +85,7 @@ class AuthGate:
                 return Rejection(401, "invalid_api_key", "the Authorization header must be `Bearer KEY`")
         return self.ring.authenticate(key, self.clock())
 
-    def check(self, scope: dict[str, Any], need: str, deployment: str | None = None) -> KeyRecord | Rejection:
+    def check(self, scope: Mapping[str, Any], need: str, deployment: str | None = None) -> KeyRecord | Rejection:
         """The caller, when it may do what needs scope `need`; otherwise why not."""
         caller = self.identify(scope)
         if isinstance(caller, Rejection):
@@ -133,7 +133,7 @@ def redact(spec: dict[str, Any], full_access: bool) -> dict[str, Any]:
     env = spec.get("env")
     if not isinstance(env, dict) or not env:
         return spec
-    masked = {}
+    masked: dict[str, Any] = {}
     for name, value in env.items():
         marked = isinstance(value, dict) and bool(value.get("secret"))
         if marked:

@@ -142,7 +142,7 @@ def deploy(
         parsed = load_spec(spec)
     except PackageError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     data = _call(control, "POST", "/deployments", parsed.model_dump(mode="json"), key=key, ca_file=ca_file)
     typer.echo(f"deployed '{parsed.name}' (generation {data['generation']}, {data['desired']} replica(s) wanted); "
                f"send requests with model='{parsed.name}'")

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from fastapi import Body, Depends, FastAPI, Request
@@ -20,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from headway.infra.fleet.auth import error_json, redact, rejection_headers
 from headway.infra.fleet.keys import KeyRecord, Rejection, new_key, parse_expires
@@ -31,8 +31,7 @@ if TYPE_CHECKING:
 
 PREFIX = "/headway/control"
 MAX_BODY = 1024 * 1024
-ASGI = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
-                Awaitable[None]]
+ASGI = ASGIApp
 
 
 class ScaleBody(BaseModel):
@@ -171,7 +170,7 @@ class Refused(Exception):
 
 def body_limits(app: ASGI, max_body: int = MAX_BODY) -> ASGI:
     """Refuse a body that is not JSON (415) or larger than `max_body` bytes (413) before the app reads it."""
-    async def limited(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
         has_body = (length not in (None, b"0")) or b"transfer-encoding" in headers
@@ -187,7 +186,7 @@ def body_limits(app: ASGI, max_body: int = MAX_BODY) -> ASGI:
             return
         seen = 0
 
-        async def counted() -> dict[str, Any]:
+        async def counted() -> Message:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))

@@ -26,6 +26,10 @@ from headway.tls import ServerTLS
 if TYPE_CHECKING:
     from headway.infra.router.proxy import RouterApp
 
+    # grpc.aio's context is generic in the request and response messages
+    _PredictContext = grpc.aio.ServicerContext[router_pb2.PredictRequest, router_pb2.PredictReply]
+    _GenerateContext = grpc.aio.ServicerContext[router_pb2.PredictRequest, router_pb2.GenerateChunk]
+
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.INVALID_ARGUMENT,
           422: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
           503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -35,7 +39,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
     def __init__(self, app: RouterApp):
         self.app = app
 
-    async def _open(self, request: router_pb2.PredictRequest, context: grpc.aio.ServicerContext,
+    async def _open(self, request: router_pb2.PredictRequest, context: _PredictContext | _GenerateContext,
                     accept: str) -> Opened:
         if not request.model:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "PredictRequest.model is required: the "
@@ -62,7 +66,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
             raise  # abort raises; this line is for type checkers
 
     async def Predict(self, request: router_pb2.PredictRequest,  # noqa: N802 (gRPC method name)
-                      context: grpc.aio.ServicerContext) -> router_pb2.PredictReply:
+                      context: _PredictContext) -> router_pb2.PredictReply:
         opened = await self._open(request, context, "application/json")
         chunks = [opened.first]
         ok = False
@@ -78,7 +82,7 @@ class RouterService(router_pb2_grpc.RouterServicer):
         return router_pb2.PredictReply(status=opened.resp.status, body=b"".join(chunks), replica=opened.replica.url)
 
     async def Generate(self, request: router_pb2.PredictRequest,  # noqa: N802
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[router_pb2.GenerateChunk]:
+                       context: _GenerateContext) -> AsyncIterator[router_pb2.GenerateChunk]:
         opened = await self._open(request, context, "text/event-stream")
         resp = opened.resp
         if resp.status >= 400 or resp.content_type != "text/event-stream":

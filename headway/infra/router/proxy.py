@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
+from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 
 from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
@@ -31,7 +32,7 @@ from headway.infra.router.replicas import ReplicaSet
 from headway.infra.router.tokenize import prompt_token_ids
 from headway.infra.router.tokenizer_fetch import TokenizerFetcher
 from headway.infra.router.types import RouteRequest
-from headway.infra.router.upstream import Forwarder, NoCapacity, RouterConfig
+from headway.infra.router.upstream import Forwarder, NoCapacity, Opened, RouterConfig
 
 if TYPE_CHECKING:
     from headway.infra.fleet.auth import AuthGate
@@ -287,8 +288,8 @@ class RouterApp:
         values = sorted(s for t, s in self.first_byte.get(deployment, ()) if t >= since)
         return values[min(len(values) - 1, int(0.95 * len(values)))] if values else None
 
-    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: Any, body: bytes,
-                   receive: Receive | None = None) -> Any:
+    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: LooseHeaders, body: bytes,
+                   receive: Receive | None = None) -> Opened:
         """Open the request on a replica; for a deployment the control plane manages, wait in the
         activator while no replica can take it (scaling from zero, or all at their limit).
         With the client's `receive`, a client that disconnects while waiting leaves the queue
@@ -333,7 +334,7 @@ class RouterApp:
                 gone.cancel()
             self.metrics.queued.labels(dep).set(self.activator.queued(dep))
 
-    async def _pump(self, opened: Any, receive: Receive, send: Send, is_sse: bool) -> bool:
+    async def _pump(self, opened: Opened, receive: Receive, send: Send, is_sse: bool) -> bool:
         """Copy the rest of the replica's body to the client as it arrives; False if it broke.
 
         For event streams, a client that goes away closes the upstream connection at once (the
@@ -358,7 +359,7 @@ class RouterApp:
             dep = opened.req.deployment
             self.metrics.stream_errors.labels(dep).inc()
             self.replicas.failed(opened.replica, f"stream broke: {type(exc).__name__}: {exc}", down=False)
-            log.warning("stream from %s broke after its first byte: %s", opened.replica.url, exc or type(exc).__name__)
+            log.warning("stream from %s broke after its first byte: %s", opened.replica.url, str(exc) or type(exc).__name__)
             if is_sse:
                 tail = sse_error("replica_stream_broken", f"the replica serving '{dep}' failed mid-stream "
                                  f"({type(exc).__name__}); the response is incomplete", 502)

@@ -222,7 +222,7 @@ class ReplicaSet:
                     raise ValueError(f"/headway/state answered {resp.status}")
         except Exception as exc:  # any failure of the check marks the replica unhealthy
             if r.healthy:
-                log.warning("replica %s failed its health check: %s", r.url, exc or type(exc).__name__)
+                log.warning("replica %s failed its health check: %s", r.url, str(exc) or type(exc).__name__)
             r.healthy = False
             r.last_error = f"health check: {type(exc).__name__}: {exc}"
             return

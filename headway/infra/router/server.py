@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def build_app(replica_urls: list[str], config: RouterConfig, *, regions: dict[st
     return RouterApp(replicas, config, on_startup=on_startup, on_shutdown=on_shutdown, gate=gate)
 
 
-def _keys(key_file: Path) -> tuple[AuthGate, Callable[[], Awaitable[None]]]:
+def _keys(key_file: Path) -> tuple[AuthGate, Callable[[], Coroutine[Any, Any, None]]]:
     """A gate over the keys in a control plane's state, and the loop that re-reads them."""
     from headway.infra.fleet.store import Store
 

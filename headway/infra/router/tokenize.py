@@ -16,12 +16,23 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from tokenizers import Tokenizer
+
 log = logging.getLogger("headway.router")
 
 
 class PromptTokenizer(Protocol):
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]: ...
+
+
+class ChatTokenizer(Protocol):
+    """What the segment cache uses of a model's tokenizer (a ``ModelTokenizer``)."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]: ...
+    def render_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str: ...
 
 
 def load_prompt_tokenizer(source: str) -> PromptTokenizer:
@@ -43,7 +54,7 @@ class SegmentCachedTokenizer:
     compared; on any difference the cache is switched off for good (a logged warning).
     """
 
-    def __init__(self, tokenizer: Any, max_entries: int = 2048, verify: int = 64):
+    def __init__(self, tokenizer: ChatTokenizer, max_entries: int = 2048, verify: int = 64) -> None:
         import re
         from collections import OrderedDict
 

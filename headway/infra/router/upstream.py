@@ -16,12 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+from aiohttp.typedefs import LooseHeaders
 
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.policies import LLM_DEFAULT, OTHER_DEFAULT, make_policy
 from headway.infra.router.replicas import Replica, ReplicaSet
 from headway.infra.router.tokenize import PromptTokenizer
-from headway.infra.router.types import RouteEvent, RouteRequest, RoutingPolicy
+from headway.infra.router.types import EventKind, RouteEvent, RouteRequest, RoutingPolicy
 from headway.tls import client_context
 
 RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
@@ -95,7 +96,7 @@ class Forwarder:
             self.policies[deployment] = policy
         return policy
 
-    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: Any, body: bytes) -> Opened:
+    async def open(self, req: RouteRequest, method: str, path_qs: str, headers: LooseHeaders, body: bytes) -> Opened:
         dep = req.deployment
         if not self.replicas.candidates(dep):
             raise NoCapacity(f"no replica of '{dep}' is healthy and ready")
@@ -190,7 +191,7 @@ class Forwarder:
         if ok and status >= 500:
             self.replicas.failed(opened.replica, f"{opened.replica.url} answered {status}", down=False)
         now = time.monotonic()
-        kind = "finished" if ok else "failed"
+        kind: EventKind = "finished" if ok else "failed"
         opened.policy.observe(RouteEvent(kind, opened.replica.url, now, opened.req, now - opened.started))
         if ok:
             opened.resp.release()

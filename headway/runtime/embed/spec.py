@@ -62,7 +62,7 @@ def _pooling(root: Path, modules: list[dict[str, Any]]) -> str:
     if pool_dir is None:
         return "mean"      # a plain Hugging Face directory: sentence-transformers' default pooling
     cfg_file = root / pool_dir / "config.json"
-    cfg = _read(cfg_file) if cfg_file.exists() else {"pooling_mode_mean_tokens": True}
+    cfg: dict[str, Any] = _read(cfg_file) if cfg_file.exists() else {"pooling_mode_mean_tokens": True}
     modes = [m for m, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
                               ("max", "pooling_mode_max_tokens"), ("mean_sqrt_len", "pooling_mode_mean_sqrt_len_tokens"))
              if cfg.get(key)]

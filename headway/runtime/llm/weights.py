@@ -8,6 +8,7 @@ any checkpoint tensor was never taken (unexpected), ``take`` raises if one is mi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -15,6 +16,13 @@ from safetensors import safe_open
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # buffers some exporters write that carry no learned weights
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class _SafetensorsFile(Protocol):
+    """What we use of a ``safe_open`` handle (safetensors' own stub leaves these unannotated)."""
+
+    def keys(self) -> list[str]: ...
+    def get_tensor(self, name: str) -> torch.Tensor: ...
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -42,7 +50,7 @@ class WeightStore:
             )
         self.dtype = dtype
         self.device = device
-        self._handles = [safe_open(str(f), framework="pt", device="cpu") for f in files]
+        self._handles: list[_SafetensorsFile] = [safe_open(str(f), framework="pt", device="cpu") for f in files]
         self._where: dict[str, int] = {}
         for i, h in enumerate(self._handles):
             for name in h.keys():

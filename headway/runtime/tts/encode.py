@@ -98,7 +98,7 @@ class _AVEncoder(Encoder):
         pass
 
     def _frames(self, samples: np.ndarray) -> bytes:
-        out = []
+        out: list[bytes] = []
         for start in range(0, len(samples), self.frame_size):
             part = samples[start:start + self.frame_size]
             frame = self._av.AudioFrame.from_ndarray(part.reshape(1, -1), format=self.sample_format, layout="mono")

@@ -17,6 +17,7 @@ cache, so a bad constraint is reported every time and never cached;
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import threading
@@ -84,7 +85,7 @@ class GrammarCompiler:
             self._cache[spec.key] = fut
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
-        fut.add_done_callback(lambda f, key=spec.key: self._forget_failed(key, f))
+        fut.add_done_callback(functools.partial(self._forget_failed, spec.key))
         return fut
 
     async def compile(self, spec: GrammarSpec) -> Grammar:
@@ -119,7 +120,8 @@ class GrammarCompiler:
                                        "(scripts/setup does; its triton dependency is only for GPU kernels)") from exc
                 from transformers import PreTrainedTokenizerFast
 
-                hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer)
+                # transformers leaves this constructor unannotated
+                hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer)  # type: ignore[no-untyped-call]
                 info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
                                                           stop_token_ids=self.stop_token_ids or None)
                 # our cache is the only one: xgrammar's own would hold a second copy

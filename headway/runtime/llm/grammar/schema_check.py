@@ -12,7 +12,7 @@ use instead. Integer ``exclusiveMinimum``/``exclusiveMaximum`` are rewritten to 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 from headway.runtime.llm.grammar.spec import GrammarError
 
@@ -33,7 +33,8 @@ _SUBSCHEMAS = ("items", "additionalProperties")
 def checked_schema(schema: dict[str, Any], param: str | None) -> dict[str, Any]:
     """``schema`` with integer exclusive bounds rewritten; ``GrammarError`` naming the path of
     the first keyword whose constraint the grammar could not guarantee."""
-    return _walk(schema, "", param)
+    # _walk maps a dict to a dict (any other JSON value passes through unchanged)
+    return cast(dict[str, Any], _walk(schema, "", param))
 
 
 def _walk(node: Any, path: str, param: str | None) -> Any:

@@ -70,13 +70,13 @@ class GrammarSpec:
         return cls("json_schema", canonical_json(checked_schema(schema, param)), bool(strict), param)
 
     @classmethod
-    def regex(cls, pattern: str, param: str | None = None) -> GrammarSpec:
+    def regex(cls, pattern: object, param: str | None = None) -> GrammarSpec:  # (request JSON: checked here)
         if not isinstance(pattern, str) or not pattern:
             raise GrammarError("a regex must be a non-empty string", param)
         return cls("regex", pattern, True, param)
 
     @classmethod
-    def ebnf(cls, grammar: str, param: str | None = None) -> GrammarSpec:
+    def ebnf(cls, grammar: object, param: str | None = None) -> GrammarSpec:  # (request JSON: checked here)
         if not isinstance(grammar, str) or not grammar.strip():
             raise GrammarError("a grammar must be a non-empty EBNF string with a 'root' rule", param)
         return cls("ebnf", grammar, True, param)

@@ -152,7 +152,8 @@ class ToolCallParser:
 
     def finish(self) -> tuple[str, list[ToolCallDelta]]:
         """Flush what was held back (output cut short by max_tokens ends up here)."""
-        content, deltas = "", []
+        content = ""
+        deltas: list[ToolCallDelta] = []
         if self._state == "args":
             self._args(self._buf, deltas)
         elif self._buf:

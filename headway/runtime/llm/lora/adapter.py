@@ -20,6 +20,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -71,7 +72,7 @@ class LoraWeights:
                    for t in (a, *bs))
 
 
-def _config(path: Path) -> dict:
+def _config(path: Path) -> dict[str, Any]:
     f = path / "adapter_config.json"
     if not f.is_file():
         raise AdapterError(f"{path}: no adapter_config.json; a LoRA adapter is a PEFT directory with "
@@ -179,10 +180,10 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, *, max_rank: int
             bs = []
             for i, p in enumerate(parts):
                 b = torch.zeros(r, shapes[p][1], dtype=torch.float32)
-                ab = found.get((layer, p))
-                if ab is not None:
-                    a[:, i * r:(i + 1) * r] = ab["A"].float().t()
-                    b[:] = ab["B"].float().t() * scale
+                pair = found.get((layer, p))
+                if pair is not None:
+                    a[:, i * r:(i + 1) * r] = pair["A"].float().t()
+                    b[:] = pair["B"].float().t() * scale
                 bs.append(b.to(device=device, dtype=dtype).contiguous())
             layers.append((a.to(device=device, dtype=dtype).contiguous(), bs))
         modules[kind] = layers

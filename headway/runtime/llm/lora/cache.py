@@ -40,6 +40,8 @@ class Registration:
 
 
 class AdapterCache:
+    # `model` stays unannotated: _attach swaps its layers' Linear projections for LoraLinear
+    # wrappers, an assignment DecoderModel's attribute types (rightly) do not allow elsewhere
     def __init__(self, model, cfg: ModelConfig, *, dtype: torch.dtype, device: torch.device,  # type: ignore[no-untyped-def]
                  max_loras: int = 4, max_rank: int = 64, memory_bytes: int = 512 << 20,
                  on_event: Callable[[str, str], None] | None = None) -> None:
@@ -224,7 +226,8 @@ class AdapterCache:
                 if not owners:
                     lin.stack.a, lin.stack.bs = None, []
                     continue
-                a_cols, b_parts = [], [[] for _ in layout.outs]
+                a_cols: list[torch.Tensor] = []
+                b_parts: list[list[torch.Tensor]] = [[] for _ in layout.outs]
                 for _, r, layers in owners:
                     a, bs = layers[i]
                     for p, b in enumerate(bs):

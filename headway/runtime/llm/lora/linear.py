@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from headway.runtime.llm.models.layers import Linear
+
 
 @dataclass
 class ModuleStack:
@@ -68,7 +70,7 @@ class LoraContext:
 class LoraLinear:
     """A base ``Linear`` plus the LoRA deltas of the current step's adapter rows."""
 
-    def __init__(self, base, ctx: LoraContext, kind: str, layouts: dict[str, KindLayout]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, base: Linear, ctx: LoraContext, kind: str, layouts: dict[str, KindLayout]) -> None:
         self.base = base
         self.ctx = ctx
         self.kind = kind

@@ -7,6 +7,8 @@ fused gate/up MLP) and the final norm + LM head. Family files subclass ``Decoder
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +67,7 @@ class DecoderLayer:
         cfg = self.cfg
         T = x.shape[0]
         qkv = self.qkv(x)
-        q, k, v = qkv.split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q, k, v = torch.split(qkv, [self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = q.view(T, cfg.num_heads, cfg.head_dim)
         k = k.view(T, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(T, cfg.num_kv_heads, cfg.head_dim)
@@ -109,7 +111,7 @@ class DecoderModel:
         if cfg.tie_word_embeddings:
             # shares the embedding's memory (no transposed copy of the largest matrix);
             # (E @ x.T).T runs 1.3-2.7x faster than F.linear(x, E) for 8-32 rows on CPU
-            self.lm_head = lambda x: torch.matmul(self.embed, x.t()).t()
+            self.lm_head: Callable[[torch.Tensor], torch.Tensor] = lambda x: torch.matmul(self.embed, x.t()).t()
             w.skip("lm_head.weight")
         else:
             self.lm_head = Linear(w.take("lm_head.weight"))

@@ -7,6 +7,7 @@ module ``__call__`` hooks are per-layer Python overhead we do not want on the de
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -97,7 +98,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def activation_fn(name: str):  # type: ignore[no-untyped-def]
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if name == "silu":
         return F.silu
     if name == "gelu_pytorch_tanh":
@@ -182,7 +183,7 @@ class Linear:
     def _int8(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if self.int8_kernel:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
+            y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales)
         else:
             y = F.linear(x2, self.weight.to(x.dtype)) * self.scales
         if self.bias is not None:
@@ -219,5 +220,5 @@ class GatedMLP:
         self.act = activation_fn(activation)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.inter, dim=-1)
+        gate, up = torch.split(self.gate_up(x), self.inter, dim=-1)
         return self.down(self.act(gate) * up)

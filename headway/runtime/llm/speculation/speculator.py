@@ -11,6 +11,7 @@ batch already amortizes the weights and extra rows cost what they save.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -107,8 +108,9 @@ class Speculator:
             out = sampler.sample(logits[plain], [seqs[i] for i in plain])
             for j, i in enumerate(plain):
                 runs[i] = [out.tokens[j]]
-                if seqs[i].params.logprobs and out.logprobs[j] is not None:
-                    lps[i] = [TokenLogprob(out.tokens[j], float(out.logprobs[j]), list(out.top_logprobs[j] or []))]
+                lp = out.logprobs[j]
+                if seqs[i].params.logprobs and lp is not None:
+                    lps[i] = [TokenLogprob(out.tokens[j], float(lp), list(out.top_logprobs[j] or []))]
         stats = StepStats()
         for i, seq in enumerate(seqs):
             if id(seq) not in spec_rows:
@@ -120,7 +122,7 @@ class Speculator:
                 q = pend.probs[: len(prop)]
             if q is None and self.draft is not None and not seq.params.greedy:
                 raise RuntimeError(f"no draft distribution for {seq.seq_id}'s proposal")
-            v = verify(logits[spec_rows[id(seq)]], prop, seq, lambda s=seq: self.uniform(s), draft_probs=q)
+            v = verify(logits[spec_rows[id(seq)]], prop, seq, functools.partial(self.uniform, seq), draft_probs=q)
             runs[i], lps[i] = v.tokens, v.logprobs
             stats.proposed += len(prop)
             stats.accepted += v.accepted
