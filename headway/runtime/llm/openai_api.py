@@ -17,16 +17,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from headway.runtime.admission import Ticket
+from headway.runtime.gate import Gate, Refused
 from headway.runtime.llm.grammar import GrammarCompiler, GrammarError, GrammarSpec, ToolCallParser, constraint_for
 from headway.runtime.llm.grammar.tools import chat_messages, functions_of
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
-from headway.runtime.llm.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError,
-                                          parse_request)
+from headway.runtime.llm.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse_request
 from headway.runtime.llm.sequence import SamplingParams
 from headway.runtime.llm.tokenizer import ModelTokenizer
-from headway.server.admission import Ticket
-from headway.server.disconnect import ClientGone, cancel_on_disconnect
-from headway.server.gate import Gate, Refused
+from headway.wire import ClientGone, cancel_on_disconnect, sse_event
 
 
 class GenerateEngine(Protocol):
@@ -39,7 +38,7 @@ class GenerateEngine(Protocol):
 
 
 def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return sse_event(obj, ascii_only=False)
 
 
 def _error_response(exc: OpenAIError) -> JSONResponse:

@@ -16,9 +16,9 @@ from fastapi.responses import JSONResponse, Response
 
 from headway.package.load import Package
 from headway.package.schema import LLMEngineOptions
+from headway.runtime.base import EngineRuntime
+from headway.runtime.gate import Gate
 from headway.runtime.llm.protocol import OpenAIError
-from headway.server.gate import Gate
-from headway.server.runtime import EngineRuntime
 
 log = logging.getLogger("headway.llm")
 
@@ -147,7 +147,6 @@ class LLMRuntime(EngineRuntime):
     # answers with the completion object, or streams text deltas when "stream" is true.
     def parse(self, body: Any) -> Any:
         from headway.package.model_file import InputError
-        from headway.runtime.llm.protocol import CompletionRequest
 
         if not isinstance(body, dict):
             raise InputError([{"loc": (), "msg": "expected a JSON object like {\"prompt\": \"...\"}"}])
