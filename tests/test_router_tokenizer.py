@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from headway.library import resolve
-from headway.runtime.llm.tokenizer import TOKENIZER_FILES, ModelTokenizer
+from headway.tokenization import TOKENIZER_FILES, ModelTokenizer
 
 
 def test_tokenizer_files_round_trip(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from headway.library import resolve
 from headway.runtime.llm.grammar import (GrammarCompiler, GrammarError, GrammarSpec, GrammarState, ToolCallParser,
                                          allocate_bitmask, apply_bitmask)
 from headway.runtime.llm.grammar.tools import CALL_END, call_begin, chat_messages, render_call, tool_call_spec
-from headway.runtime.llm.tokenizer import ModelTokenizer
+from headway.tokenization import ModelTokenizer
 from tests.conftest import running_server
 
 SMOL = "smollm2-135m-instruct"

@@ -19,12 +19,23 @@ from starlette.background import BackgroundTask
 
 from headway.runtime.admission import Ticket
 from headway.runtime.gate import Gate, Refused
-from headway.runtime.llm.grammar import GrammarCompiler, GrammarError, GrammarSpec, ToolCallParser, constraint_for
+from headway.runtime.llm.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    GrammarSpec,
+    ToolCallParser,
+    constraint_for,
+)
 from headway.runtime.llm.grammar.tools import chat_messages, functions_of
+from headway.runtime.llm.openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    parse_request,
+)
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
-from headway.runtime.llm.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse_request
 from headway.runtime.llm.sequence import SamplingParams
-from headway.runtime.llm.tokenizer import ModelTokenizer
+from headway.tokenization import ModelTokenizer, TokenizationError
 from headway.wire import ClientGone, cancel_on_disconnect, sse_event
 
 
@@ -178,8 +189,11 @@ class OpenAIServer:
             messages, tools_arg = chat_messages(
                 messages, tools if req.effective_tool_choice != "none" else None,
                 template_renders_tools="tools" in (tok.chat_template or ""))
-            prompts = [tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=tools_arg,
-                                       **(req.chat_template_kwargs or {}))]
+            try:
+                prompts = [tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=tools_arg,
+                                           **(req.chat_template_kwargs or {}))]
+            except TokenizationError as exc:
+                raise OpenAIError(exc.message, param=exc.param) from None
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             req = parse_request(CompletionRequest, body)
