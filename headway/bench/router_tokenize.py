@@ -1,7 +1,7 @@
 """What exact prefix routing costs the router per request: chat prompts encoded whole against
 the segment cache (`tokenize.SegmentCachedTokenizer`), side by side on the same multi-turn bodies.
 
-    python -m headway.infra.router.bench_tokenize [--model smollm2-135m-instruct] [--conversations 40]
+    python -m headway.bench.router_tokenize [--model smollm2-135m-instruct] [--conversations 40]
 """
 
 from __future__ import annotations
