@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
@@ -48,9 +48,8 @@ def model_dir(source: str, package_root: Path) -> Path:
 
 
 def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    text = value.get("content") if isinstance(value, dict) else value
+    return cast("str | None", text)
 
 
 def _raise(message: str) -> None:

@@ -4,7 +4,7 @@ standby preloader runs it without importing the rest of the CLI)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,27 +16,27 @@ def serve(
         help="A package directory, a model-library name, or s3://BUCKET/PREFIX/ or https://HOST/m.gguf.")],
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    dtype: Annotated[Optional[str], typer.Option(help="LLM dtype: auto, float32 or bfloat16.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for the forward pass.")] = None,
-    quantization: Annotated[Optional[str], typer.Option(
+    dtype: Annotated[str | None, typer.Option(help="LLM dtype: auto, float32 or bfloat16.")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the forward pass.")] = None,
+    quantization: Annotated[str | None, typer.Option(
         help="LLM weight quantization: none (default), int8 or fp8.")] = None,
-    speculative: Annotated[Optional[str], typer.Option(
+    speculative: Annotated[str | None, typer.Option(
         help="LLM speculative decoding: ngram or draft (details in headway.yaml engine.speculative).")] = None,
-    kv_offload_tokens: Annotated[Optional[int], typer.Option(
+    kv_offload_tokens: Annotated[int | None, typer.Option(
         help="LLM host-memory KV tier in tokens: evicted prefixes are restored from it (0 = off).")] = None,
-    lora: Annotated[Optional[list[str]], typer.Option(
+    lora: Annotated[list[str] | None, typer.Option(
         help="LoRA adapter to serve, NAME=PATH to a PEFT directory; repeatable.")] = None,
-    lora_root: Annotated[Optional[list[str]], typer.Option(
+    lora_root: Annotated[list[str] | None, typer.Option(
         "--lora-root", help="Directory POST /v1/load_lora_adapter may load adapters from; repeatable (none: "
         "loading from a path at run time is refused).")] = None,
-    secrets_dir: Annotated[Optional[str], typer.Option(help="Directory of secret files.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Name clients use in `model` (default: the package's "
+    secrets_dir: Annotated[str | None, typer.Option(help="Directory of secret files.")] = None,
+    name: Annotated[str | None, typer.Option(help="Name clients use in `model` (default: the package's "
                                                 "name); the control plane passes the deployment's.")] = None,
-    replica_id: Annotated[Optional[str], typer.Option(help="Identity reported on /headway/state (set by the "
+    replica_id: Annotated[str | None, typer.Option(help="Identity reported on /headway/state (set by the "
                                                       "control plane).")] = None,
-    tls_cert: Annotated[Optional[Path], typer.Option(help="Serve HTTPS only, with this certificate (PEM); "
+    tls_cert: Annotated[Path | None, typer.Option(help="Serve HTTPS only, with this certificate (PEM); "
                                                      "needs --tls-key.")] = None,
-    tls_key: Annotated[Optional[Path], typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="The private key (PEM) of --tls-cert.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve a model package or a library model on one machine."""

@@ -60,16 +60,16 @@ def become_replica() -> None:
 
 def _preload() -> None:
     import torch  # noqa: F401
-    import uvicorn.lifespan.on  # noqa: F401
-    import uvicorn.protocols.http.h11_impl  # noqa: F401
+    import uvicorn.lifespan.on
+    import uvicorn.protocols.http.h11_impl
     import uvicorn.protocols.http.httptools_impl  # noqa: F401
 
-    import headway.infra.weights  # noqa: F401
-    import headway.library  # noqa: F401
-    import headway.runtime.llm.engine  # noqa: F401
-    import headway.runtime.llm.openai_api  # noqa: F401
-    import headway.runtime.llm.serving  # noqa: F401
-    import headway.server.app  # noqa: F401
+    import headway.infra.weights
+    import headway.library
+    import headway.runtime.llm.engine
+    import headway.runtime.llm.openai_api
+    import headway.runtime.llm.serving
+    import headway.server.app
     import headway.server.cli  # noqa: F401
 
 
