@@ -33,8 +33,8 @@ from headway.runtime.llm.kv_offload import KVOffloadTier
 from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.lora import AdapterCache, AdapterError
 from headway.runtime.llm.metrics import EngineMetrics
-from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
 from headway.runtime.llm.openai_types import OpenAIError
+from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
 from headway.runtime.llm.radix_cache import RadixCache
 from headway.runtime.llm.runner import ModelRunner
 from headway.runtime.llm.sampling import Sampler
