@@ -432,3 +432,20 @@ def test_burst_target_compares_prefill_rules(tmp_path: Path) -> None:
         r = report[name]
         assert r["prefill_steps"] >= 1 and 0 < r["prefill_s"] <= r["total_s"]
     assert report["total_speedup"] > 0 and report["requests"] == 6
+
+
+def test_fleet_router_and_weight_benchmarks_are_bench_targets() -> None:
+    """The benchmarks that lived under infra/ are `headway bench-target NAME` commands, which hand
+    their arguments to the module's own parser (the same one `python -m headway.bench.MODULE` runs)."""
+    from typer.testing import CliRunner
+
+    from headway.cli.main import app
+
+    programs = {"router": "--concurrency", "router-tokenize": "--conversations", "router-trace": "--policy",
+                "cold-start": "--runs", "burst-deploy": "--factor", "weights": "--part-mib"}
+    for name, option in programs.items():
+        res = CliRunner().invoke(app, ["bench-target", name, "--help"])
+        assert res.exit_code == 0, (name, res.output)
+        assert option in res.output and "usage:" in res.output, (name, res.output)
+    res = CliRunner().invoke(app, ["bench-target", "weights", "--no-such-option"])
+    assert res.exit_code == 2, res.output

@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, QueueLimits
 from headway.infra.autoscale.controller import AutoscaleLoop, Observed
 from headway.infra.fleet.manager import breakdown
 from headway.infra.fleet.spec import load_spec, validate_spec
 from headway.infra.fleet.store import ReplicaRow, Store
+from headway.infra.router.activator import Activator, ActivatorFull, ActivatorTimeout, QueueLimits
 from headway.package.load import PackageError
 from tests.conftest import ROOT, free_port, write_package
 

@@ -231,7 +231,7 @@ def test_chat_template_renders_as_transformers_does() -> None:
     from transformers import AutoTokenizer
 
     from headway.library import resolve
-    from headway.runtime.llm.tokenizer import ModelTokenizer
+    from headway.tokenization import ModelTokenizer
 
     path = resolve(SMOL, install=False, progress=False).path
     ours, hf = ModelTokenizer(path), AutoTokenizer.from_pretrained(path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from headway.runtime.llm.protocol import ChatCompletionRequest, CompletionRequest, OpenAIError, parse_request
+from headway.runtime.llm.openai_types import ChatCompletionRequest, CompletionRequest, OpenAIError, parse_request
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 

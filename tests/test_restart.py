@@ -23,7 +23,7 @@ from headway.infra.fleet.store import Store
 from tests.conftest import ROOT
 from tests.test_fleet import Plane, alive
 
-STANDBY_MODULE = "headway.infra.fleet.providers.standby"
+STANDBY_MODULE = "headway.server.standby"
 
 
 def _gone(pid: int, timeout: float) -> bool:

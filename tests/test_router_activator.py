@@ -23,7 +23,7 @@ import pytest
 import uvicorn
 import websockets
 
-from headway.infra.autoscale.activator import QueueLimits
+from headway.infra.router.activator import QueueLimits
 from headway.infra.router.grpc_service import start_grpc
 from headway.infra.router.proto import router_pb2, router_pb2_grpc
 from headway.infra.router.proxy import RouterApp

@@ -113,7 +113,7 @@ def test_router_tokenizes_prompts_as_the_replica_does() -> None:
     from headway.infra.router.tokenize import load_prompt_tokenizer
     from headway.infra.router.upstream import RouterConfig
     from headway.library import resolve
-    from headway.runtime.llm.tokenizer import ModelTokenizer
+    from headway.tokenization import ModelTokenizer
 
     path = resolve("tinycoder-test", install=False, progress=False).path
     replica = Replica("http://tiny:1")

@@ -132,9 +132,9 @@ def test_a_router_fetches_the_tokenizer_from_its_replicas(llm: dict[str, Proc], 
 
 @pytest.mark.slow
 def test_trace_benchmark_compares_policies_on_real_replicas(tmp_path) -> None:  # noqa: ANN001
-    """`python -m headway.infra.router.bench_trace` end to end on tinycoder replicas: fresh
+    """`python -m headway.bench.router_trace` end to end on tinycoder replicas: fresh
     replicas and a router per policy, the multi-turn trace through it, hit rates from /metrics."""
-    from headway.infra.router.bench_trace import main
+    from headway.bench.router_trace import main
 
     out = tmp_path / "trace.json"
     assert main(["--api", "completions", "--model", "tinycoder-test", "--replicas", "2", "--conversations", "6",

@@ -334,3 +334,32 @@ def test_token_prompts_keep_affinity_when_digests_hash_differently() -> None:
     assert p.affinity.matched_tokens(RouteRequest("d", token_ids=shared), rs)[owner] == 600
     # text and token prompts never match each other
     assert p.affinity.matched_tokens(RouteRequest("d", prompt="".join(map(chr, shared))), rs)[owner] == 0
+
+
+@pytest.mark.parametrize("name", ["cache-aware", "predicted-latency"])
+def test_a_replica_removed_from_the_router_leaves_the_prefix_tree(name: str) -> None:
+    """Taking a replica out of the router's replica set drops its prefixes from every policy's
+    tree, so a replica that comes back under the same URL (a new process, an empty cache) is not
+    credited with what its predecessor held."""
+    from headway.infra.router.metrics import RouterMetrics
+    from headway.infra.router.replicas import Replica, ReplicaSet
+    from headway.infra.router.upstream import Forwarder, RouterConfig
+
+    a, b = Replica("http://a:1", deployment="smol"), Replica("http://b:1", deployment="smol")
+    replicas = ReplicaSet([a, b])
+    fwd = Forwarder(replicas, RouterMetrics(), RouterConfig(policy=name))
+    policy = fwd.policy_for("smol")
+    tree = policy.affinity.tree  # type: ignore[attr-defined]
+    shared = "a long shared system prompt " * 40
+    policy.observe(RouteEvent("started", a.url, 0.0, RouteRequest("smol", 1, prompt=shared + "first")))
+    policy.observe(RouteEvent("started", b.url, 0.0, RouteRequest("smol", 2, prompt="something else entirely")))
+    assert tree.match(shared + "next")[a.url] >= len(shared)        # a holds the prefix
+
+    replicas.remove(a.url)
+    assert a.url not in tree.chars and a.url not in tree.match(shared + "next")
+    assert tree.match("something else entirely")[b.url] > 0        # the other replica keeps its own
+    tree.check()
+    back = replicas.add(Replica("http://a:1", deployment="smol"))   # same URL, fresh process
+    matched = policy.affinity.matched_tokens(RouteRequest("smol", 3, prompt=shared + "next"),  # type: ignore[attr-defined]
+                                             [back.view(), b.view()])
+    assert matched[back.url] == 0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from headway.library import resolve
-from headway.runtime.llm.tokenizer import TOKENIZER_FILES, ModelTokenizer
+from headway.tokenization import TOKENIZER_FILES, ModelTokenizer
 
 
 def test_tokenizer_files_round_trip(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_segment_cache_switches_itself_off_when_pieces_differ() -> None:
 
 
 def test_tokenize_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    from headway.infra.router.bench_tokenize import main
+    from headway.bench.router_tokenize import main
 
     assert main(["--conversations", "20", "--turns", "4", "--system-tokens", "200"]) == 0
     out = capsys.readouterr().out

@@ -23,7 +23,7 @@ from headway.library import resolve
 from headway.runtime.llm.grammar import (GrammarCompiler, GrammarError, GrammarSpec, GrammarState, ToolCallParser,
                                          allocate_bitmask, apply_bitmask)
 from headway.runtime.llm.grammar.tools import CALL_END, call_begin, chat_messages, render_call, tool_call_spec
-from headway.runtime.llm.tokenizer import ModelTokenizer
+from headway.tokenization import ModelTokenizer
 from tests.conftest import running_server
 
 SMOL = "smollm2-135m-instruct"
@@ -471,3 +471,30 @@ def test_smol_streamed_tool_calls_assemble_like_the_sdk_expects(smol, smol_held)
         assert final.finish_reason == "tool_calls" and got
         for name, args in got:
             jsonschema.validate(json.loads(args), _params(name))
+
+
+@pytest.mark.slow
+def test_smol_tool_call_arguments_are_compact_single_line_json(smol, smol_held) -> None:
+    """Tool-call arguments are generated as compact single-line JSON (README: "JSON is generated
+    compact"), as `response_format` JSON is: the grammar allows no newline or indentation between
+    tokens, so none is spent; the arguments are exactly their own one-line serialisation."""
+    c = client(smol)
+    spec = tool_call_spec([WEATHER], "required", parallel=False)
+    assert not smol_held(spec, call_begin("get_weather") + '{\n    "city"')        # indentation refused
+    assert smol_held(spec, call_begin("get_weather") + '{"city": "Oslo", "unit": "celsius"}' + CALL_END)
+    seen = 0
+    for city in ("Oslo", "Paris", "Tokyo"):
+        for temperature, seed in ((0.0, None), (1.0, 7)):
+            r = c.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": f"Weather in {city}?"}],
+                                          max_tokens=60, temperature=temperature, seed=seed, tools=[WEATHER],
+                                          tool_choice="required", parallel_tool_calls=False)
+            ch = r.choices[0]
+            for call in ch.message.tool_calls or []:
+                args = call.function.arguments
+                assert "\n" not in args and "\t" not in args, repr(args)
+                if ch.finish_reason == "tool_calls":
+                    value = json.loads(args)
+                    assert args == json.dumps(value, ensure_ascii=False), repr(args)
+                    jsonschema.validate(value, _params("get_weather"))
+                    seen += 1
+    assert seen >= 3, "most forced calls finish within 60 tokens"

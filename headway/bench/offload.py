@@ -98,9 +98,9 @@ def offload(
     """TTFT of a long prefix restored from the host tier vs recomputed (tier off), same run."""
     import json
 
-    from headway.runtime.llm.serving import model_dir_for
+    from headway.tokenization import model_dir
 
-    report = measure(model_dir_for(model, Path.cwd()), prefix_tokens=prefix_tokens, evict_tokens=evict_tokens,
+    report = measure(model_dir(model, Path.cwd()), prefix_tokens=prefix_tokens, evict_tokens=evict_tokens,
                      kv_cache_tokens=kv_cache_tokens, offload_tokens=kv_offload_tokens, rounds=rounds, dtype=dtype)
     p = report["p50_s"]
     console.print(f"{report['prefix_tokens']}-token prefix evicted from a {kv_cache_tokens}-token pool, "

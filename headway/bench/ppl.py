@@ -66,7 +66,7 @@ def evaluate(model_dir: Path, quantization: str, *, dtype: str, text: str, max_t
              device: str | None = None) -> dict[str, Any]:
     from headway.runtime.llm.device import default_device
     from headway.runtime.llm.runner import ModelRunner
-    from headway.runtime.llm.tokenizer import ModelTokenizer
+    from headway.tokenization import ModelTokenizer
 
     ids = ModelTokenizer(model_dir).encode(text)[:max_tokens]
     if len(ids) < 16:
@@ -106,14 +106,14 @@ def ppl(
     if dtype not in ("float32", "bfloat16"):
         console.print(f"[red]error:[/red] dtype {dtype!r} is not supported; allowed: float32, bfloat16")
         raise typer.Exit(2)
-    from headway.runtime.llm.serving import model_dir_for
+    from headway.tokenization import model_dir
 
     source = text or EVAL_TEXT
     if not source.is_file():
         console.print(f"[red]error:[/red] text file not found: {source}")
         raise typer.Exit(2)
     with console.status(f"scoring {model} without and with {quantization} ..."):
-        report = evaluate(model_dir_for(model, Path.cwd()), quantization, dtype=dtype, text=source.read_text(), max_tokens=max_tokens)
+        report = evaluate(model_dir(model, Path.cwd()), quantization, dtype=dtype, text=source.read_text(), max_tokens=max_tokens)
     table = Table(title=f"{model}: {report['tokens']} tokens of {source.name}, {dtype}")
     for col in ("", "perplexity", "prefill tok/s", "decode step (batch 32)", "linear weights"):
         table.add_column(col, justify="right")

@@ -7,6 +7,10 @@
 - `offload`: TTFT of a long prefix restored from the KV offload tier vs recomputed (headway/bench/offload.py).
 - `roofline`: the engine's steady-state decode throughput at a batch size, in process, as a
   fraction of the machine's measured matmul FLOP/s at the engine's own GEMM shapes.
+
+It also runs the router, fleet and weight-fetch benchmarks (`router`, `router-tokenize`,
+`router-trace`, `cold-start`, `burst-deploy`, `weights`): argparse programs in headway/bench/,
+each also `python -m headway.bench.<module>`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -25,7 +30,8 @@ from rich.console import Console
 from headway.bench.report import machine_info, percentile
 from headway.bench.text import TextGenerator
 
-app = typer.Typer(help="Purpose-built engine benchmarks (prefix cache, prefill stall, roofline).",
+app = typer.Typer(help="Purpose-built benchmarks: engine (prefix cache, prefill stall, roofline), router, fleet, "
+                       "weight fetch.",
                   no_args_is_help=True)
 console = Console()
 
@@ -256,3 +262,34 @@ def burst(
 from headway.bench.offload import offload as _offload  # noqa: E402  (its own module: two engines in process)
 
 app.command("offload")(_offload)
+
+
+# Fleet, router and weight-fetch benchmarks: argparse programs of their own (also run as
+# `python -m headway.bench.<module>`); these commands pass their arguments through unchanged.
+_PROGRAMS = {
+    "router": ("headway.bench.router", "Latency the router adds and requests/s through it, direct vs routed."),
+    "router-tokenize": ("headway.bench.router_tokenize",
+                        "The router's per-request cost of exact prefix routing: whole vs segment-cached."),
+    "router-trace": ("headway.bench.router_trace",
+                     "Routing policies side by side on a multi-turn chat trace over real LLM replicas."),
+    "cold-start": ("headway.bench.cold_start", "From zero replicas to the first token, with and without a standby."),
+    "burst-deploy": ("headway.bench.burst_deploy", "A burst against a deployment at its minimum: autoscaled vs pinned."),
+    "weights": ("headway.bench.weights", "Parallel byte ranges vs one stream from a bandwidth-limited store."),
+}
+
+
+def _program(module: str) -> Callable[[typer.Context], None]:
+    def run(ctx: typer.Context) -> None:
+        import importlib
+
+        code = importlib.import_module(module).main(ctx.args)
+        if code:
+            raise typer.Exit(code)
+
+    return run
+
+
+for _name, (_module, _help) in _PROGRAMS.items():
+    app.command(_name, help=f"{_help} (`headway bench-target {_name} --help` for the options)",
+                context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                  "help_option_names": []})(_program(_module))

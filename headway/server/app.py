@@ -24,14 +24,14 @@ from starlette.background import BackgroundTask
 
 from headway.package.model_file import InputError
 from headway.package.schema import RuntimeOptions
-from headway.server.admission import Admission, Ticket
+from headway.runtime.admission import Admission, Ticket
+from headway.runtime.base import Runtime
+from headway.runtime.gate import Gate, Refusal, Refused
 from headway.server.body_limit import BodyLimitMiddleware, BodyTooLarge
-from headway.server.disconnect import ClientGone, cancel_on_disconnect
 from headway.server.faults import install_test_faults
-from headway.server.gate import Gate, Refusal, Refused
 from headway.server.metrics import ServerMetrics
 from headway.server.redact import failure
-from headway.server.runtime import Runtime
+from headway.wire import ClientGone, cancel_on_disconnect, error_body, sse_event
 
 log = logging.getLogger("headway.server")
 
@@ -53,17 +53,8 @@ class Lifecycle:
         self.phases[phase] = self.since_start()
 
 
-def error_body(kind: str, message: str, code: int, **extra: Any) -> dict[str, Any]:
-    return {"error": {"type": kind, "message": message, "code": code, **extra}}
-
-
 def _error(kind: str, message: str, code: int, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     return JSONResponse(error_body(kind, message, code, **extra), status_code=code, headers=headers)
-
-
-def _sse(data: Any, event: str | None = None) -> bytes:
-    head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, default=str)}\n\n".encode()
 
 
 def _jsonable(value: Any) -> Any:
@@ -242,19 +233,19 @@ def create_app(runtime: Runtime, options: RuntimeOptions | None = None, replica_
                         item = await asyncio.wait_for(anext(stream), options.streaming_read_timeout)
                     except StopAsyncIteration:
                         break
-                    yield _sse(_jsonable(item))
+                    yield sse_event(_jsonable(item), default=str)
                 yield b"data: [DONE]\n\n"
             except asyncio.TimeoutError:
                 status["code"] = 504
-                yield _sse(error_body("stream_timeout", f"the model produced nothing for "
-                                      f"{options.streaming_read_timeout} s", 504), event="error")
+                yield sse_event(error_body("stream_timeout", f"the model produced nothing for "
+                                           f"{options.streaming_read_timeout} s", 504), event="error", default=str)
             except asyncio.CancelledError:
                 status["code"] = 499
                 raise
             except Exception as exc:
                 status["code"] = 500
                 log.error("stream failed: %s (the message went to the caller only)", failure(exc))
-                yield _sse(error_body("model_error", f"{type(exc).__name__}: {exc}", 500), event="error")
+                yield sse_event(error_body("model_error", f"{type(exc).__name__}: {exc}", 500), event="error", default=str)
             finally:
                 ticket.release()
                 await stream.aclose()  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 
-from headway.server.runtime import Runtime
+from headway.runtime.base import Runtime
 
 log = logging.getLogger("headway.server")
 

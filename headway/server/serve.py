@@ -16,8 +16,8 @@ import uvicorn
 from packaging.requirements import Requirement
 
 from headway.package.load import FieldError, Package, PackageError, load_package, validate_config
+from headway.runtime.base import Runtime
 from headway.server.app import create_app
-from headway.server.runtime import Runtime
 from headway.server.venv import normalize, reexec_in_venv
 from headway.tls import ServerTLS
 
@@ -115,7 +115,7 @@ def build_runtime(package: Package, secrets_dir: str | None = None, fetch: Remot
     os.environ.update(cfg.environment)
     check_requirements(cfg.requirements)
     if cfg.runtime == "custom":
-        from headway.server.custom import CustomRuntime
+        from headway.runtime.custom import CustomRuntime
 
         return CustomRuntime(package, secrets_dir)
     if cfg.runtime == "llm":

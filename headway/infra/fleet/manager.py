@@ -32,11 +32,11 @@ from typing import Any
 
 import aiohttp
 
-from headway.infra.autoscale.activator import QueueLimits
 from headway.infra.fleet.providers.base import Launch, Provider
 from headway.infra.fleet.roots import allowed_package
 from headway.infra.fleet.spec import DeploymentSpec
 from headway.infra.fleet.store import DeploymentRow, ReplicaRow, Store
+from headway.infra.router.activator import QueueLimits
 from headway.infra.router.proxy import RouterApp
 from headway.infra.router.replicas import Replica
 

@@ -22,10 +22,10 @@ import aiohttp
 from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 
-from headway.infra.autoscale.activator import Activator, ActivatorFull, ActivatorTimeout, ClientGone
 from headway.infra.fleet.auth import error_json, estimate_tokens, rejection_headers, usage_tokens
 from headway.infra.fleet.keys import KeyRecord, Rejection, authorize
 from headway.infra.router import allow
+from headway.infra.router.activator import Activator, ActivatorFull, ActivatorTimeout
 from headway.infra.router.extract import model_from_form, model_from_path, parse_body, prompt_of
 from headway.infra.router.metrics import RouterMetrics
 from headway.infra.router.replicas import ReplicaSet
@@ -33,6 +33,7 @@ from headway.infra.router.tokenize import prompt_token_ids
 from headway.infra.router.tokenizer_fetch import TokenizerFetcher
 from headway.infra.router.types import RouteRequest
 from headway.infra.router.upstream import Forwarder, NoCapacity, Opened, RouterConfig
+from headway.wire import ClientGone, error_bytes
 
 if TYPE_CHECKING:
     from headway.infra.fleet.auth import AuthGate
@@ -54,12 +55,8 @@ OPS_PATHS = frozenset({"/metrics", "/headway/router"})   # with a gate: admin or
 DENIED = {400: "bad_request", 403: "admin_endpoint", 404: "not_found", 405: "method_not_allowed"}
 
 
-def error_body(kind: str, message: str, code: int) -> bytes:
-    return json.dumps({"error": {"type": kind, "message": message, "code": code}}).encode()
-
-
 def sse_error(kind: str, message: str, code: int) -> bytes:
-    return b"event: error\ndata: " + error_body(kind, message, code) + b"\n\n"
+    return b"event: error\ndata: " + error_bytes(kind, message, code) + b"\n\n"
 
 
 async def respond(send: Send, status: int, body: bytes, content_type: bytes = b"application/json",
@@ -222,7 +219,7 @@ class RouterApp:
             return
         if verdict.status != 200:
             extra = [(b"allow", ", ".join(verdict.allow).encode())] if verdict.allow else []
-            await respond(send, verdict.status, error_body(DENIED[verdict.status], verdict.message, verdict.status),
+            await respond(send, verdict.status, error_bytes(DENIED[verdict.status], verdict.message, verdict.status),
                           headers=extra)
             return
         body = b""
@@ -234,13 +231,13 @@ class RouterApp:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > MAX_BODY:
-                await respond(send, 413, error_body("request_too_large", f"request body exceeds the router's "
+                await respond(send, 413, error_bytes("request_too_large", f"request body exceeds the router's "
                                                     f"limit of {MAX_BODY} bytes", 413))
                 return
         raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
         req = self.route_request(path, body, raw_headers)
         if isinstance(req, str):
-            await respond(send, 404, error_body("model_not_found", req, 404))
+            await respond(send, 404, error_bytes("model_not_found", req, 404))
             return
         if gate is not None and caller is not None:
             refused = authorize(caller, "invoke", req.deployment) or gate.admit(caller)
@@ -260,7 +257,7 @@ class RouterApp:
             self.metrics.count_request(req.deployment, "503")
             self.metrics.rejected.labels(req.deployment).inc()
             retry = str(self.config.retry_after_s).encode()
-            await respond(send, 503, error_body("no_replica_available", str(exc), 503), headers=[(b"retry-after", retry)])
+            await respond(send, 503, error_bytes("no_replica_available", str(exc), 503), headers=[(b"retry-after", retry)])
             return
         resp = opened.resp
         ok = complete = False

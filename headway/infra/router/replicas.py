@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,7 @@ class ReplicaSet:
     check_interval_s: float = 1.0
     check_timeout_s: float = 1.0
     managed: set[str] = field(default_factory=set)   # deployments known even with no replica
+    on_remove: list[Callable[[str], None]] = field(default_factory=list)   # told the id of each replica removed
     _by_id: dict[str, Replica] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -140,6 +142,8 @@ class ReplicaSet:
         r = self._by_id.pop(rid, None)
         if r is not None:
             self.replicas.remove(r)
+            for listener in self.on_remove:
+                listener(rid)
         return r
 
     def deployments(self) -> dict[str, list[Replica]]:

@@ -37,10 +37,9 @@ class ChatTokenizer(Protocol):
 
 def load_prompt_tokenizer(source: str) -> PromptTokenizer:
     """A model directory with tokenizer.json, or a model-library name, as `headway serve` finds it."""
-    from headway.runtime.llm.serving import model_dir_for
-    from headway.runtime.llm.tokenizer import ModelTokenizer
+    from headway.tokenization import ModelTokenizer, model_dir
 
-    return SegmentCachedTokenizer(ModelTokenizer(model_dir_for(source, Path.cwd())))
+    return SegmentCachedTokenizer(ModelTokenizer(model_dir(source, Path.cwd())))
 
 
 class SegmentCachedTokenizer:

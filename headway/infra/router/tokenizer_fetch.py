@@ -62,7 +62,7 @@ class TokenizerFetcher:
 
     async def _fetch(self, deployment: str, url: str, session: aiohttp.ClientSession) -> None:
         from headway.infra.router.tokenize import SegmentCachedTokenizer
-        from headway.runtime.llm.tokenizer import ModelTokenizer
+        from headway.tokenization import ModelTokenizer
 
         try:
             async with session.get(url + "/headway/tokenizer", timeout=aiohttp.ClientTimeout(total=60)) as resp:

@@ -82,6 +82,9 @@ class RoutingPolicy(Protocol):
 
     def observe(self, event: RouteEvent) -> None: ...
 
+    def forget(self, replica: ReplicaId) -> None:
+        """`replica` left the router's replica set (its prefixes must not attract requests)."""
+
 
 class NoReplica(Exception):
     """choose() was called with no candidates; the proxy answers 503 before that happens."""

@@ -68,6 +68,12 @@ class Forwarder:
         self.policies: dict[str, RoutingPolicy] = {}
         self.session: aiohttp.ClientSession | None = None
         self._ids = itertools.count(1)
+        replicas.on_remove.append(self.forget)
+
+    def forget(self, rid: str) -> None:
+        """A replica left the set: every policy drops what it keeps about it (its prefixes)."""
+        for policy in self.policies.values():
+            policy.forget(rid)
 
     def start(self) -> aiohttp.ClientSession:
         tls = client_context(self.config.ca_file) if self.config.ca_file else True   # True: the system's trust store

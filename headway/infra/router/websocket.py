@@ -21,12 +21,12 @@ from urllib.parse import parse_qs
 
 import aiohttp
 
-from headway.infra.autoscale.activator import ClientGone
 from headway.infra.fleet.keys import Rejection
 from headway.infra.router import allow
 from headway.infra.router.extract import model_from_path
 from headway.infra.router.types import RouteEvent, RouteRequest
 from headway.infra.router.upstream import NoCapacity
+from headway.wire import ClientGone
 
 if TYPE_CHECKING:
     from headway.infra.router.proxy import Receive, RouterApp, Scope, Send

@@ -10,24 +10,22 @@ job's chunks dropped from the engine when its client goes away. Audio and text n
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from headway.multipart import MultipartError, parse
+from headway.runtime.admission import Ticket
 from headway.runtime.asr.audio import SAMPLE_RATE, AudioError, decode
 from headway.runtime.asr.chunks import split
 from headway.runtime.asr.decode import DecodeOptions
 from headway.runtime.asr.engine import AsrEngine, Job
 from headway.runtime.asr.formats import FORMATS, Transcript, render
-from headway.server.admission import Ticket
-from headway.server.disconnect import ClientGone, cancel_on_disconnect
-from headway.server.gate import Gate
+from headway.runtime.gate import Gate
+from headway.wire import ClientGone, cancel_on_disconnect, sse_event
 
 log = logging.getLogger("headway.asr")
 
@@ -112,10 +110,6 @@ def parse_call(body: bytes, content_type: str, names: list[str], languages: set[
     return TranscriptionCall(files[0].data, opts, language, fmt, granularities, stream)
 
 
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-
-
 class TranscriptionServer:
     def __init__(self, engine: Callable[[], AsrEngine | None], names: list[str], gate: Gate | None,
                  max_audio_seconds: float):
@@ -196,15 +190,16 @@ class TranscriptionServer:
                 if job is not None:
                     async for chunk, result in job.results():
                         if delta := transcript.add(chunk, result):
-                            yield _sse({"type": "transcript.text.delta", "delta": delta})
-                yield _sse({"type": "transcript.text.done", "text": transcript.text,
-                            "usage": {"type": "duration", "seconds": round(transcript.duration, 3)}})
+                            yield sse_event({"type": "transcript.text.delta", "delta": delta}, ascii_only=False)
+                yield sse_event({"type": "transcript.text.done", "text": transcript.text,
+                                 "usage": {"type": "duration", "seconds": round(transcript.duration, 3)}},
+                                ascii_only=False)
                 outcome = "ok"
             except Exception as exc:
                 outcome = "failed"
                 log.error("transcription stream failed: %s", type(exc).__name__)
-                yield b"event: error\n" + _sse({"error": {"message": f"transcription failed: {exc}",
-                                                          "type": "server_error", "code": "model_error"}})
+                yield sse_event({"error": {"message": f"transcription failed: {exc}", "type": "server_error",
+                                           "code": "model_error"}}, event="error", ascii_only=False)
             finally:
                 if job is not None:
                     engine.cancel(job)   # a client gone mid-stream: its waiting chunks leave the queue

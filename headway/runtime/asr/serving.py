@@ -12,9 +12,9 @@ from fastapi import APIRouter
 
 from headway.package.load import Package
 from headway.package.schema import AsrEngineOptions
+from headway.runtime.base import EngineRuntime
+from headway.runtime.gate import Gate
 from headway.runtime.host import local_or_library
-from headway.server.gate import Gate
-from headway.server.runtime import EngineRuntime
 
 
 class AsrRuntime(EngineRuntime):

@@ -29,8 +29,8 @@ from headway.runtime.embed.inputs import (
     parse_embed,
     parse_openai,
 )
-from headway.server.disconnect import ClientGone, cancel_on_disconnect
-from headway.server.gate import Gate, Refused
+from headway.runtime.gate import Gate, Refused
+from headway.wire import ClientGone, cancel_on_disconnect
 
 LARGE_BODY = 64 * 1024     # bytes of request body parsed in a worker thread
 LARGE_RESPONSE = 16        # vectors past which a response is serialized in a worker thread

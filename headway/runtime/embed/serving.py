@@ -17,13 +17,13 @@ from fastapi import APIRouter
 
 from headway.package.load import Package
 from headway.package.schema import EmbeddingsEngineOptions
+from headway.runtime.base import Runtime
 from headway.runtime.embed.api import EmbeddingsAPI, finish
 from headway.runtime.embed.engine import EmbedEngine
 from headway.runtime.embed.inputs import ApiError, Tokenize, parse_embed
+from headway.runtime.gate import Gate
 from headway.runtime.host import cpu_share
 from headway.runtime.llm.serving import RemoteFetch, _model_dir
-from headway.server.gate import Gate
-from headway.server.runtime import Runtime
 
 
 def default_threads() -> int:

@@ -33,15 +33,15 @@ from headway.runtime.llm.kv_offload import KVOffloadTier
 from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.lora import AdapterCache, AdapterError
 from headway.runtime.llm.metrics import EngineMetrics
+from headway.runtime.llm.openai_types import OpenAIError
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
-from headway.runtime.llm.protocol import OpenAIError
 from headway.runtime.llm.radix_cache import RadixCache
 from headway.runtime.llm.runner import ModelRunner
 from headway.runtime.llm.sampling import Sampler
 from headway.runtime.llm.scheduler import SchedulePlan, Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import FinishReason, SamplingParams, Sequence
 from headway.runtime.llm.speculation import SpeculativeConfig, Speculator
-from headway.runtime.llm.tokenizer import ModelTokenizer
+from headway.tokenization import ModelTokenizer
 
 log = logging.getLogger("headway.llm")
 

@@ -17,16 +17,26 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from headway.runtime.llm.grammar import GrammarCompiler, GrammarError, GrammarSpec, ToolCallParser, constraint_for
+from headway.runtime.admission import Ticket
+from headway.runtime.gate import Gate, Refused
+from headway.runtime.llm.grammar import (
+    GrammarCompiler,
+    GrammarError,
+    GrammarSpec,
+    ToolCallParser,
+    constraint_for,
+)
 from headway.runtime.llm.grammar.tools import chat_messages, functions_of
+from headway.runtime.llm.openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    parse_request,
+)
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
-from headway.runtime.llm.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError,
-                                          parse_request)
 from headway.runtime.llm.sequence import SamplingParams
-from headway.runtime.llm.tokenizer import ModelTokenizer
-from headway.server.admission import Ticket
-from headway.server.disconnect import ClientGone, cancel_on_disconnect
-from headway.server.gate import Gate, Refused
+from headway.tokenization import ModelTokenizer, TokenizationError
+from headway.wire import ClientGone, cancel_on_disconnect, sse_event
 
 
 class GenerateEngine(Protocol):
@@ -39,7 +49,7 @@ class GenerateEngine(Protocol):
 
 
 def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+    return sse_event(obj, ascii_only=False)
 
 
 def _error_response(exc: OpenAIError) -> JSONResponse:
@@ -179,8 +189,11 @@ class OpenAIServer:
             messages, tools_arg = chat_messages(
                 messages, tools if req.effective_tool_choice != "none" else None,
                 template_renders_tools="tools" in (tok.chat_template or ""))
-            prompts = [tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=tools_arg,
-                                       **(req.chat_template_kwargs or {}))]
+            try:
+                prompts = [tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=tools_arg,
+                                           **(req.chat_template_kwargs or {}))]
+            except TokenizationError as exc:
+                raise OpenAIError(exc.message, param=exc.param) from None
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             req = parse_request(CompletionRequest, body)

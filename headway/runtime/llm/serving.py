@@ -16,9 +16,10 @@ from fastapi.responses import JSONResponse, Response
 
 from headway.package.load import Package
 from headway.package.schema import LLMEngineOptions
-from headway.runtime.llm.protocol import OpenAIError
-from headway.server.gate import Gate
-from headway.server.runtime import EngineRuntime
+from headway.runtime.base import EngineRuntime
+from headway.runtime.gate import Gate
+from headway.runtime.llm.openai_types import OpenAIError
+from headway.tokenization import model_dir
 
 log = logging.getLogger("headway.llm")
 
@@ -37,19 +38,9 @@ def model_dir_for(source: str, package_root: Path, fetch: RemoteFetch | None = N
 
 
 def _model_dir(source: str, package_root: Path, fetch: RemoteFetch | None) -> tuple[Path, dict[str, Any]]:
-    if source.startswith("file://"):
-        source = source[len("file://"):]
-    elif "://" in source:
-        if fetch is None:
-            raise ValueError(f"model source '{source}': remote sources need a fetcher (`headway serve` has "
-                             "one); serve a library name or a local model directory here")
+    if fetch is not None and "://" in source and not source.startswith("file://"):
         return fetch(source)
-    local = package_root / Path(source).expanduser()
-    if local.is_dir():
-        return local, {}
-    from headway.library import resolve
-
-    return resolve(source).path, {}
+    return model_dir(source, package_root), {}
 
 
 class LLMRuntime(EngineRuntime):
@@ -108,7 +99,7 @@ class LLMRuntime(EngineRuntime):
         """One short request before the replica says it is ready, through the same path a client's
         takes (chat template, tokenizer, engine, detokenizer), so the first real request does not
         pay their one-time costs. Its prompt is cached under a salt of its own."""
-        from headway.runtime.llm.protocol import OpenAIError
+        from headway.runtime.llm.openai_types import OpenAIError
 
         body = {"model": self.name, "max_tokens": 2, "temperature": 0, "cache_salt": "headway-warm-up"}
         if self._api is None:
@@ -147,7 +138,6 @@ class LLMRuntime(EngineRuntime):
     # answers with the completion object, or streams text deltas when "stream" is true.
     def parse(self, body: Any) -> Any:
         from headway.package.model_file import InputError
-        from headway.runtime.llm.protocol import CompletionRequest
 
         if not isinstance(body, dict):
             raise InputError([{"loc": (), "msg": "expected a JSON object like {\"prompt\": \"...\"}"}])

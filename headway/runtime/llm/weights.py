@@ -75,9 +75,6 @@ class WeightStore:
         t = self._handles[self._where[name]].get_tensor(name)
         return t.to(device=self.device, dtype=dtype or self.dtype).contiguous()
 
-    def take_optional(self, name: str) -> torch.Tensor | None:
-        return self.take(name) if name in self._where else None
-
     def skip(self, name: str) -> None:
         """Mark ``name`` as deliberately unused (e.g. ``lm_head.weight`` of a tied model)."""
         self._taken.add(name)

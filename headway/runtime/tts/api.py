@@ -24,13 +24,14 @@ import base64
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from headway.runtime.admission import Ticket
+from headway.runtime.gate import Gate, Refused
 from headway.runtime.tts.encode import CONTENT_TYPES, encoder_for, resample
 from headway.runtime.tts.metrics import TTSMetrics
 from headway.runtime.tts.request import (
@@ -43,9 +44,7 @@ from headway.runtime.tts.request import (
 )
 from headway.runtime.tts.sentences import SentenceBuffer, split_sentences
 from headway.runtime.tts.synth import Job, Synthesizer
-from headway.server.admission import Ticket
-from headway.server.disconnect import ClientGone, cancel_on_disconnect
-from headway.server.gate import Gate, Refused
+from headway.wire import ClientGone, cancel_on_disconnect, sse_event
 
 STREAM_PATH = "/v1/audio/speech/stream"
 MAX_STREAM_CHARS = 100_000      # per WebSocket connection (its sentences wait in memory until spoken)
@@ -55,10 +54,6 @@ def _refusal(exc: Refused) -> JSONResponse:
     r = exc.refusal
     return JSONResponse({"error": {"message": r.message, "type": r.kind, "param": None, "code": r.kind}},
                         status_code=r.status, headers=r.headers)
-
-
-def _sse(data: dict[str, Any], event: str | None = None) -> bytes:
-    return (f"event: {event}\n" if event else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
 
 
 class SpeechAPI:
@@ -118,7 +113,7 @@ class SpeechAPI:
         outcome = "cancelled"
 
         def wrap(data: bytes) -> bytes:
-            return _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
+            return sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()}) if sse else data
 
         try:
             async for samples in job.audio():
@@ -131,14 +126,14 @@ class SpeechAPI:
             if tail := enc.finish():
                 yield wrap(tail)
             if sse:
-                yield _sse({"type": "speech.audio.done",
-                            "usage": {"input_characters": len(req.input), "audio_seconds": round(job.audio_s, 3)}})
+                yield sse_event({"type": "speech.audio.done",
+                                 "usage": {"input_characters": len(req.input), "audio_seconds": round(job.audio_s, 3)}})
             outcome = "ok"
         except Exception as exc:
             outcome = "error"
             if sse:
-                yield _sse({"error": {"message": f"speech synthesis failed: {type(exc).__name__}",
-                                      "type": "server_error"}}, event="error")
+                yield sse_event({"error": {"message": f"speech synthesis failed: {type(exc).__name__}",
+                                           "type": "server_error"}}, event="error")
             else:
                 raise
         finally:

@@ -18,13 +18,13 @@ from fastapi import APIRouter
 
 from headway.package.load import Package
 from headway.package.schema import TtsEngineOptions
+from headway.runtime.base import Runtime
+from headway.runtime.gate import Gate
 from headway.runtime.host import local_or_library
 from headway.runtime.tts.encode import available_formats
 from headway.runtime.tts.metrics import TTSMetrics
 from headway.runtime.tts.request import Limits
 from headway.runtime.tts.synth import Synthesizer
-from headway.server.gate import Gate
-from headway.server.runtime import Runtime
 
 WARM_UP = "Hello there."
 

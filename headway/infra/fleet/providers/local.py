@@ -4,7 +4,7 @@ Each replica is `headway serve` in its own session, so it outlives a control pla
 its handle records pid, port and the process's start time, and `alive` checks the pid still runs
 *that* process, not one that reused the pid.
 
-A standby process (see standby.py) that has already imported torch and the server is kept ready
+A standby process (headway/server/standby.py) that has already imported torch and the server is kept ready
 and becomes the next replica, so a cold start does not pay the imports; a deployment whose spec
 sets environment variables gets a fresh interpreter instead (some libraries read their variables
 only at import).
@@ -32,7 +32,7 @@ from pathlib import Path
 from headway.infra.fleet.providers.base import Handle, Launch, replica_command, replica_env
 
 log = logging.getLogger("headway.fleet")
-STANDBY_MODULE = "headway.infra.fleet.providers.standby"
+STANDBY_MODULE = "headway.server.standby"
 
 
 def _stat(pid: int) -> list[str]:

@@ -75,6 +75,12 @@ class PrefixAffinity:
             return self._key_head(req) + ids, 1.0
         return self._key_head(req) + req.prompt, self.chars_per_token
 
+    def forget(self, replica: str) -> None:
+        """Drop what was sent to `replica` (it left the router): a replica coming back under the
+        same URL starts with an empty cache, and the tree no longer holds its prefixes."""
+        self.tree.remove_tenant(replica)
+        self._digest_sizes.pop(replica, None)
+
     def _correct(self, replicas: Sequence[ReplicaView]) -> None:
         for r in replicas:
             if r.digest is None or self._digest_sizes.get(r.id) == len(r.digest):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 
-from headway.infra.router.types import DecisionStats, ReplicaView, RouteEvent
+from headway.infra.router.types import DecisionStats, ReplicaId, ReplicaView, RouteEvent
 
 
 class PolicyBase:
@@ -18,6 +18,10 @@ class PolicyBase:
         self.stats = DecisionStats()
 
     def observe(self, event: RouteEvent) -> None:
+        return None
+
+    def forget(self, replica: ReplicaId) -> None:
+        """`replica` left the router's replica set; drop what this policy keeps about it."""
         return None
 
     def pick_min(self, replicas: Sequence[ReplicaView], key: Callable[[ReplicaView], float],

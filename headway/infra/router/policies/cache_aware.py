@@ -46,3 +46,6 @@ class CacheAware(PolicyBase):
     def observe(self, event: RouteEvent) -> None:
         if event.kind == "started":
             self.affinity.record(event.request, event.replica, event.at)
+
+    def forget(self, replica: ReplicaId) -> None:
+        self.affinity.forget(replica)

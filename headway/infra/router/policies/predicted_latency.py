@@ -72,6 +72,9 @@ class PredictedLatency(PolicyBase):
         self.stats.note("affinity" if matched[chosen.id] >= self.AFFINITY_MIN_TOKENS else "load")
         return chosen.id
 
+    def forget(self, replica: ReplicaId) -> None:
+        self.affinity.forget(replica)
+
     def observe(self, event: RouteEvent) -> None:
         rid = event.request.request_id
         if event.kind == "started":

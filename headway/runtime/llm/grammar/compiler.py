@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import re
 import threading
@@ -140,9 +141,31 @@ class GrammarCompiler:
             elif spec.kind == "ebnf":
                 compiled = comp.compile_grammar(spec.source)
             else:
-                compiled = comp.compile_structural_tag(spec.source)
+                compiled = comp.compile_structural_tag(_compact_json_contents(spec.source))
         except Exception as exc:  # xgrammar raises RuntimeError / ValueError / pydantic errors
             what = {"json_object": "JSON object grammar", "json_schema": "JSON schema", "regex": "regex",
                     "ebnf": "grammar", "structural_tag": "tool-call grammar"}[spec.kind]
             raise GrammarError(f"invalid {what}: {_clean(exc)}", spec.param) from None
         return Grammar(spec.key, spec.kind, compiled, self.vocab_size)
+
+
+def _compact_json_contents(tag_source: str) -> str:
+    """The structural tag with each JSON-schema content (a tool call's arguments) as the grammar of
+    compact single-line JSON: xgrammar compiles a tag's `json_schema` content allowing any
+    whitespace, and models then spend tokens on newlines and indentation. The grammar is the one
+    `response_format` JSON gets (`any_whitespace=False`: `{"city": "Oslo", "unit": "c"}`), strict
+    as the tag's own JSON schema content is (no property the schema does not name)."""
+    from xgrammar.grammar import Grammar as XGrammar
+
+    def compact(node: Any) -> Any:
+        if isinstance(node, dict):
+            if node.get("type") == "json_schema" and "json_schema" in node:
+                grammar = XGrammar.from_json_schema(json.dumps(node["json_schema"]), any_whitespace=False,
+                                                    strict_mode=True)
+                return {"type": "grammar", "grammar": str(grammar)}
+            return {k: compact(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [compact(v) for v in node]
+        return node
+
+    return json.dumps(compact(json.loads(tag_source)))

@@ -39,7 +39,7 @@ def call_begin(name: str) -> str:
 
 
 def functions_of(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """name -> parameters schema (checked), from OpenAI ``tools`` (shape-checked by protocol)."""
+    """name -> parameters schema (checked), from OpenAI ``tools`` (shape-checked by openai_types)."""
     out: dict[str, dict[str, Any]] = {}
     for i, t in enumerate(tools):
         fn = t["function"]

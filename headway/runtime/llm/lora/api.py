@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 
 from headway.runtime.llm.lora.adapter import AdapterError
 from headway.runtime.llm.lora.roots import allowed_adapter_path
-from headway.runtime.llm.protocol import OpenAIError
+from headway.runtime.llm.openai_types import OpenAIError
 
 
 async def _body(request: Request, fields: tuple[str, ...]) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Benchmark: parallel byte ranges against one stream, from a bandwidth-limited store.
 
-    python -m headway.infra.weights.bench [--size-mb 256] [--rate-mb 25] [--streams 8]
-                                          [--part-mib 16] [--rounds 2] [--store http|s3]
+    python -m headway.bench.weights [--size-mb 256] [--rate-mb 25] [--streams 8]
+                                   [--part-mib 16] [--rounds 2] [--store http|s3]
 
 The store runs in its own process on 127.0.0.1 (`localstore`: a range-serving file server, or
 moto's S3 API) and caps every response at `--rate-mb` MB/s, as a remote object store caps

@@ -1,6 +1,6 @@
 """Routing policies on a multi-turn chat trace, over real LLM replicas, side by side in one run.
 
-    python -m headway.infra.router.bench_trace [--replicas 4] [--conversations 200] \\
+    python -m headway.bench.router_trace [--replicas 4] [--conversations 200] \\
         [--turns 4 --max-turns 8] [--policy predicted-latency --policy round-robin]
 
 For each policy, in turn and on the same trace: start `--replicas` fresh replicas of the model
@@ -29,9 +29,9 @@ import httpx
 
 from headway.bench.client import Target, run_workload, send_request
 from headway.bench.report import percentile
+from headway.bench.router import _free_port, _start, _wait
 from headway.bench.text import TextGenerator
 from headway.bench.workloads import LengthDist, multi_turn_workload
-from headway.infra.router.bench import _free_port, _start, _wait
 
 _COUNTER = re.compile(r"^(headway_llm_prefix_cache_(?:hit|query)_tokens)_total\{[^}]*\} ([0-9.e+]+)$", re.M)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from headway.server.admission import Admission, Overloaded, Ticket
+from headway.runtime.admission import Admission, Overloaded, Ticket
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """What exact prefix routing costs the router per request: chat prompts encoded whole against
 the segment cache (`tokenize.SegmentCachedTokenizer`), side by side on the same multi-turn bodies.
 
-    python -m headway.infra.router.bench_tokenize [--model smollm2-135m-instruct] [--conversations 40]
+    python -m headway.bench.router_tokenize [--model smollm2-135m-instruct] [--conversations 40]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from headway.infra.router.tokenize import SegmentCachedTokenizer, prompt_token_i
 
 def main(argv: list[str] | None = None) -> int:
     from headway.library import resolve
-    from headway.runtime.llm.tokenizer import ModelTokenizer
+    from headway.tokenization import ModelTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="library name or model directory")

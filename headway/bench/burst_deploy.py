@@ -1,6 +1,6 @@
 """A burst against a deployment at its minimum, through a real control plane and real replicas.
 
-    python -m headway.infra.fleet.bench_burst --model smollm2-135m-instruct
+    python -m headway.bench.burst_deploy --model smollm2-135m-instruct
 
 Steady load at `--base` concurrent streams, then `--factor` times as many for `--burst-s`, then
 steady again; every request is a streamed chat completion. Two deployments of the same model
@@ -99,7 +99,7 @@ def load(url: str, name: str, base: int, factor: int, steady_s: float, burst_s: 
             "ttft": [r[1] for r in ok], "e2e": [r[2] for r in ok], "peak_replicas": peak[0]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--base", type=int, default=1, help="steady concurrent streams")
@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--max-replicas", type=int, default=2)
     ap.add_argument("--cpu", type=float, default=1, help="each replica's CPU share")
     ap.add_argument("--port", type=int, default=18766)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from headway.library import resolve
 
     resolve(args.model)

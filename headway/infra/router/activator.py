@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from headway.wire import ClientGone
+
 
 class ActivatorFull(Exception):
     """The deployment's queue already holds its maximum of waiting requests."""
@@ -25,10 +27,6 @@ class ActivatorFull(Exception):
 
 class ActivatorTimeout(Exception):
     """The request waited its whole timeout without a replica taking it."""
-
-
-class ClientGone(Exception):
-    """The client went away while its request waited (it leaves the queue at once)."""
 
 
 @dataclass(frozen=True)

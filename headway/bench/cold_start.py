@@ -1,6 +1,6 @@
 """Cold start, measured: from zero replicas to the first token, through a real control plane.
 
-    python -m headway.infra.fleet.bench_cold --model smollm2-135m-instruct --runs 5
+    python -m headway.bench.cold_start --model smollm2-135m-instruct --runs 5
 
 Each run (after one not counted: the first after `headway up` meets a standby still importing)
 deploys the model with `replicas.min: 0` under a fresh name (no replica, no autoscaler
@@ -19,7 +19,6 @@ import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 
@@ -79,14 +78,14 @@ def run(model: str, runs: int, port: int, cache: str | None, cpu: float, standby
                                                            for k in PHASES if any(k in b for b in breakdowns)}}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--port", type=int, default=18765)
     ap.add_argument("--cpu", type=float, default=2, help="the replica's CPU share (its threads)")
     ap.add_argument("--cold-cache", action="store_true", help="also run with an empty node cache")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from headway.library import resolve
 
     resolve(args.model)   # the warm node cache the target assumes

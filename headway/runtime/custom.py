@@ -7,7 +7,7 @@ from typing import Any
 
 from headway.package.load import Package
 from headway.package.model_file import ModelAdapter
-from headway.server.runtime import Runtime
+from headway.runtime.base import Runtime
 
 
 class CustomRuntime(Runtime):

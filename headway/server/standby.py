@@ -1,11 +1,13 @@
 """A standby replica process: an interpreter that has already imported what every replica needs
 (torch, the engine, the server) and waits on stdin for the `headway serve` arguments of the
-replica it will become.
+replica it will become. It sits next to the server: it runs `headway serve` (headway.server.cli)
+and imports nothing of the CLI or the fleet.
 
 Importing torch and the server is a second or more of every cold start; the local provider keeps
 one standby ready and hands the next replica to it, then starts another. The first line on stdin
 is JSON: {"argv": [...], "env": {...}, "log": PATH}. The process then writes its output to PATH,
-takes the environment and its thread count, and runs `headway ARGV` as if started with it.
+takes the environment and its thread count, and runs `headway ARGV` (always `serve ...`) as if
+started with it.
 
 A standby dies with the control plane that started it (its pid is the first argument): on Linux
 the kernel sends it SIGKILL when that parent dies (PR_SET_PDEATHSIG), and everywhere a watchdog
@@ -58,17 +60,17 @@ def become_replica() -> None:
 
 def _preload() -> None:
     import torch  # noqa: F401
-    import uvicorn.lifespan.on  # noqa: F401
+    import uvicorn.lifespan.on
+    import uvicorn.protocols.http.h11_impl
     import uvicorn.protocols.http.httptools_impl  # noqa: F401
-    import uvicorn.protocols.http.h11_impl  # noqa: F401
 
-    import headway.cli.main  # noqa: F401
-    import headway.infra.weights  # noqa: F401
-    import headway.library  # noqa: F401
-    import headway.runtime.llm.engine  # noqa: F401
-    import headway.runtime.llm.openai_api  # noqa: F401
-    import headway.runtime.llm.serving  # noqa: F401
-    import headway.server.app  # noqa: F401
+    import headway.infra.weights
+    import headway.library
+    import headway.runtime.llm.engine
+    import headway.runtime.llm.openai_api
+    import headway.runtime.llm.serving
+    import headway.server.app
+    import headway.server.cli  # noqa: F401
 
 
 def main() -> None:
@@ -90,10 +92,13 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(int(threads))
-    from headway.cli.main import app
+    from headway.server.cli import run_serve
 
-    sys.argv = ["headway", *order["argv"]]
-    app()
+    argv = order["argv"]
+    if not argv or argv[0] != "serve":
+        sys.exit(f"a standby only becomes a replica (`headway serve ...`), not `headway {' '.join(argv)}`")
+    sys.argv = ["headway", *argv]
+    run_serve(argv[1:])
 
 
 if __name__ == "__main__":

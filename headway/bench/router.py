@@ -1,6 +1,6 @@
 """Router benchmark: latency the router adds, and requests/s through it, on a no-op model.
 
-    python -m headway.infra.router.bench [--requests 2000] [--concurrency 32] [--seconds 5]
+    python -m headway.bench.router [--requests 2000] [--concurrency 32] [--seconds 5]
 
 Starts no-op replicas (a real Headway replica serving a model whose predict returns at once) and
 a router in front of them, all as local processes. It measures, with the same aiohttp client:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import APIRouter
 
 if TYPE_CHECKING:
-    from headway.server.gate import Gate
+    from headway.runtime.gate import Gate
 
 
 class Runtime:
