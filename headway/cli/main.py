@@ -51,7 +51,7 @@ def validate(path: Annotated[Path, typer.Argument(help="Package directory.")]) -
         pkg = load_package(path)
     except PackageError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     typer.echo(f"ok: {pkg.config.name} ({pkg.config.runtime})")
 
 
@@ -75,7 +75,7 @@ def watch(
         load_package(path)
     except PackageError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     proc = start()
     # SIGTERM must run the cleanup below too, or the child server outlives its watcher.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -48,7 +48,7 @@ def serve(
         tls = server_tls(tls_cert, tls_key)
     except TLSConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
     adapters = None
     if lora:
@@ -66,7 +66,7 @@ def serve(
                                                      if lora_root else None})
     except PackageError as exc:
         typer.echo(str(exc), err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def run_serve(argv: list[str]) -> None:
