@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any  # a future whose result is never read (only done())
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ class Ticket:
         self.deadline = deadline
         self.waited = False
 
-    async def wait(self, gone: asyncio.Future[object] | None = None) -> None:
+    async def wait(self, gone: asyncio.Future[Any] | None = None) -> None:
         """Until capacity may have appeared; `ClientGone` as soon as `gone` (the client's
         disconnect) is done, `ActivatorTimeout` at the deadline."""
         remaining = self.deadline - time.monotonic()
@@ -55,7 +56,7 @@ class Ticket:
         self.waited = True
         woken = asyncio.ensure_future(self._activator._event(self.deployment).wait())
         try:
-            waiters: set[asyncio.Future[object]] = {woken} if gone is None else {woken, gone}
+            waiters: set[asyncio.Future[Any]] = {woken} if gone is None else {woken, gone}
             await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         finally:
             woken.cancel()
