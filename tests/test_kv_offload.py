@@ -19,6 +19,7 @@ import torch
 
 from headway.runtime.llm.attention import KVCacheTensors
 from headway.runtime.llm.kv_offload import KVOffloadTier
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.radix_cache import RadixCache, RadixNode
 from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
@@ -143,8 +144,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
     slots = 160
     kv = tensors(slots)
     tier = KVOffloadTier(capacity, kv)
-    sched = Scheduler(KVPool(slots), config=SchedulerConfig(max_num_batched_tokens=48, max_running=4),
-                      offload=tier)
+    sched = Scheduler(KVManager(slots, offload=tier), config=SchedulerConfig(max_num_batched_tokens=48, max_running=4))
     prefixes = [[rng.randrange(50) for _ in range(rng.randrange(20, 70))] for _ in range(5)]
     keys = [None, "salt-a", "salt-b"]
     for i in range(40):
@@ -157,7 +157,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
             sched.update(plan, [rng.randrange(50) for _ in plan.sample_seqs], now=0.0)
             sched.check_invariant()
             tier.check()
-            check_tree(kv, sched.cache)
+            check_tree(kv, sched.kv.cache)
     for _ in range(2000):
         if not sched.has_work():
             break
@@ -167,7 +167,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
         sched.check_invariant()
         tier.check()
     assert not sched.has_work()
-    check_tree(kv, sched.cache)
+    check_tree(kv, sched.kv.cache)
     assert tier.offloaded_tokens > 0 and tier.restored_tokens > 0, tier.stats()
     assert tier.used <= tier.capacity
 
@@ -175,7 +175,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
 def test_a_prompt_evicted_then_asked_again_is_restored_not_recomputed() -> None:
     kv = tensors(128)
     tier = KVOffloadTier(512, kv)
-    sched = Scheduler(KVPool(128), config=SchedulerConfig(max_num_batched_tokens=256), offload=tier)
+    sched = Scheduler(KVManager(128, offload=tier), config=SchedulerConfig(max_num_batched_tokens=256))
 
     def run(rid: str, prompt: list[int], key=None):
         seq = sched.add(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True), cache_key=key)
@@ -194,7 +194,7 @@ def test_a_prompt_evicted_then_asked_again_is_restored_not_recomputed() -> None:
     assert tier.used >= 100
     seq, computed = run("a2", a)
     assert seq.num_cached_prompt_tokens == 99 and computed == 1  # only the last prompt token runs
-    check_tree(kv, sched.cache)
+    check_tree(kv, sched.kv.cache)
     before = tier.restored_tokens
     seq, computed = run("a3", a, key="salt")  # another isolation key: nothing restored
     assert tier.restored_tokens == before and seq.num_cached_prompt_tokens == 0 and computed == 100
@@ -210,7 +210,7 @@ def generate(engine, rid: str, prompt: list[int], key=None, max_tokens: int = 8)
             break
         engine._step()
         engine.scheduler.check_invariant()
-        engine.offload.check()
+        engine.kv.offload.check()
     assert not engine.scheduler.has_work()
     return seq
 
@@ -229,14 +229,14 @@ def test_smollm2_greedy_output_with_a_restored_prefix_equals_recomputing_it() ->
     first = generate(engine, "a1", a)  # computed
     assert first.num_cached_prompt_tokens == 0
     generate(engine, "b", b)  # a and b do not fit together: a is evicted, into the tier
-    assert engine.offload.offloaded_tokens >= len(a) and engine.cache.peek(None, a) == 0
+    assert engine.kv.offload.offloaded_tokens >= len(a) and engine.kv.peek(None, a) == 0
     again = generate(engine, "a2", a)
     assert again.num_cached_prompt_tokens == len(a) - 1  # all but the last prompt token restored
-    assert engine.offload.restored_tokens == len(a) - 1
+    assert engine.kv.offload.restored_tokens == len(a) - 1
     assert again.output_ids == first.output_ids
     # under another isolation key nothing is restored: computed again, same output
     salted = generate(engine, "a3", a, key="salt")
-    assert salted.num_cached_prompt_tokens == 0 and engine.offload.restored_tokens == len(a) - 1
+    assert salted.num_cached_prompt_tokens == 0 and engine.kv.offload.restored_tokens == len(a) - 1
     assert salted.output_ids == first.output_ids
     state = engine._take_snapshot()["kv_offload"]
     assert state["restored_tokens"] == len(a) - 1 and 0 < state["used_tokens"] <= 4096

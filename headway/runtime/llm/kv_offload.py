@@ -28,13 +28,13 @@ inside ``schedule()``, restore inside admission), between forwards, never racing
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
 from headway.runtime.llm.attention import KVCacheTensors
 from headway.runtime.llm.kv_pool import KVPool
-from headway.runtime.llm.radix_cache import RadixCache, RadixNode, _common, iter_leaves
+from headway.runtime.llm.radix_cache import common_prefix_len, iter_leaves
 
 HOLLOW = -1  # a token whose K/V the tier does not hold (it is upstream, in the main pool)
 
@@ -122,7 +122,7 @@ class KVOffloadTier:
             child = node.children.get(tokens[i])
             if child is None:
                 break
-            m = _common(child.tokens, tokens, i)
+            m = common_prefix_len(child.tokens, tokens, i)
             if now is not None:
                 child.last_access = now
             for j in range(max(0, start - i), min(m, end - i)):
@@ -180,7 +180,7 @@ class KVOffloadTier:
                 dst += fresh
                 node.children[path[i]] = _Node(key, path[i:], slots, node, now)
                 break
-            m = _common(child.tokens, path, i)
+            m = common_prefix_len(child.tokens, path, i)
             if m < len(child.tokens):
                 child = self._split(child, m)
             child.last_access = now
@@ -288,37 +288,3 @@ class KVOffloadTier:
         assert len(seen) == self.pool.num_used, (len(seen), self.pool.num_used)
         assert self.pool.num_used + self.pool.num_free == self.capacity
 
-
-def restore_prefix(
-    tier: KVOffloadTier,
-    cache: RadixCache,
-    reserve: Callable[[int], bool],
-    key: Hashable,
-    tokens: Sequence[int],
-    matched: tuple[int, list[int], RadixNode],
-    *,
-    record: bool = True,
-) -> tuple[int, list[int], RadixNode]:
-    """Admission step after the main-cache match ``matched = (m, slots, node)`` (``node``
-    locked by the caller): restore the tier's run of ``tokens`` from ``m`` on into freshly
-    allocated main slots, insert it into the main cache as if computed, and return the longer
-    match (its node locked instead of ``node``). ``reserve(n)`` frees ``n`` main slots
-    (evicting, hence offloading, unlocked prefixes). ``record`` counts the lookup."""
-    m, slots, node = matched
-    want = tier.match(key, tokens, m)
-    if record:
-        tier.lookup_tokens += len(tokens) - m
-    if want == 0 or not reserve(want):
-        return matched
-    n = tier.match(key, tokens, m)  # reserving offloaded other prefixes: the tier may hold less now
-    if n == 0:
-        return matched
-    fresh = cache.pool.alloc(n)
-    assert fresh is not None  # reserve(want) left >= want >= n free
-    tier.restore(key, tokens, m, fresh)
-    cache.insert(key, tokens[: m + n], slots + fresh)
-    m2, slots2, node2 = cache.match(key, tokens[: m + n], record=False)
-    assert m2 == m + n
-    cache.lock(node2)
-    cache.unlock(node)
-    return m2, slots2, node2

@@ -1,4 +1,4 @@
-"""The scheduler's configuration and its per-step output (``SchedulePlan``).
+"""The scheduler's per-step output (``SchedulePlan``); its configuration is ``scheduler.SchedulerConfig``.
 
 A ``SchedulePlan`` says, per scheduled sequence, which tokens to compute this step, their
 positions, the slots their K/V goes to and the full context slot list, plus which sequences
@@ -9,44 +9,11 @@ need a sampled token (``sample_seqs``, one logits row each, in order).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from headway.runtime.llm.batch import ForwardBatch
 from headway.runtime.llm.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 512
-    max_running: int = 64
-    priority: Literal["prefill", "decode"] = "prefill"
-    # prefill share guaranteed per step when priority="prefill" (None: budget // 8)
-    min_prefill_tokens: int | None = None
-    aging_steps: int = 64  # a request waiting this many steps is admitted before cache hits
-    max_waiting_scan: int = 256  # waiting requests considered per step (prefix ordering)
-    admission_headroom: int = 0  # slots left free for running decodes when admitting
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        errs = []
-        if self.max_num_batched_tokens < 1:
-            errs.append(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_running < 1:
-            errs.append(f"max_running must be >= 1, got {self.max_running}")
-        if self.priority not in ("prefill", "decode"):
-            errs.append(f"priority must be 'prefill' or 'decode', got {self.priority!r}")
-        if self.min_prefill_tokens is None:
-            object.__setattr__(self, "min_prefill_tokens", self.max_num_batched_tokens // 8)
-        if not (0 <= self.min_prefill_tokens < self.max_num_batched_tokens):
-            errs.append(
-                f"min_prefill_tokens must be in [0, max_num_batched_tokens), got {self.min_prefill_tokens}"
-            )
-        if self.aging_steps < 1 or self.max_waiting_scan < 1 or self.admission_headroom < 0:
-            errs.append("aging_steps and max_waiting_scan must be >= 1, admission_headroom >= 0")
-        if errs:
-            raise ValueError("invalid scheduler config: " + "; ".join(errs))
 
 
 @dataclass

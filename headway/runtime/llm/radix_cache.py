@@ -11,7 +11,7 @@ Slot accounting (kept incrementally, checked by ``check()``):
     evictable  = slots in nodes with lock count == 0
     locked     = slots in nodes with lock count  > 0
     evictable + locked == slots held by the tree
-Engine-wide invariant (asserted by the scheduler and the tests):
+Engine-wide invariant (kept and asserted by ``kv_manager.KVManager``, the only caller):
     pool.free + cache.evictable + cache.locked + private == pool.total
 where ``private`` counts slots held by running sequences and not (yet) in the tree.
 
@@ -33,7 +33,7 @@ from headway.runtime.llm.kv_pool import KVPool
 prefix_block_hashes = chain_hashes  # the chain RadixCache.digest publishes (headway.digest)
 
 
-def _common(edge: list[int], tokens: Sequence[int], i: int) -> int:
+def common_prefix_len(edge: list[int], tokens: Sequence[int], i: int) -> int:
     """Length of the common prefix of ``edge`` and ``tokens[i:]`` (edge[0] already matches);
     a whole-edge match is checked with one slice comparison (C speed)."""
     lim = min(len(edge), len(tokens) - i)
@@ -111,8 +111,6 @@ class RadixCache:
         self._clock = 0
         self._evictable = 0
         self._locked = 0
-        self.hit_tokens = 0
-        self.queried_tokens = 0
 
     # ---- counters -------------------------------------------------------------------
     @property
@@ -134,10 +132,6 @@ class RadixCache:
         """Isolation keys (adapter, salt, private) with something cached under them."""
         return len(self._roots)
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
-
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
@@ -149,6 +143,15 @@ class RadixCache:
             r.lock_ref = 1  # the root is never evicted
             self._roots[key] = r
         return r
+
+    def nodes(self) -> Iterator[RadixNode]:
+        """Every node below the roots (the roots hold nothing), depth first."""
+        for r in self._roots.values():
+            stack = list(r.children.values())
+            while stack:
+                nd = stack.pop()
+                yield nd
+                stack.extend(nd.children.values())
 
     # ---- lookup ---------------------------------------------------------------------
     def _split(self, node: RadixNode, at: int) -> RadixNode:
@@ -163,14 +166,12 @@ class RadixCache:
         upper.children[node.tokens[0]] = node
         return upper
 
-    def match(
-        self, key: Hashable, tokens: Sequence[int], *, record: bool = True
-    ) -> tuple[int, list[int], RadixNode]:
+    def match(self, key: Hashable, tokens: Sequence[int]) -> tuple[int, list[int], RadixNode]:
         """Longest cached prefix of ``tokens`` under ``key``.
 
         Returns ``(num_matched, slots, node)``: ``slots`` are the cached prefix's slots in
         position order and ``node`` ends exactly at that prefix (an edge is split if the match
-        ends inside it) -- pass it to ``lock``. ``record`` adds to the hit counters."""
+        ends inside it) -- pass it to ``lock``. (Hit counters: ``KVManager``, once per request.)"""
         now = self._tick()
         # a key never inserted gets a detached empty root: a lookup alone (a request aborted
         # before any KV was written, a cache-off request's private key) leaves nothing behind
@@ -183,7 +184,7 @@ class RadixCache:
             if child is None:
                 break
             edge = child.tokens
-            m = _common(edge, tokens, i)
+            m = common_prefix_len(edge, tokens, i)
             if m < len(edge):
                 child = self._split(child, m)
             child.last_access = now
@@ -192,9 +193,6 @@ class RadixCache:
             i += m
             if m < len(edge):
                 break
-        if record:
-            self.queried_tokens += n
-            self.hit_tokens += i
         return i, slots, node
 
     def peek(self, key: Hashable, tokens: Sequence[int]) -> int:
@@ -209,7 +207,7 @@ class RadixCache:
             if child is None:
                 break
             edge = child.tokens
-            m = _common(edge, tokens, i)
+            m = common_prefix_len(edge, tokens, i)
             i += m
             if m < len(edge):
                 break
@@ -241,7 +239,7 @@ class RadixCache:
                 cached = i
                 break
             edge = child.tokens
-            m = _common(edge, tokens, i)
+            m = common_prefix_len(edge, tokens, i)
             if m < len(edge):
                 child = self._split(child, m)
             child.last_access = now

@@ -1,14 +1,15 @@
 """Per-request state of the LLM engine: sampling parameters and the ``Sequence``.
 
 A ``Sequence`` is one generated continuation: the request's prompt token ids, its output
-token ids, its sampling parameters, its status, the KV slots of its computed tokens, how
-many leading slots come from the radix cache (and the locked node that covers them), the
-timestamps the metrics need, and why it finished. A request with ``n > 1`` becomes ``n``
-sequences sharing ``request_id`` (``index`` 0..n-1); they share the prompt's KV.
+token ids, its sampling parameters, its status, its KV holding (``kv``, a
+``kv_manager.SeqKV`` that only the ``KVManager`` writes: the slots of its computed tokens, how
+many leading ones the radix cache owns and the node it locks), the timestamps the metrics
+need, and why it finished. A request with ``n > 1`` becomes ``n`` sequences sharing
+``request_id`` (``index`` 0..n-1); they share the prompt's KV.
 
-Slot invariant (kept by the scheduler): ``slots[:cached_len]`` are slots owned by the radix
-cache under ``lock_node`` (which this sequence holds a lock on); ``slots[cached_len:]`` are
-private to this sequence. ``len(slots) == num_computed`` (tokens whose K/V is written).
+The slot invariant is kept and asserted in ``kv_manager.py``; here ``slots``,
+``cached_len``, ``num_computed`` (``len(slots)``: tokens whose K/V is written or in flight)
+and ``num_inflight`` are read-only views of it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ import enum
 import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+from headway.runtime.llm.kv_manager import SeqKV
+
+if TYPE_CHECKING:
+    from headway.runtime.llm.grammar.compiler import Grammar
+    from headway.runtime.llm.grammar.matcher import GrammarState
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
-    grammar: Any = None  # a compiled grammar.Grammar the output must follow (masked every step)
+    grammar: Grammar | None = None  # compiled grammar the output must follow (masked every step)
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -157,12 +164,10 @@ class Sequence:
     adapter: str | None = None  # LoRA adapter name (None: the base model)
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    slots: list[int] = field(default_factory=list)
-    cached_len: int = 0
-    lock_node: Any = None  # RadixNode locked by this sequence, or None
+    kv: SeqKV = field(default_factory=SeqKV)  # written by the KVManager only
     fork_pending: bool = False  # n > 1 and the prompt's prefill has not finished yet
     generator: torch.Generator | None = None
-    grammar: Any = None  # grammar.GrammarState once masking starts (params.grammar set); own per fork
+    grammar: GrammarState | None = None  # grammar.GrammarState once masking starts (params.grammar set); own per fork
     # metrics
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
@@ -172,7 +177,6 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string / token id that matched
     num_preemptions: int = 0
     last_scheduled: int = -1  # scheduler's emit counter; decode round-robin when budget is short
-    num_inflight: int = 0  # tokens scheduled in the plan now in flight (K/V not yet written)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the cache at first admission
     arrival_step: int = 0
     admit_order: int = 0  # larger = admitted more recently ("younger")
@@ -195,12 +199,26 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def slots(self) -> list[int]:
+        """KV slot per computed token, position order (the manager's list: do not mutate)."""
+        return self.kv.slots
+
+    @property
+    def cached_len(self) -> int:
+        return self.kv.cached_len
+
+    @property
+    def num_inflight(self) -> int:
+        """Tokens scheduled in the plan now in flight (K/V not yet written)."""
+        return self.kv.inflight
+
+    @property
     def num_computed(self) -> int:
-        return len(self.slots)
+        return len(self.kv.slots)
 
     @property
     def num_private_slots(self) -> int:
-        return len(self.slots) - self.cached_len
+        return self.kv.private
 
     @property
     def is_finished(self) -> bool:
