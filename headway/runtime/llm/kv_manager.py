@@ -33,7 +33,8 @@ Threading: every verb runs on the engine's step thread, between forwards.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence as Seq
+from collections.abc import Hashable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 

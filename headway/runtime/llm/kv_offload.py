@@ -40,7 +40,7 @@ HOLLOW = -1  # a token whose K/V the tier does not hold (it is upstream, in the 
 
 
 class _Node:
-    __slots__ = ("tokens", "slots", "children", "parent", "last_access", "stored", "key")
+    __slots__ = ("children", "key", "last_access", "parent", "slots", "stored", "tokens")
 
     def __init__(self, key: Hashable, tokens: list[int], slots: list[int], parent: _Node | None, now: int):
         self.key = key

@@ -29,7 +29,6 @@ from typing import Any
 from headway.digest import chain_hashes, chain_step, root_hash
 from headway.runtime.llm.kv_pool import KVPool
 
-
 prefix_block_hashes = chain_hashes  # the chain RadixCache.digest publishes (headway.digest)
 
 
@@ -55,7 +54,7 @@ def _path(node: RadixNode) -> list[int]:
 
 
 class RadixNode:
-    __slots__ = ("key", "tokens", "slots", "children", "parent", "lock_ref", "last_access")
+    __slots__ = ("children", "key", "last_access", "lock_ref", "parent", "slots", "tokens")
 
     def __init__(
         self,
@@ -152,6 +151,17 @@ class RadixCache:
                 nd = stack.pop()
                 yield nd
                 stack.extend(nd.children.values())
+
+    def device_segments(self) -> Iterator[tuple[Hashable, list[int], list[int], int]]:
+        """``(key, token path to the end of a node, the node's slots, the path position they
+        start at)`` for every node (the tests check each slot's K/V against its path)."""
+        for key, r in self._roots.items():
+            stack: list[tuple[RadixNode, list[int]]] = [(c, []) for c in r.children.values()]
+            while stack:
+                nd, head = stack.pop()
+                path = head + nd.tokens
+                yield key, path, nd.slots, len(head)
+                stack.extend((c, path) for c in nd.children.values())
 
     # ---- lookup ---------------------------------------------------------------------
     def _split(self, node: RadixNode, at: int) -> RadixNode:

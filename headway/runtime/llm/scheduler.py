@@ -27,18 +27,25 @@ cached). The step loop: docs/engine-internals.md.
 from __future__ import annotations
 
 import time
-from collections.abc import Hashable, Mapping, Sequence as Seq
+from collections.abc import Hashable, Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
 from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.plan import ScheduledSeq, SchedulePlan
 from headway.runtime.llm.sequence import (
-    FinishReason, SamplingParams, Sequence, SeqStatus, make_generator, validate_prompt)
+    FinishReason,
+    SamplingParams,
+    SeqStatus,
+    Sequence,
+    make_generator,
+    validate_prompt,
+)
 
-__all__ = ["Scheduler", "SchedulerConfig", "SchedulePlan", "ScheduledSeq"]
+__all__ = ["SchedulePlan", "ScheduledSeq", "Scheduler", "SchedulerConfig"]
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            prefill, proposal = seq.in_prefill, ()
+            prefill, proposal = seq.in_prefill, cast(tuple[int, ...], ())
             if not prefill:
                 if decode_left == 0 or id(seq) not in allowed:
                     continue
@@ -293,7 +300,7 @@ class Scheduler:
         if len(toks) != len(plan.sample_seqs):
             raise ValueError(f"update: got {len(toks)} sampled tokens for {len(plan.sample_seqs)} rows")
         proposed = {id(it.seq): len(it.proposal) for it in plan.items if it.proposal}
-        runs = [[int(t) for t in r] if isinstance(r, (list, tuple)) else [int(r)] for r in toks]
+        runs = [[int(t) for t in r] if isinstance(r, (list, tuple)) else [int(cast(int, r))] for r in toks]
         for seq, run in zip(plan.sample_seqs, runs):
             if not 1 <= len(run) <= 1 + proposed.get(id(seq), 0):
                 raise ValueError(f"update: {seq.seq_id} got {len(run)} tokens for "

@@ -69,20 +69,20 @@ class SamplingParams:
             return float(v)
 
         t = num("temperature")
-        if t == t and t < 0:
+        if not math.isnan(t) and t < 0:
             errors.append(f"temperature must be >= 0 (0 = greedy), got {t}")
         p = num("top_p")
-        if p == p and not (0.0 < p <= 1.0):
+        if not math.isnan(p) and not (0.0 < p <= 1.0):
             errors.append(f"top_p must be in (0, 1], got {p}")
         mp = num("min_p")
-        if mp == mp and not (0.0 <= mp <= 1.0):
+        if not math.isnan(mp) and not (0.0 <= mp <= 1.0):
             errors.append(f"min_p must be in [0, 1], got {mp}")
         rp = num("repetition_penalty")
-        if rp == rp and rp <= 0:
+        if not math.isnan(rp) and rp <= 0:
             errors.append(f"repetition_penalty must be > 0 (1.0 = off), got {rp}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = num(name)
-            if v == v and not (-2.0 <= v <= 2.0):
+            if not math.isnan(v) and not (-2.0 <= v <= 2.0):
                 errors.append(f"{name} must be in [-2, 2] (OpenAI range), got {v}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             errors.append(f"top_k must be an int (<= 0 = off), got {self.top_k!r}")
