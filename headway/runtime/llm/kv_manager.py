@@ -68,7 +68,7 @@ class KVManager:
         self.cache = RadixCache(self.pool)
         self.offload = offload
         if offload is not None:
-            self.cache.on_evict = offload.offload  # evicted prefixes move to the host tier
+            offload.bind(self.cache)  # evicted prefixes move to the host tier, in the same tree
         self._private = 0
         self._held: dict[int, SeqKV] = {}  # id -> every record holding slots or a lock
         self.hit_tokens = 0  # prompt tokens found cached, once per request (at its admission)
@@ -134,23 +134,22 @@ class KVManager:
 
     def _restore(self, key: Hashable, tokens: list[int], m: int, slots: list[int], node: RadixNode,
                  record: bool) -> tuple[int, list[int], RadixNode]:
-        """After the cache matched ``m`` tokens (``node`` locked): restore the host tier's run
-        of ``tokens`` from ``m`` on into fresh slots, insert it into the cache as if computed,
-        and return the longer match (its node locked instead of ``node``)."""
+        """After the cache matched ``m`` tokens on device (``node`` locked): bring back the
+        host-only run that continues them into fresh slots and return the longer match (its
+        node locked instead of ``node``)."""
         tier = self.offload
         assert tier is not None
-        want = tier.match(key, tokens, m)
+        want = self.cache.host_match(key, tokens, m)
         if record:
             tier.lookup_tokens += len(tokens) - m
         if want == 0 or not self.make_room(want):
             return m, slots, node
-        n = tier.match(key, tokens, m)  # making room offloaded other prefixes: the tier may hold less
+        n = self.cache.host_match(key, tokens, m)  # making room dropped host copies: maybe fewer now
         if n == 0:
             return m, slots, node
         fresh = self.pool.alloc(n)
         assert fresh is not None  # make_room(want) left >= want >= n free
-        tier.restore(key, tokens, m, fresh)
-        self.cache.insert(key, tokens[: m + n], slots + fresh)
+        self.cache.restore(key, tokens, m, fresh, tier.load)
         m2, slots2, node2 = self.cache.match(key, tokens[: m + n])
         assert m2 == m + n
         self.cache.lock(node2)

@@ -1,27 +1,20 @@
 """Scheduler: decides what runs each step (continuous token-level batching); owns no memory.
 
-Each ``schedule()`` forms one step in two halves. ``_schedule_running``: every decoding
-sequence gets one token per step the budget allows (round-robin when it cannot take them all:
-none starves), prompts mid-prefill continue in chunks; a sequence that cannot get a slot
-drops its speculative proposal, then shrinks its chunk, then preempts the youngest running
-sequence (recompute: its computed prefix stays cached, it re-enters the front of the waiting
-queue keeping its output). ``_admit_waiting``: waiting requests, longest cached prefix first
-(one waiting ``aging_steps`` steps goes first), join while the token budget and
-``max_running`` allow and their whole uncached prompt fits beside the prefill the running ones
-still have to do (so long prompts do not take turns preempting each other).
-``priority="prefill"`` (default) guarantees prefill ``min_prefill_tokens`` of the budget;
-``priority="decode"`` gives prefill only what is left. n > 1: the prompt prefills once, then
-forks into n sequences sampled from the same logits row, sharing the prompt's KV.
+``schedule()`` forms a step in two halves. ``_schedule_running``: each decoding sequence gets
+one token if the budget allows (round-robin when it cannot take them all), prompts mid-prefill
+continue in chunks; short of slots, a sequence drops its speculative proposal, then shrinks its
+chunk, then preempts the youngest running one (recompute: its computed prefix stays cached, it
+re-enters the front of the waiting queue keeping its output). ``_admit_waiting``: waiting
+requests, longest cached prefix first (one waiting ``aging_steps`` steps goes first), join while
+the budget and ``max_running`` allow and their whole uncached prompt fits beside the prefill the
+running ones still owe. ``priority="prefill"`` guarantees prefill ``min_prefill_tokens`` of the
+budget, ``"decode"`` gives it only what is left. n > 1: the prompt prefills once, then forks.
+``update`` appends each row's tokens (a verified proposal's accepted run) up to the first stop.
 
-Every slot, lock and cache operation is a verb of the ``KVManager`` (kv_manager.py), which
-keeps and asserts the slot invariant. Speculative decoding: ``schedule(proposals=...)`` lets a
-decoding sequence compute its last token plus proposed ones; ``update`` appends the accepted
-run up to the first stop (EOS, stop id, max_tokens, full pool) and the manager frees the K/V
-past it, so the cache only ever receives committed tokens.
-
-Calls alternate ``schedule()`` / ``update(plan, tokens)``; ``add``, ``abort``, ``finish`` and
-``truncate`` may come between them (tokens the in-flight forward has not written are never
-cached). The step loop: docs/engine-internals.md.
+Every slot, lock and cache operation is a verb of the ``KVManager`` (kv_manager.py), which keeps
+and asserts the slot invariant. Calls alternate ``schedule()`` / ``update(plan, tokens)``;
+``add``, ``abort``, ``finish`` and ``truncate`` may come between them (K/V the in-flight forward
+has not written is never cached). The step loop: docs/engine-internals.md.
 """
 
 from __future__ import annotations
@@ -217,7 +210,7 @@ class Scheduler:
             else:
                 decode_left -= 1
             scheduled.add(id(seq))
-            self._plan_item(plan, seq, slots, now, proposal)
+            plan.add(seq, slots, now, proposal)
         for rank, s in enumerate(chosen):  # round-robin order for the next short step
             if id(s) in scheduled:
                 s.last_scheduled = self._rr_counter + rank
@@ -281,7 +274,7 @@ class Scheduler:
             n_running += cost
             committed += seq.num_tokens - m - chunk
             prefill_left -= chunk
-            self._plan_item(plan, seq, slots, now)
+            plan.add(seq, slots, now)
 
     # ---- after the forward ------------------------------------------------------------
     def update(self, plan: SchedulePlan, sampled: Seq[int | Seq[int]] | torch.Tensor,
@@ -292,19 +285,12 @@ class Scheduler:
         (a run is cut after its first stop), and forks n > 1 requests. Returns the sequences
         that received tokens, in row order."""
         now = time.monotonic() if now is None else now
-        toks = sampled.tolist() if isinstance(sampled, torch.Tensor) else list(sampled)
-        if plan.is_empty and not toks:
+        runs = plan.runs(sampled)
+        if plan.is_empty and not runs:
             return []
         if plan is not self._inflight:
             raise ValueError("update() got a plan that is not the one in flight (already applied?)")
-        if len(toks) != len(plan.sample_seqs):
-            raise ValueError(f"update: got {len(toks)} sampled tokens for {len(plan.sample_seqs)} rows")
-        proposed = {id(it.seq): len(it.proposal) for it in plan.items if it.proposal}
-        runs = [[int(t) for t in r] if isinstance(r, (list, tuple)) else [int(cast(int, r))] for r in toks]
-        for seq, run in zip(plan.sample_seqs, runs):
-            if not 1 <= len(run) <= 1 + proposed.get(id(seq), 0):
-                raise ValueError(f"update: {seq.seq_id} got {len(run)} tokens for "
-                                 f"{proposed.get(id(seq), 0)} proposed (1 + proposed at most)")
+        proposed = {id(it.seq) for it in plan.items if it.proposal}
         self._inflight = None
         for it in plan.items:
             self.kv.written(it.seq)
@@ -318,7 +304,7 @@ class Scheduler:
             if seq.first_token_time is None:
                 seq.first_token_time = now
             got.append(seq)
-            reason = self._append(seq, run)
+            reason = seq.append_run(run, self.config.eos_token_ids, self.kv.total)
             if id(seq) in proposed:
                 self.kv.drop_uncommitted(seq)
             if reason is not None:
@@ -340,21 +326,6 @@ class Scheduler:
             c.admit_order = self._admit_counter
             self.running.append(c)
             self._requests[parent.request_id].append(c)
-
-    def _append(self, seq: Sequence, run: list[int]) -> tuple[FinishReason, int | None] | None:
-        """Append ``run`` up to its first stop; returns why the sequence stops, if it does."""
-        p = seq.params
-        for tok in run:
-            seq.output_ids.append(tok)
-            if tok in self.config.eos_token_ids and not p.ignore_eos:
-                return FinishReason.STOP, None
-            if tok in p.stop_token_ids:
-                return FinishReason.STOP, tok
-            if p.max_tokens is not None and len(seq.output_ids) >= p.max_tokens:
-                return FinishReason.LENGTH, None
-            if seq.num_tokens >= self.kv.total:
-                return FinishReason.LENGTH, None
-        return None
 
     def truncate(self, seq: Sequence, num_output: int) -> None:
         """Cut the output to its first ``num_output`` tokens (a stop string found inside a
@@ -387,24 +358,3 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.insert(0, seq)
         plan.preempted.append(seq)
-
-    def _plan_item(self, plan: SchedulePlan, seq: Sequence, slots: list[int], now: float,
-                   proposal: Seq[int] = ()) -> None:
-        """Add ``seq``'s share of this step to ``plan``: the tokens for its newly allocated
-        ``slots`` (known ones, then ``proposal``), and a sample row after its last known token."""
-        n = len(slots)
-        start = seq.num_computed - n
-        known = n - len(proposal)
-        item = ScheduledSeq(seq=seq, token_ids=seq.token_slice(start, start + known) + list(proposal),
-                            positions=list(range(start, start + n)), out_slots=slots,
-                            context_slots=list(seq.slots), num_samples=0, proposal=list(proposal))
-        if seq.first_scheduled_time is None:
-            seq.first_scheduled_time = now
-        if start + known == seq.num_tokens:  # the last known token: sample the next one
-            item.num_samples = 1
-            plan.sample_seqs.append(seq)
-            if seq.fork_pending:
-                item.children = [seq.fork(i, now) for i in range(1, seq.params.n)]
-                item.num_samples += len(item.children)
-                plan.sample_seqs.extend(item.children)
-        plan.items.append(item)

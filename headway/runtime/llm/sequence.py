@@ -229,6 +229,23 @@ class Sequence:
         """More than one token left to compute (a decode computes exactly the last one)."""
         return self.num_tokens - self.num_computed > 1
 
+    def append_run(self, run: Iterable[int], eos_token_ids: tuple[int, ...],
+                   max_len: int) -> tuple[FinishReason, int | None] | None:
+        """Append sampled tokens up to the first stop (EOS unless ignored, a stop token id,
+        ``max_tokens``, ``max_len`` tokens in all); returns why it stops (and the stop id)."""
+        p = self.params
+        for tok in run:
+            self.output_ids.append(tok)
+            if tok in eos_token_ids and not p.ignore_eos:
+                return FinishReason.STOP, None
+            if tok in p.stop_token_ids:
+                return FinishReason.STOP, tok
+            if p.max_tokens is not None and len(self.output_ids) >= p.max_tokens:
+                return FinishReason.LENGTH, None
+            if self.num_tokens >= max_len:
+                return FinishReason.LENGTH, None
+        return None
+
     def fork(self, index: int, now: float) -> Sequence:
         """Sample ``index`` of this n > 1 request: same prompt and params, its own seed
         stream; it gets its slots (the shared prompt prefix) when the scheduler forks it."""
