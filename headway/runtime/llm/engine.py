@@ -507,26 +507,13 @@ class LLMEngine:
         self.tokens_per_s = sum(k for _, k in self._recent) / span
         self.metrics.tokens_per_s.set(self.tokens_per_s)
 
-    @property
-    def cache_hit_tokens(self) -> int:
-        return self.kv.hit_tokens
-
-    @property
-    def cache_query_tokens(self) -> int:
-        return self.kv.query_tokens
-
-    @property
-    def prefix_hit_rate(self) -> float:
-        """Prompt tokens found cached / looked up, once per request (counted by the KV manager
-        at admission): the figure behind /metrics' hit and query counters, the hit-rate gauge
-        and /headway/state alike."""
-        return self.kv.hit_rate
-
     def _gauges(self) -> None:
         kv = self.kv
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_usage.set((kv.total - kv.num_free - kv.evictable) / kv.total)
+        # prompt tokens found cached / looked up, once per request (kept by the KV manager): the
+        # figure behind /metrics' hit and query counters, the hit-rate gauge and /headway/state alike
         self.metrics.observe_prefix_cache(kv.hit_tokens, kv.query_tokens)
         self.metrics.cache_hit_rate.set(kv.hit_rate)
 
