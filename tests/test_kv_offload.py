@@ -1,7 +1,8 @@
 """The KV offload tier (runtime/llm/kv_offload.py): bounded host memory under the radix cache.
 
 Unit level: a tiny ``KVCacheTensors`` whose slots hold values derived from (key, token path), so
-every copy out and back can be checked. Scheduler level: random traffic through the real
+every copy out and back can be checked; the tier shares the radix cache's tree (evicted device
+leaves stay in it host-only), driven through the ``KVManager``. Scheduler level: random traffic through the real
 scheduler with a fake forward that writes those values; every cached slot must hold the value
 of its own path after any number of evictions, offloads and restores. Model level (SmolLM2):
 greedy output with a prefix restored from the tier equals recomputing it.
