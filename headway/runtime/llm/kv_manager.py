@@ -26,7 +26,11 @@ Invariants, asserted by ``check()``:
     where private == sum over live records of len(slots) - cached_len;
     per record: slots[:cached_len] are owned by the cache under ``lock`` (locked by this
     record), slots[cached_len:] are private to it; len(slots) == tokens whose K/V is written
-    or in flight; no slot is owned twice (by two records, or by a record and the tree).
+    or in flight; no slot is owned twice (by two records, or by a record and the tree);
+    the tree's own invariants (``RadixCache.check``: device nodes on top, host-only ones below)
+    and the host tier's (``KVOffloadTier.check``: every host slot in the tree once, used ==
+    host slots in the tree). The host tier keeps no tree of its own: an evicted device leaf
+    stays in the cache's tree host-only, and ``admit`` continues a device match through it.
 
 Threading: every verb runs on the engine's step thread, between forwards.
 """
