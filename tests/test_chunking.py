@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from headway.runtime.llm.chunking import PrefillChunker
-from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import SamplingParams
 
@@ -43,7 +43,7 @@ def test_bursts_get_prefill_priority_and_bad_factor_rejected() -> None:
 
 
 def test_scheduler_honours_the_prefill_cap() -> None:
-    sched = Scheduler(KVPool(4096), config=SchedulerConfig(max_num_batched_tokens=512))
+    sched = Scheduler(KVManager(4096), config=SchedulerConfig(max_num_batched_tokens=512))
     sched.add("short", list(range(1, 10)), SamplingParams(max_tokens=50, temperature=0))
     plan = sched.schedule()
     sched.update(plan, [7] * len(plan.sample_seqs))  # "short" is now decoding

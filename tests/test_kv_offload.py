@@ -1,7 +1,8 @@
 """The KV offload tier (runtime/llm/kv_offload.py): bounded host memory under the radix cache.
 
 Unit level: a tiny ``KVCacheTensors`` whose slots hold values derived from (key, token path), so
-every copy out and back can be checked. Scheduler level: random traffic through the real
+every copy out and back can be checked; the tier shares the radix cache's tree (evicted device
+leaves stay in it host-only), driven through the ``KVManager``. Scheduler level: random traffic through the real
 scheduler with a fake forward that writes those values; every cached slot must hold the value
 of its own path after any number of evictions, offloads and restores. Model level (SmolLM2):
 greedy output with a prefix restored from the tier equals recomputing it.
@@ -18,11 +19,11 @@ import pytest
 import torch
 
 from headway.runtime.llm.attention import KVCacheTensors
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.kv_offload import KVOffloadTier
-from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.radix_cache import RadixCache, RadixNode
 from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
-from headway.runtime.llm.sequence import SamplingParams
+from headway.runtime.llm.sequence import SamplingParams, Sequence
 from tests.conftest import running_server
 
 LAYERS = 2
@@ -48,74 +49,109 @@ def holds(kv: KVCacheTensors, key, path: list[int], slots: list[int], start: int
                for p, s in enumerate(slots, start) for layer, t in enumerate(kv.kv))
 
 
+def manager(num_slots: int, tier_tokens: int) -> tuple[KVCacheTensors, KVOffloadTier, KVManager]:
+    kv = tensors(num_slots)
+    tier = KVOffloadTier(tier_tokens, kv)
+    return kv, tier, KVManager(num_slots, offload=tier)
+
+
+def cached(mgr: KVManager, kv: KVCacheTensors, key, path: list[int]) -> None:
+    """``path`` computed (its K/V written) and put into the cache, unlocked."""
+    slots = mgr.pool.alloc(len(path))
+    assert slots is not None
+    write(kv, key, path, slots)
+    mgr.cache.insert(key, path, slots)
+
+
+def admit(mgr: KVManager, key, prompt: list[int]) -> Sequence:
+    seq = Sequence(seq_id="s", request_id="s", prompt_ids=prompt, params=SamplingParams(), cache_key=key)
+    mgr.admit(seq)
+    return seq
+
+
 def test_offload_keeps_the_tail_and_restores_only_after_the_main_match() -> None:
-    kv = tensors(64)
-    tier = KVOffloadTier(32, kv)
+    kv, tier, mgr = manager(64, 32)
+    cache = mgr.cache
     path = list(range(100, 120))
-    write(kv, "k", path, list(range(20)))
-    # the main cache evicts the leaf [12, 20) of this path: its head stays in the main tree
-    assert tier.offload("k", path, list(range(12, 20))) == 8
-    tier.check()
+    cached(mgr, kv, "k", path)
+    _, _, head = cache.match("k", path[:12])
+    cache.lock(head)  # the head stays on device: the leaf [12, 20) is what the cache evicts
+    assert cache.evict(8) == 8
+    mgr.check()
     assert tier.used == 8 and tier.offloaded_tokens == 8
-    assert tier.match("k", path, 0) == 0  # the head is hollow: not restorable from position 0
-    assert tier.match("k", path, 12) == 8
-    assert tier.match("k", path, 14) == 6  # a main match ending inside the segment
-    assert tier.match("k", path[:15], 12) == 3
-    assert tier.match("other", path, 12) == 0  # isolation keys never mix
-    assert tier.match("k", path[:12] + [7, 7, 7], 12) == 0
-    kv.kv[0][40:48] = -1.0
-    tier.restore("k", path, 12, list(range(40, 48)))
-    assert holds(kv, "k", path, list(range(40, 48)), start=12) and tier.restored_tokens == 8
-    # later the head is evicted too: it fills the hollow part, and the whole path is restorable
-    assert tier.offload("k", path[:12], list(range(12))) == 12
-    tier.check()
-    assert tier.match("k", path, 0) == 20 and tier.used == 20
-    # offloading the same segment again copies nothing (the tier already stores it)
-    assert tier.offload("k", path, list(range(12, 20))) == 0 and tier.used == 20
-    with pytest.raises(ValueError, match="stores 0 of 4"):
-        tier.restore("k", [1, 2, 3, 4], 0, [0, 1, 2, 3])
+    assert cache.match("k", path)[0] == 12  # on device: the head only
+    assert cache.host_match("k", path, 12) == 8  # the host continues the device match
+    assert cache.host_match("k", path, 0) == 0 and cache.host_match("k", path, 14) == 0  # nor elsewhere
+    assert cache.host_match("k", path[:15], 12) == 3
+    assert cache.host_match("other", path, 12) == 0  # isolation keys never mix
+    assert cache.host_match("k", path[:12] + [7, 7, 7], 12) == 0
+    kv.kv[0][:] = -1.0
+    write(kv, "k", path, cache.match("k", path)[1])  # the head's device K/V is intact, the rest is not
+    seq = admit(mgr, "k", path + [1])
+    assert seq.cached_len == 20 and tier.restored_tokens == 8
+    assert holds(kv, "k", path, seq.slots)  # restored bit-exact
+    mgr.release(seq, keep_in_cache=True)
+    cache.unlock(head)
+    # later the head is evicted too: the restored tail still has its host copy, only the head
+    # is copied, and the whole path is restorable
+    assert cache.evict(20) == 20
+    mgr.check()
+    assert tier.offloaded_tokens == 8 + 12 and tier.used == 20
+    assert cache.host_match("k", path, 0) == 20 and cache.peek("k", path) == 0
+    seq = admit(mgr, "k", path + [1])
+    assert seq.cached_len == 20 and holds(kv, "k", path, seq.slots)
+    mgr.release(seq, keep_in_cache=True)
+    assert cache.evict(20) == 20 and tier.offloaded_tokens == 20 and tier.used == 20  # nothing copied again
+    with pytest.raises(ValueError, match="holds 0 of 4"):
+        cache.restore("k", [1, 2, 3, 4], 0, [0, 1, 2, 3], tier.load)
     with pytest.raises(ValueError, match="positive int"):
         KVOffloadTier(0, kv)
 
 
 def test_capacity_is_respected_least_recently_used_first() -> None:
-    kv = tensors(64)
-    tier = KVOffloadTier(24, kv)
+    kv, tier, mgr = manager(64, 24)
+    cache = mgr.cache
     paths = [[i * 100 + j for j in range(10)] for i in range(4)]
-    for i, p in enumerate(paths):
-        write(kv, "k", p, list(range(10 * i, 10 * i + 10)))
-    tier.offload("k", paths[0], list(range(0, 10)))
-    tier.offload("k", paths[1], list(range(10, 20)))
-    assert tier.match("k", paths[0], 0) == 10  # match() alone does not touch the LRU order
-    tier.restore("k", paths[0], 0, list(range(40, 50)))  # a restore does: 1 is now the oldest
-    tier.offload("k", paths[2], list(range(20, 30)))
-    tier.check()
+    cached(mgr, kv, "k", paths[0])
+    cached(mgr, kv, "k", paths[1])
+    assert cache.evict(20) == 20 and tier.used == 20
+    assert cache.host_match("k", paths[0], 0) == 10  # a lookup alone does not touch the LRU order
+    again = admit(mgr, "k", paths[0] + [1])  # a restore does: 1 is now the oldest
+    assert again.cached_len == 10
+    cached(mgr, kv, "k", paths[2])
+    assert cache.evict(10) == 10  # paths[2] (paths[0] is locked): room for it drops paths[1]
+    mgr.check()
     assert tier.used == 20 and tier.dropped_tokens == 10
-    assert tier.match("k", paths[1], 0) == 0
-    assert tier.match("k", paths[0], 0) == 10 and tier.match("k", paths[2], 0) == 10
+    assert cache.host_match("k", paths[1], 0) == 0
+    assert cache.host_match("k", paths[2], 0) == 10
+    mgr.release(again, keep_in_cache=True)
+    assert cache.evict(10) == 10 and tier.offloaded_tokens == 30  # paths[0] kept its host copy
+    assert cache.host_match("k", paths[0], 0) == 10
     # a segment longer than the whole tier keeps its head (still a restorable prefix)
     long = list(range(500, 540))
-    write(kv, "k", long, list(range(40)))
-    assert tier.offload("k", long, list(range(40))) == 24
-    tier.check()
-    assert tier.used == 24 and tier.match("k", long, 0) == 24
-    kv.kv[1][:24] = 0.0
-    tier.restore("k", long, 0, list(range(24)))
-    assert holds(kv, "k", long, list(range(24)))
+    cached(mgr, kv, "k", long)
+    assert cache.evict(40) == 40
+    mgr.check()
+    assert tier.used == 24 and cache.host_match("k", long, 0) == 24
+    kv.kv[1][:] = 0.0
+    seq = admit(mgr, "k", long + [1])
+    assert seq.cached_len == 24 and holds(kv, "k", long, seq.slots)
 
 
-def test_evicting_a_leaf_prunes_hollow_ancestors() -> None:
-    kv = tensors(64)
-    tier = KVOffloadTier(8, kv)
+def test_dropping_host_leaves_prunes_the_tree() -> None:
+    kv, tier, mgr = manager(64, 8)
+    cache = mgr.cache
     a = [1, 2, 3, 4, 5, 6]
     b = [1, 2, 3, 9, 9]
-    tier.offload("k", a, [4, 5])  # [1,2,3,4] hollow, [5,6] stored
-    tier.offload("k", b, [3, 4])  # shares the hollow [1,2,3]
-    tier.check()
-    tier.offload("x", [7] * 8, list(range(8)))  # needs the whole tier: both leaves go
-    tier.check()
-    assert tier.used == 8 and tier.match("k", a, 4) == 0 and tier.match("k", b, 3) == 0
-    assert list(tier._roots) == ["x"]
+    cached(mgr, kv, "k", a)
+    cached(mgr, kv, "k", b)  # shares [1, 2, 3]
+    assert cache.evict(8) == 8 and tier.used == 8
+    mgr.check()
+    cached(mgr, kv, "x", [7] * 8)
+    assert cache.evict(8) == 8  # needs the whole tier: every host copy under "k" goes
+    mgr.check()
+    assert tier.used == 8 and cache.host_match("k", a, 0) == 0 and cache.host_match("k", b, 0) == 0
+    assert list(cache._roots) == ["x"]
 
 
 # ---- the scheduler with a fake forward ---------------------------------------------------------
@@ -143,8 +179,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
     slots = 160
     kv = tensors(slots)
     tier = KVOffloadTier(capacity, kv)
-    sched = Scheduler(KVPool(slots), config=SchedulerConfig(max_num_batched_tokens=48, max_running=4),
-                      offload=tier)
+    sched = Scheduler(KVManager(slots, offload=tier), config=SchedulerConfig(max_num_batched_tokens=48, max_running=4))
     prefixes = [[rng.randrange(50) for _ in range(rng.randrange(20, 70))] for _ in range(5)]
     keys = [None, "salt-a", "salt-b"]
     for i in range(40):
@@ -156,8 +191,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
             fake_forward(kv, plan)
             sched.update(plan, [rng.randrange(50) for _ in plan.sample_seqs], now=0.0)
             sched.check_invariant()
-            tier.check()
-            check_tree(kv, sched.cache)
+            check_tree(kv, sched.kv.cache)
     for _ in range(2000):
         if not sched.has_work():
             break
@@ -167,7 +201,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
         sched.check_invariant()
         tier.check()
     assert not sched.has_work()
-    check_tree(kv, sched.cache)
+    check_tree(kv, sched.kv.cache)
     assert tier.offloaded_tokens > 0 and tier.restored_tokens > 0, tier.stats()
     assert tier.used <= tier.capacity
 
@@ -175,7 +209,7 @@ def test_random_traffic_restores_exact_kv_and_keeps_invariants(seed: int, capaci
 def test_a_prompt_evicted_then_asked_again_is_restored_not_recomputed() -> None:
     kv = tensors(128)
     tier = KVOffloadTier(512, kv)
-    sched = Scheduler(KVPool(128), config=SchedulerConfig(max_num_batched_tokens=256), offload=tier)
+    sched = Scheduler(KVManager(128, offload=tier), config=SchedulerConfig(max_num_batched_tokens=256))
 
     def run(rid: str, prompt: list[int], key=None):
         seq = sched.add(rid, prompt, SamplingParams(max_tokens=1, ignore_eos=True), cache_key=key)
@@ -194,7 +228,7 @@ def test_a_prompt_evicted_then_asked_again_is_restored_not_recomputed() -> None:
     assert tier.used >= 100
     seq, computed = run("a2", a)
     assert seq.num_cached_prompt_tokens == 99 and computed == 1  # only the last prompt token runs
-    check_tree(kv, sched.cache)
+    check_tree(kv, sched.kv.cache)
     before = tier.restored_tokens
     seq, computed = run("a3", a, key="salt")  # another isolation key: nothing restored
     assert tier.restored_tokens == before and seq.num_cached_prompt_tokens == 0 and computed == 100
@@ -210,7 +244,7 @@ def generate(engine, rid: str, prompt: list[int], key=None, max_tokens: int = 8)
             break
         engine._step()
         engine.scheduler.check_invariant()
-        engine.offload.check()
+        engine.kv.check()
     assert not engine.scheduler.has_work()
     return seq
 
@@ -229,14 +263,14 @@ def test_smollm2_greedy_output_with_a_restored_prefix_equals_recomputing_it() ->
     first = generate(engine, "a1", a)  # computed
     assert first.num_cached_prompt_tokens == 0
     generate(engine, "b", b)  # a and b do not fit together: a is evicted, into the tier
-    assert engine.offload.offloaded_tokens >= len(a) and engine.cache.peek(None, a) == 0
+    assert engine.kv.offload.offloaded_tokens >= len(a) and engine.kv.peek(None, a) == 0
     again = generate(engine, "a2", a)
     assert again.num_cached_prompt_tokens == len(a) - 1  # all but the last prompt token restored
-    assert engine.offload.restored_tokens == len(a) - 1
+    assert engine.kv.offload.restored_tokens == len(a) - 1
     assert again.output_ids == first.output_ids
     # under another isolation key nothing is restored: computed again, same output
     salted = generate(engine, "a3", a, key="salt")
-    assert salted.num_cached_prompt_tokens == 0 and engine.offload.restored_tokens == len(a) - 1
+    assert salted.num_cached_prompt_tokens == 0 and engine.kv.offload.restored_tokens == len(a) - 1
     assert salted.output_ids == first.output_ids
     state = engine._take_snapshot()["kv_offload"]
     assert state["restored_tokens"] == len(a) - 1 and 0 < state["used_tokens"] <= 4096

@@ -231,13 +231,13 @@ def test_mixed_batch_tokens_equal_each_run_alone(tiny_engine) -> None:
 def test_prefix_cache_is_isolated_per_adapter(tiny_engine) -> None:
     prompt = list(range(100, 164))
     first = run_all(tiny_engine, [(prompt, "a0")])[0]
-    hits = tiny_engine.cache_hit_tokens
+    hits = tiny_engine.kv.hit_tokens
     other = run_all(tiny_engine, [(prompt, "a1")])[0]
-    assert tiny_engine.cache_hit_tokens == hits  # nothing of a0's KV served to a1
+    assert tiny_engine.kv.hit_tokens == hits  # nothing of a0's KV served to a1
     base = run_all(tiny_engine, [(prompt, None)])[0]
-    assert tiny_engine.cache_hit_tokens == hits
+    assert tiny_engine.kv.hit_tokens == hits
     again = run_all(tiny_engine, [(prompt, "a0")])[0]
-    assert tiny_engine.cache_hit_tokens > hits  # the same adapter does reuse its own prefix
+    assert tiny_engine.kv.hit_tokens > hits  # the same adapter does reuse its own prefix
     assert again == first and len({tuple(first), tuple(other), tuple(base)}) == 3
     # the published digest: each adapter's chain starts from the root published for it
     state = wait_state(tiny_engine, lambda s: set(s["prefix_digest"]["roots"]) == {"a0", "a1"})

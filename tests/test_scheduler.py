@@ -4,13 +4,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import FinishReason, SamplingParams, SeqStatus
 
 
 def mk(num_slots: int = 256, **cfg) -> Scheduler:
-    return Scheduler(KVPool(num_slots), config=SchedulerConfig(**cfg))
+    return Scheduler(KVManager(num_slots), config=SchedulerConfig(**cfg))
 
 
 def step(s: Scheduler, token: int = 5):
@@ -96,7 +96,7 @@ def test_prefix_cache_hit_for_next_turn() -> None:
     d = s.add("d", [7] * 40, SamplingParams(max_tokens=1), cache_key="lora-x")
     step(s)
     assert d.num_cached_prompt_tokens == 0
-    assert s.cache.hit_tokens == 43 + 39
+    assert s.kv.hit_tokens == 43 + 39
 
 
 def test_waits_instead_of_failing_then_runs() -> None:
@@ -150,7 +150,7 @@ def test_eos_stop_ids_and_external_finish() -> None:
     s.finish(c, FinishReason.STOP, "###")  # the detokenizer saw a stop string
     assert c.stop_reason == "###" and not s.running
     s.check_invariant()
-    assert s.pool.num_free + s.cache.evictable == s.pool.total
+    assert s.kv.num_free + s.kv.evictable == s.kv.total
 
 
 def test_stop_string_in_the_last_allowed_token_is_a_stop() -> None:
@@ -175,9 +175,9 @@ def test_abort_frees_everything() -> None:
     s.abort("a")
     s.abort("w")
     assert a.finish_reason is FinishReason.ABORT and w.finish_reason is FinishReason.ABORT
-    assert not s.has_work() and s.cache.locked == 0
+    assert not s.has_work() and s.kv.locked == 0
     s.check_invariant()
-    assert s.pool.num_free + s.cache.evictable == s.pool.total
+    assert s.kv.num_free + s.kv.evictable == s.kv.total
 
 
 def test_n_samples_share_the_prompt() -> None:
@@ -191,7 +191,7 @@ def test_n_samples_share_the_prompt() -> None:
     kids = s.sequences("a")
     assert [k.index for k in kids] == [0, 1, 2] and [k.output_ids for k in kids] == [[100], [101], [102]]
     assert all(k.slots[:20] == a.slots[:20] and k.cached_len == 20 for k in kids)
-    assert s.cache.locked == 20 and s.private_slots == 0  # one copy of the prompt, locked
+    assert s.kv.locked == 20 and s.private_slots == 0  # one copy of the prompt, locked
     plan = s.schedule()
     assert [len(i.token_ids) for i in plan.items] == [1, 1, 1]
     outs = {i.out_slots[0] for i in plan.items}
@@ -264,7 +264,7 @@ def test_property_random_engine_ops(ops) -> None:
         s.update(plan, [1] * len(plan.sample_seqs))
         s.check_invariant()
     assert not s.has_work()
-    assert s.cache.locked == 0 and s.pool.num_free + s.cache.evictable == s.pool.total
+    assert s.kv.locked == 0 and s.kv.num_free + s.kv.evictable == s.kv.total
 
 
 def test_abort_while_plan_in_flight_caches_only_written_tokens() -> None:
@@ -274,7 +274,7 @@ def test_abort_while_plan_in_flight_caches_only_written_tokens() -> None:
     plan = s.schedule()  # tokens 8..15 in flight
     s.abort("a")
     s.check_invariant()
-    assert s.cache.match(None, list(range(1, 21)), record=False)[0] == 8
+    assert s.kv.cache.match(None, list(range(1, 21)))[0] == 8
     assert s.update(plan, []) == [] and a.output_ids == []
     s.check_invariant()
 

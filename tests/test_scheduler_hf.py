@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from headway.runtime.llm.detokenizer import IncrementalDetokenizer
-from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.sampling import Sampler
 from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import FinishReason, SamplingParams
@@ -33,7 +33,7 @@ def hf():
 
 
 def run_loop(model, tok, requests, num_slots=64, budget=16):
-    sched = Scheduler(KVPool(num_slots), config=SchedulerConfig(max_num_batched_tokens=budget, max_running=4,
+    sched = Scheduler(KVManager(num_slots), config=SchedulerConfig(max_num_batched_tokens=budget, max_running=4,
                                                                  eos_token_ids=(tok.eos_token_id,)))
     sampler = Sampler(seed=0)
     detoks: dict[str, IncrementalDetokenizer] = {}

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.scheduler import SchedulePlan, Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import FinishReason, SamplingParams, SeqStatus
 
@@ -62,7 +62,7 @@ def make_workload(seed: int, n_req: int) -> list[tuple[int, str, list[int], Samp
 
 
 def run_sim(num_slots: int, cfg: SchedulerConfig, workload) -> tuple[Scheduler, dict[str, list[int]], int]:
-    sched = Scheduler(KVPool(num_slots), config=cfg)
+    sched = Scheduler(KVManager(num_slots), config=cfg)
     kv: dict[int, int] = {}
     pending = list(workload)
     seqs = []
@@ -97,7 +97,7 @@ def test_simulation_under_memory_pressure(priority: str) -> None:
     assert ref_sched.num_preemptions == 0
     sched, out, _ = run_sim(260, cfg, workload)
     assert sched.num_preemptions > 0, "the tight pool should force preemption"
-    assert sched.cache.hit_tokens > 0, "shared system prompts should hit the cache"
+    assert sched.kv.hit_tokens > 0, "shared system prompts should hit the cache"
     # every request (and every one of its n samples) finished with exactly max_tokens
     total = 0
     for _, rid, _, params in workload:
@@ -109,14 +109,14 @@ def test_simulation_under_memory_pressure(priority: str) -> None:
     # recomputed sequences produce exactly what they would have without preemption
     assert out == ref_out
     assert not sched.running and not sched.waiting
-    assert sched.pool.num_free + sched.cache.evictable == sched.pool.total
-    assert sched.cache.locked == 0
+    assert sched.kv.num_free + sched.kv.evictable == sched.kv.total
+    assert sched.kv.locked == 0
 
 
 def test_all_finished_reasons_and_metrics() -> None:
     workload = make_workload(2, 15)
     cfg = SchedulerConfig(max_num_batched_tokens=32, max_running=4)
-    sched = Scheduler(KVPool(400), config=cfg)
+    sched = Scheduler(KVManager(400), config=cfg)
     kv: dict[int, int] = {}
     seqs = [sched.add(rid, p, params, now=0.0) for _, rid, p, params in workload]
     t = 0.0

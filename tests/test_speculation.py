@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
-from headway.runtime.llm.kv_pool import KVPool
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.sampling import Sampler
 from headway.runtime.llm.scheduler import Scheduler, SchedulerConfig
 from headway.runtime.llm.sequence import FinishReason, SamplingParams, SeqStatus
@@ -46,7 +46,7 @@ def chi2_gof_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
 # ---- scheduler: runs of tokens ------------------------------------------------------------
 
 def mk(num_slots: int = 128, **cfg) -> Scheduler:
-    return Scheduler(KVPool(num_slots), config=SchedulerConfig(**cfg))
+    return Scheduler(KVManager(num_slots), config=SchedulerConfig(**cfg))
 
 
 def prefill(s: Scheduler, rid: str, prompt: list[int], **params):
@@ -61,20 +61,20 @@ def test_run_keeps_accepted_kv_and_frees_the_rest() -> None:
     s = mk(128)
     seq = prefill(s, "a", [1, 2, 3, 4], max_tokens=50)
     assert seq.output_ids == [7] and seq.num_computed == 4
-    free0 = s.pool.num_free
+    free0 = s.kv.num_free
     plan = s.schedule(now=0.0, proposals={"a": [8, 9, 10]})
     (it,) = plan.items
     assert it.token_ids == [7, 8, 9, 10] and it.positions == [4, 5, 6, 7] and it.proposal == [8, 9, 10]
     assert plan.proposal_rows() == {id(seq): [0, 1, 2, 3]}
     fb = plan.to_forward_batch()
     assert fb.logit_indices.tolist() == [0, 1, 2, 3]
-    assert s.pool.num_free == free0 - 4
+    assert s.kv.num_free == free0 - 4
     s.check_invariant()
     s.update(plan, [[8, 9, 42]], now=0.0)  # 2 accepted, then the target's own token
     s.check_invariant()
     assert seq.output_ids == [7, 8, 9, 42]
     assert seq.num_computed == seq.num_tokens - 1 == 7  # K/V of 7, 8, 9 kept; 10's freed
-    assert s.pool.num_free == free0 - 3
+    assert s.kv.num_free == free0 - 3
     plan = s.schedule(now=0.0)
     assert plan.items[0].token_ids == [42] and plan.items[0].positions == [7]
     s.update(plan, [5], now=0.0)
@@ -106,16 +106,16 @@ def test_stops_inside_a_run_cut_it_and_cache_only_committed() -> None:
     s.update(plan, [[8, 99, 10, 11]], now=0.0)  # EOS accepted mid-run: nothing past it
     assert seq.output_ids == [7, 8, 99] and seq.finish_reason is FinishReason.STOP
     s.check_invariant()
-    assert s.cache.locked == 0 and s.pool.num_free + s.cache.evictable == s.pool.total
+    assert s.kv.locked == 0 and s.kv.num_free + s.kv.evictable == s.kv.total
     # cached: exactly the computed committed tokens (the last one never has K/V)
-    assert s.cache.match(None, [1, 2, 3, 4, 7, 8, 99, 10], record=False)[0] == 6
+    assert s.kv.cache.match(None, [1, 2, 3, 4, 7, 8, 99, 10])[0] == 6
     # max_tokens inside a run
     seq = s.add("b", [1, 2, 3, 4], SamplingParams(max_tokens=3, ignore_eos=True))
     s.update(s.schedule(now=0.0), [7], now=0.0)
     s.update(s.schedule(now=0.0, proposals={"b": [8, 9, 10]}), [[8, 9, 10, 11]], now=0.0)
     assert seq.output_ids == [7, 8, 9] and seq.finish_reason is FinishReason.LENGTH
     s.check_invariant()
-    assert s.pool.num_free + s.cache.evictable == s.pool.total
+    assert s.kv.num_free + s.kv.evictable == s.kv.total
 
 
 def test_truncate_for_stop_strings_and_proposal_dropped_when_short() -> None:
@@ -132,7 +132,7 @@ def test_truncate_for_stop_strings_and_proposal_dropped_when_short() -> None:
     s = mk(17)
     c = prefill(s, "c", [20, 21, 22, 23], max_tokens=50)
     b = prefill(s, "b", list(range(1, 11)), max_tokens=50)
-    assert s.pool.num_free == 2
+    assert s.kv.num_free == 2
     plan = s.schedule(now=0.0, proposals={"c": [1, 2, 3]})
     assert [it.proposal for it in plan.items] == [[], []] and not plan.preempted
     s.update(plan, [3, 3], now=0.0)
@@ -314,7 +314,7 @@ def test_property_runs_keep_the_kv_true(ops) -> None:
         do_step(i)
         check()
     assert not s.has_work()
-    assert s.cache.locked == 0 and s.pool.num_free + s.cache.evictable == s.pool.total
+    assert s.kv.locked == 0 and s.kv.num_free + s.kv.evictable == s.kv.total
 
 
 def test_speculator_proposes_within_max_tokens_and_stops_above_max_batch() -> None:

@@ -69,11 +69,11 @@ def measure(model_dir: Path, *, prefix_tokens: int, evict_tokens: int, kv_cache_
         evictor, q1, q2 = tok.encode(gen.text(evict_tokens, rng)), question(), question()
         for name, e in (engines.items() if r % 2 == 0 else reversed(engines.items())):
             _ttft(e, f"evict-{r}", evictor)
-            assert e.cache.peek(None, prefix) < len(prefix), "the prefix was not evicted"
-            restored_before = e.offload.restored_tokens if e.offload else 0
+            assert e.kv.peek(None, prefix) < len(prefix), "the prefix was not evicted"
+            restored_before = e.kv.offload.restored_tokens if e.kv.offload else 0
             t = _ttft(e, f"again-{r}", prefix + q1)
-            if e.offload is not None:
-                assert e.offload.restored_tokens - restored_before >= len(prefix) - 1, e.offload.stats()
+            if e.kv.offload is not None:
+                assert e.kv.offload.restored_tokens - restored_before >= len(prefix) - 1, e.kv.offload.stats()
             out["restored" if name == "tier" else "recomputed"].append(t)
             out["hit_tier" if name == "tier" else "hit_no_tier"].append(_ttft(e, f"hit-{r}", prefix + q2))
     p50 = {k: percentile(v, 50) for k, v in out.items()}

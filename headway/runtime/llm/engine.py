@@ -29,13 +29,12 @@ from headway.runtime.llm.chunking import PrefillChunker
 from headway.runtime.llm.detokenizer import IncrementalDetokenizer
 from headway.runtime.llm.device import choose_dtype, default_device
 from headway.runtime.llm.grammar import GrammarCompiler, GrammarMasker
+from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.kv_offload import KVOffloadTier
-from headway.runtime.llm.kv_pool import KVPool
 from headway.runtime.llm.lora import AdapterCache, AdapterError
 from headway.runtime.llm.metrics import EngineMetrics
 from headway.runtime.llm.openai_types import OpenAIError
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
-from headway.runtime.llm.radix_cache import RadixCache
 from headway.runtime.llm.runner import ModelRunner
 from headway.runtime.llm.sampling import Sampler
 from headway.runtime.llm.scheduler import SchedulePlan, Scheduler, SchedulerConfig
@@ -107,15 +106,13 @@ class LLMEngine:
         self.quantization = self.runner.quantization or "none"
         cfg = self.runner.config
         self.max_model_len = min(max_model_len or cfg.max_position, self.runner.num_slots - 1)
-        self.pool = KVPool(self.runner.num_slots)
-        self.cache = RadixCache(self.pool)
-        # the host tier under the prefix cache (kv_offload.py); nothing to restore without prefix caching
-        self.offload = (KVOffloadTier(kv_offload_tokens, self.runner.kv)
-                        if kv_offload_tokens and enable_prefix_caching else None)
+        # the one owner of KV memory: pool, prefix cache and the host tier under it (kv_manager.py);
+        # nothing to restore without prefix caching
+        self.kv = KVManager(self.runner.num_slots, offload=KVOffloadTier(kv_offload_tokens, self.runner.kv)
+                            if kv_offload_tokens and enable_prefix_caching else None)
         eos = tuple(sorted(self.tokenizer.eos_token_ids))
-        self.scheduler = Scheduler(self.pool, self.cache, SchedulerConfig(
-            max_num_batched_tokens=max_num_batched_tokens, max_running=max_running, eos_token_ids=eos),
-            offload=self.offload)
+        self.scheduler = Scheduler(self.kv, SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens, max_running=max_running, eos_token_ids=eos))
         self.chunker = PrefillChunker(budget=max_num_batched_tokens, itl_factor=itl_factor)
         self.prefix_caching = enable_prefix_caching
         self.sampler = Sampler()
@@ -137,8 +134,6 @@ class LLMEngine:
         self.failure: str | None = None  # why the loop thread died; set once, by that thread
         self._recent: deque[tuple[float, int]] = deque()
         self.tokens_per_s = 0.0
-        self.cache_hit_tokens = self.cache_query_tokens = 0  # prompt tokens found cached / looked up (Prometheus'
-        # counters cannot be read back; these are their values)
         self.steps = 0
         self._snapshot_at = 0.0
         self._snapshot: dict[str, Any] = self._take_snapshot()
@@ -147,9 +142,9 @@ class LLMEngine:
                  self.runner.num_slots, self.max_model_len)
         if self.speculator is not None:
             log.info("speculative decoding: %s", self.speculator.config.describe())
-        if self.offload is not None:
-            log.info("KV offload tier: %d tokens in host memory (%.0f MiB)", self.offload.capacity,
-                     self.offload.nbytes / 2**20)
+        if self.kv.offload is not None:
+            log.info("KV offload tier: %d tokens in host memory (%.0f MiB)", self.kv.offload.capacity,
+                     self.kv.offload.nbytes / 2**20)
 
     def _speculator(self, cfg: SpeculativeConfig, model_dir: Path) -> Speculator:
         if cfg.method == "ngram":
@@ -463,10 +458,6 @@ class LLMEngine:
                 self.tokenizer.tokenizer, prompt_ids=seq.prompt_ids, stop=seq.params.stop)
             self.metrics.ttft.observe(now - seq.arrival_time)
             if seq.index == 0:  # the n choices of a request share one prompt: count it once
-                self.cache_query_tokens += len(seq.prompt_ids)
-                self.cache_hit_tokens += seq.num_cached_prompt_tokens
-                self.metrics.cache_query_tokens.inc(len(seq.prompt_ids))
-                self.metrics.cache_hit_tokens.inc(seq.num_cached_prompt_tokens)
                 self.metrics.computed_tokens.inc(len(seq.prompt_ids) - seq.num_cached_prompt_tokens)
         elif token_ids and seq.index in req.last_token_at:
             self.metrics.itl.observe(now - req.last_token_at[seq.index])
@@ -516,18 +507,15 @@ class LLMEngine:
         self.tokens_per_s = sum(k for _, k in self._recent) / span
         self.metrics.tokens_per_s.set(self.tokens_per_s)
 
-    @property
-    def prefix_hit_rate(self) -> float:
-        """Prompt tokens found cached / looked up, once per request: the figure behind
-        /metrics' hit and query counters, the hit-rate gauge and /headway/state alike."""
-        return self.cache_hit_tokens / self.cache_query_tokens if self.cache_query_tokens else 0.0
-
     def _gauges(self) -> None:
-        total = self.pool.total
+        kv = self.kv
         self.metrics.running.set(len(self.scheduler.running))
         self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_usage.set((total - self.pool.num_free - self.cache.evictable) / total)
-        self.metrics.cache_hit_rate.set(self.prefix_hit_rate)
+        self.metrics.kv_usage.set((kv.total - kv.num_free - kv.evictable) / kv.total)
+        # prompt tokens found cached / looked up, once per request (kept by the KV manager): the
+        # figure behind /metrics' hit and query counters, the hit-rate gauge and /headway/state alike
+        self.metrics.observe_prefix_cache(kv.hit_tokens, kv.query_tokens)
+        self.metrics.cache_hit_rate.set(kv.hit_rate)
 
     # ---- the replica-state contract ---------------------------------------------------------
 
@@ -542,21 +530,21 @@ class LLMEngine:
             return
         self._snapshot_at = now
         self._snapshot = self._take_snapshot()
-        if self._snapshot["kv_offload"] is not None:   # the tier's counters follow its snapshot, not every step
+        if self._snapshot["kv_offload"] is not None:  # the tier's counters follow its snapshot, not every step
             self.metrics.observe_offload(self._snapshot["kv_offload"])
 
     def _take_snapshot(self) -> dict[str, Any]:
-        total, free, evictable = self.pool.total, self.pool.num_free, self.cache.evictable
+        total, free, evictable = self.kv.total, self.kv.num_free, self.kv.evictable
         running, waiting = len(self.scheduler.running), len(self.scheduler.waiting)
         return {
             "in_flight": running + waiting, "queued": waiting, "running": running, "waiting": waiting,
             "kv": {"total_tokens": total, "used_tokens": total - free, "evictable_tokens": evictable},
-            "prefix_cache": {"hit_rate": round(self.prefix_hit_rate, 4), "hit_tokens": self.cache_hit_tokens,
-                             "query_tokens": self.cache_query_tokens},
+            "prefix_cache": {"hit_rate": round(self.kv.hit_rate, 4), "hit_tokens": self.kv.hit_tokens,
+                             "query_tokens": self.kv.query_tokens},
             "tokens_per_s": round(self.tokens_per_s, 1), "preemptions": self.scheduler.num_preemptions,
             "prefill_tokens_per_s": (round(1.0 / self.chunker.prefill_token_s, 1)
                                      if self.chunker.prefill_token_s else None),
-            "prefix_digest": {"block_tokens": 64, "hashes": self.cache.digest(64),
+            "prefix_digest": {"block_tokens": 64, "hashes": self.kv.digest(64),
                               # each adapter's chain starts from its own root (its cache is isolated)
                               "roots": {name: root_hash(adapter_cache_key(name, reg.generation))
                                         for name, reg in self.loras.registered.items()}},
@@ -564,7 +552,7 @@ class LLMEngine:
             "device": str(self.device),
             "max_model_len": self.max_model_len,
             "speculative": self._speculation_state(),
-            "kv_offload": self.offload.stats() if self.offload is not None else None,
+            "kv_offload": self.kv.offload.stats() if self.kv.offload is not None else None,
             "adapters": list(self.loras.names), "lora": self.loras.stats(),
         }
 

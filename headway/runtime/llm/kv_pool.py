@@ -6,8 +6,8 @@ The pool knows nothing about tensors (the model runner owns those, shaped
 
 Invariant kept here: ``num_free + num_used == total`` and every index is either in the free
 list or handed out, never both (a double free or a foreign index raises ``ValueError``).
-The engine-wide invariant ``pool.free + cache.evictable + locked == pool.total`` is asserted
-by the scheduler (``Scheduler.check_invariant``).
+The engine-wide invariant ``pool.free + cache.evictable + locked == pool.total`` is kept and
+asserted by the KV manager (``kv_manager.KVManager.check``), the pool's only user in the engine.
 """
 
 from __future__ import annotations
@@ -37,9 +37,6 @@ class KVPool:
     @property
     def num_used(self) -> int:
         return self._total - len(self._free)
-
-    def can_alloc(self, n: int) -> bool:
-        return 0 <= n <= len(self._free)
 
     def alloc(self, n: int) -> list[int] | None:
         """Hand out ``n`` slot indices, or return ``None`` (allocating nothing) when short."""

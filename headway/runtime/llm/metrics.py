@@ -75,6 +75,15 @@ class EngineMetrics:
         self.spec_acceptance.set(rate)
         self.spec_mean_accepted.set(mean_len)
 
+    def observe_prefix_cache(self, hit_tokens: int, query_tokens: int) -> None:
+        """The prefix-cache counters (kept once, by the KV manager), as deltas since the last call."""
+        seen = getattr(self, "_prefix_seen", (0, 0))
+        if hit_tokens > seen[0]:
+            self.cache_hit_tokens.inc(hit_tokens - seen[0])
+        if query_tokens > seen[1]:
+            self.cache_query_tokens.inc(query_tokens - seen[1])
+        self._prefix_seen = (hit_tokens, query_tokens)
+
     def observe_offload(self, stats: dict[str, float | int]) -> None:
         """The KV offload tier's counters (kv_offload.KVOffloadTier.stats), as deltas since the last call."""
         if not hasattr(self, "_offload_seen"):

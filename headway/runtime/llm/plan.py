@@ -1,4 +1,4 @@
-"""The scheduler's configuration and its per-step output (``SchedulePlan``).
+"""The scheduler's per-step output (``SchedulePlan``); its configuration is ``scheduler.SchedulerConfig``.
 
 A ``SchedulePlan`` says, per scheduled sequence, which tokens to compute this step, their
 positions, the slots their K/V goes to and the full context slot list, plus which sequences
@@ -8,45 +8,14 @@ need a sampled token (``sample_seqs``, one logits row each, in order).
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import cast
 
 import torch
 
 from headway.runtime.llm.batch import ForwardBatch
 from headway.runtime.llm.sequence import Sequence
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 512
-    max_running: int = 64
-    priority: Literal["prefill", "decode"] = "prefill"
-    # prefill share guaranteed per step when priority="prefill" (None: budget // 8)
-    min_prefill_tokens: int | None = None
-    aging_steps: int = 64  # a request waiting this many steps is admitted before cache hits
-    max_waiting_scan: int = 256  # waiting requests considered per step (prefix ordering)
-    admission_headroom: int = 0  # slots left free for running decodes when admitting
-    eos_token_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        errs = []
-        if self.max_num_batched_tokens < 1:
-            errs.append(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.max_running < 1:
-            errs.append(f"max_running must be >= 1, got {self.max_running}")
-        if self.priority not in ("prefill", "decode"):
-            errs.append(f"priority must be 'prefill' or 'decode', got {self.priority!r}")
-        if self.min_prefill_tokens is None:
-            object.__setattr__(self, "min_prefill_tokens", self.max_num_batched_tokens // 8)
-        if not (0 <= self.min_prefill_tokens < self.max_num_batched_tokens):
-            errs.append(
-                f"min_prefill_tokens must be in [0, max_num_batched_tokens), got {self.min_prefill_tokens}"
-            )
-        if self.aging_steps < 1 or self.max_waiting_scan < 1 or self.admission_headroom < 0:
-            errs.append("aging_steps and max_waiting_scan must be >= 1, admission_headroom >= 0")
-        if errs:
-            raise ValueError("invalid scheduler config: " + "; ".join(errs))
 
 
 @dataclass
@@ -74,6 +43,43 @@ class SchedulePlan:
     sample_seqs: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)  # finished while scheduling
+
+    def add(self, seq: Sequence, slots: list[int], now: float, proposal: Seq[int] = ()) -> None:
+        """Add ``seq``'s share of this step: the tokens for its newly allocated ``slots`` (its
+        next known ones, then ``proposal``) and, after its last known token, a sample row (n
+        rows with forks for an n > 1 request's prompt)."""
+        n = len(slots)
+        start = seq.num_computed - n
+        known = n - len(proposal)
+        item = ScheduledSeq(seq=seq, token_ids=seq.token_slice(start, start + known) + list(proposal),
+                            positions=list(range(start, start + n)), out_slots=slots,
+                            context_slots=list(seq.slots), num_samples=0, proposal=list(proposal))
+        if seq.first_scheduled_time is None:
+            seq.first_scheduled_time = now
+        if start + known == seq.num_tokens:  # the last known token: sample the next one
+            item.num_samples = 1
+            self.sample_seqs.append(seq)
+            if seq.fork_pending:
+                item.children = [seq.fork(i, now) for i in range(1, seq.params.n)]
+                item.num_samples += len(item.children)
+                self.sample_seqs.extend(item.children)
+        self.items.append(item)
+
+    def runs(self, sampled: Seq[int | Seq[int]] | torch.Tensor) -> list[list[int]]:
+        """The sampled tokens as one run per ``sample_seqs`` row (a row that verified a proposal
+        may get 1 + its proposal's length at most); ``ValueError`` when they do not fit."""
+        toks = sampled.tolist() if isinstance(sampled, torch.Tensor) else list(sampled)
+        if self.is_empty and not toks:
+            return []
+        if len(toks) != len(self.sample_seqs):
+            raise ValueError(f"update: got {len(toks)} sampled tokens for {len(self.sample_seqs)} rows")
+        proposed = {id(it.seq): len(it.proposal) for it in self.items if it.proposal}
+        runs = [[int(t) for t in r] if isinstance(r, (list, tuple)) else [int(cast(int, r))] for r in toks]
+        for seq, run in zip(self.sample_seqs, runs):
+            if not 1 <= len(run) <= 1 + proposed.get(id(seq), 0):
+                raise ValueError(f"update: {seq.seq_id} got {len(run)} tokens for "
+                                 f"{proposed.get(id(seq), 0)} proposed (1 + proposed at most)")
+        return runs
 
     @property
     def num_tokens(self) -> int:

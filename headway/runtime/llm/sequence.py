@@ -1,14 +1,15 @@
 """Per-request state of the LLM engine: sampling parameters and the ``Sequence``.
 
 A ``Sequence`` is one generated continuation: the request's prompt token ids, its output
-token ids, its sampling parameters, its status, the KV slots of its computed tokens, how
-many leading slots come from the radix cache (and the locked node that covers them), the
-timestamps the metrics need, and why it finished. A request with ``n > 1`` becomes ``n``
-sequences sharing ``request_id`` (``index`` 0..n-1); they share the prompt's KV.
+token ids, its sampling parameters, its status, its KV holding (``kv``, a
+``kv_manager.SeqKV`` that only the ``KVManager`` writes: the slots of its computed tokens, how
+many leading ones the radix cache owns and the node it locks), the timestamps the metrics
+need, and why it finished. A request with ``n > 1`` becomes ``n`` sequences sharing
+``request_id`` (``index`` 0..n-1); they share the prompt's KV.
 
-Slot invariant (kept by the scheduler): ``slots[:cached_len]`` are slots owned by the radix
-cache under ``lock_node`` (which this sequence holds a lock on); ``slots[cached_len:]`` are
-private to this sequence. ``len(slots) == num_computed`` (tokens whose K/V is written).
+The slot invariant is kept and asserted in ``kv_manager.py``; here ``slots``,
+``cached_len``, ``num_computed`` (``len(slots)``: tokens whose K/V is written or in flight)
+and ``num_inflight`` are read-only views of it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ import enum
 import math
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+from headway.runtime.llm.kv_manager import SeqKV
+
+if TYPE_CHECKING:
+    from headway.runtime.llm.grammar.compiler import Grammar
+    from headway.runtime.llm.grammar.matcher import GrammarState
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
-    grammar: Any = None  # a compiled grammar.Grammar the output must follow (masked every step)
+    grammar: Grammar | None = None  # compiled grammar the output must follow (masked every step)
 
     def __post_init__(self) -> None:
         errors: list[str] = []
@@ -62,20 +69,20 @@ class SamplingParams:
             return float(v)
 
         t = num("temperature")
-        if t == t and t < 0:
+        if not math.isnan(t) and t < 0:
             errors.append(f"temperature must be >= 0 (0 = greedy), got {t}")
         p = num("top_p")
-        if p == p and not (0.0 < p <= 1.0):
+        if not math.isnan(p) and not (0.0 < p <= 1.0):
             errors.append(f"top_p must be in (0, 1], got {p}")
         mp = num("min_p")
-        if mp == mp and not (0.0 <= mp <= 1.0):
+        if not math.isnan(mp) and not (0.0 <= mp <= 1.0):
             errors.append(f"min_p must be in [0, 1], got {mp}")
         rp = num("repetition_penalty")
-        if rp == rp and rp <= 0:
+        if not math.isnan(rp) and rp <= 0:
             errors.append(f"repetition_penalty must be > 0 (1.0 = off), got {rp}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = num(name)
-            if v == v and not (-2.0 <= v <= 2.0):
+            if not math.isnan(v) and not (-2.0 <= v <= 2.0):
                 errors.append(f"{name} must be in [-2, 2] (OpenAI range), got {v}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             errors.append(f"top_k must be an int (<= 0 = off), got {self.top_k!r}")
@@ -157,12 +164,10 @@ class Sequence:
     adapter: str | None = None  # LoRA adapter name (None: the base model)
     output_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    slots: list[int] = field(default_factory=list)
-    cached_len: int = 0
-    lock_node: Any = None  # RadixNode locked by this sequence, or None
+    kv: SeqKV = field(default_factory=SeqKV)  # written by the KVManager only
     fork_pending: bool = False  # n > 1 and the prompt's prefill has not finished yet
     generator: torch.Generator | None = None
-    grammar: Any = None  # grammar.GrammarState once masking starts (params.grammar set); own per fork
+    grammar: GrammarState | None = None  # grammar.GrammarState once masking starts (params.grammar set); own per fork
     # metrics
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
@@ -172,7 +177,6 @@ class Sequence:
     stop_reason: str | int | None = None  # the stop string / token id that matched
     num_preemptions: int = 0
     last_scheduled: int = -1  # scheduler's emit counter; decode round-robin when budget is short
-    num_inflight: int = 0  # tokens scheduled in the plan now in flight (K/V not yet written)
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the cache at first admission
     arrival_step: int = 0
     admit_order: int = 0  # larger = admitted more recently ("younger")
@@ -195,12 +199,26 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def slots(self) -> list[int]:
+        """KV slot per computed token, position order (the manager's list: do not mutate)."""
+        return self.kv.slots
+
+    @property
+    def cached_len(self) -> int:
+        return self.kv.cached_len
+
+    @property
+    def num_inflight(self) -> int:
+        """Tokens scheduled in the plan now in flight (K/V not yet written)."""
+        return self.kv.inflight
+
+    @property
     def num_computed(self) -> int:
-        return len(self.slots)
+        return len(self.kv.slots)
 
     @property
     def num_private_slots(self) -> int:
-        return len(self.slots) - self.cached_len
+        return self.kv.private
 
     @property
     def is_finished(self) -> bool:
@@ -210,6 +228,23 @@ class Sequence:
     def in_prefill(self) -> bool:
         """More than one token left to compute (a decode computes exactly the last one)."""
         return self.num_tokens - self.num_computed > 1
+
+    def append_run(self, run: Iterable[int], eos_token_ids: tuple[int, ...],
+                   max_len: int) -> tuple[FinishReason, int | None] | None:
+        """Append sampled tokens up to the first stop (EOS unless ignored, a stop token id,
+        ``max_tokens``, ``max_len`` tokens in all); returns why it stops (and the stop id)."""
+        p = self.params
+        for tok in run:
+            self.output_ids.append(tok)
+            if tok in eos_token_ids and not p.ignore_eos:
+                return FinishReason.STOP, None
+            if tok in p.stop_token_ids:
+                return FinishReason.STOP, tok
+            if p.max_tokens is not None and len(self.output_ids) >= p.max_tokens:
+                return FinishReason.LENGTH, None
+            if self.num_tokens >= max_len:
+                return FinishReason.LENGTH, None
+        return None
 
     def fork(self, index: int, now: float) -> Sequence:
         """Sample ``index`` of this n > 1 request: same prompt and params, its own seed
