@@ -77,7 +77,9 @@ def measure(model_dir: Path, *, prefix_tokens: int, evict_tokens: int, kv_cache_
             out["restored" if name == "tier" else "recomputed"].append(t)
             out["hit_tier" if name == "tier" else "hit_no_tier"].append(_ttft(e, f"hit-{r}", prefix + q2))
     p50 = {k: percentile(v, 50) for k, v in out.items()}
-    stats = engines["tier"].offload.stats()  # type: ignore[union-attr]
+    tier = engines["tier"].kv.offload
+    assert tier is not None, "the 'tier' engine was built with a host tier"
+    stats = tier.stats()
     return {"benchmark": "offload", "prefix_tokens": len(prefix), "evict_tokens": evict_tokens,
             "kv_cache_tokens": kv_cache_tokens, "kv_offload_tokens": offload_tokens, "rounds": rounds,
             "dtype": str(engines["tier"].dtype).removeprefix("torch."), "device": str(engines["tier"].device),
