@@ -17,8 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from headway.runtime.llm.errors import EngineError, EngineFailed, InvalidRequest
 from headway.runtime.llm.grammar import GrammarCompiler, GrammarError, GrammarSpec, ToolCallParser, constraint_for
 from headway.runtime.llm.grammar.tools import chat_messages, functions_of
+from headway.runtime.llm.lora import AdapterError
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
 from headway.runtime.llm.protocol import (ChatCompletionRequest, CompletionRequest, OpenAIError,
                                           parse_request)
@@ -44,6 +46,18 @@ def _sse(obj: Any) -> bytes:
 
 def _error_response(exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def wire_error(exc: EngineError | AdapterError) -> OpenAIError:
+    """An engine error in OpenAI's wire shape: the engine says what went wrong, this layer says
+    how a client sees it (status, type, param, code)."""
+    if isinstance(exc, AdapterError):  # the request's `model` names an adapter that cannot serve it now
+        return OpenAIError(str(exc), status=exc.status, param="model")
+    if isinstance(exc, InvalidRequest):
+        return OpenAIError(exc.message, status=exc.status, param=exc.param)
+    if isinstance(exc, EngineFailed):
+        return OpenAIError(exc.message, status=exc.status, type="engine_failed", code=exc.code)
+    return OpenAIError(exc.message, status=exc.status, type="server_error", code=exc.code)
 
 
 def _refused_response(exc: Refused) -> JSONResponse:
@@ -179,8 +193,11 @@ class OpenAIServer:
             messages, tools_arg = chat_messages(
                 messages, tools if req.effective_tool_choice != "none" else None,
                 template_renders_tools="tools" in (tok.chat_template or ""))
-            prompts = [tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt, tools=tools_arg,
-                                       **(req.chat_template_kwargs or {}))]
+            try:
+                prompts = [tok.encode_chat(messages, add_generation_prompt=req.add_generation_prompt,
+                                           tools=tools_arg, **(req.chat_template_kwargs or {}))]
+            except ValueError as exc:  # tokenization's errors (no chat template, a template that refuses)
+                raise OpenAIError(str(exc), param=getattr(exc, "param", None) or "messages") from None
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             req = parse_request(CompletionRequest, body)
@@ -190,7 +207,10 @@ class OpenAIServer:
                 raise OpenAIError(f"too many prompts: {len(given)} in one request; this server takes at most "
                                   f"{self.max_prompts} per request (runtime_options.max_prompts_per_request). "
                                   "Split them over several requests.", param="prompt", code="too_many_prompts")
-            prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in given]
+            try:
+                prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in given]
+            except ValueError as exc:  # tokenization's errors
+                raise OpenAIError(str(exc), param=getattr(exc, "param", None) or "prompt") from None
             vocab = self.engine.tokenizer.vocab_size
             if any(not 0 <= t < vocab for p in prompts for t in p):
                 raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -314,6 +334,8 @@ class _Call:
                     await queue.put([ChoiceDelta(p * n + d.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
                                      for d in deltas])
                 await queue.put(None)
+            except (EngineError, AdapterError) as exc:  # the engine's words -> OpenAI's
+                await queue.put(wire_error(exc))
             except BaseException as exc:  # reaches the client as an error
                 await queue.put(exc)
 
