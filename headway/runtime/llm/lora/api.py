@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from headway.runtime.llm.errors import EngineError
 from headway.runtime.llm.lora.adapter import AdapterError
 from headway.runtime.llm.lora.roots import allowed_adapter_path
+from headway.runtime.llm.openai_api import wire_error
 from headway.runtime.llm.protocol import OpenAIError
 
 
@@ -58,8 +59,6 @@ def lora_router(engine: Callable[[], Any], roots: Sequence[Path] = ()) -> APIRou
         except OpenAIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
         except EngineError as exc:  # not running, or failed
-            from headway.runtime.llm.openai_api import wire_error
-
             err = wire_error(exc)
             return JSONResponse(err.body(), status_code=err.status)
         except AdapterError as exc:
