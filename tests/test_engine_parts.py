@@ -256,6 +256,10 @@ def test_an_aborted_request_is_forgotten(tok: Tokenizer) -> None:
     em.open(sink, n=1)  # type: ignore[arg-type]
     assert em.get("r1") is not None
     assert em.close("r1") is not None and em.get("r1") is None and em.close("r1") is None
+    second = Sink()
+    second.request_id = "r2"
+    opened = [em.open(sink, n=1), em.open(second, n=2)]  # type: ignore[arg-type]
+    assert em.close_all() == opened and em.requests == {}  # a failing engine forgets them all
 
 
 # ---- the engine's errors on the wire ---------------------------------------------------------

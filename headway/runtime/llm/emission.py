@@ -140,6 +140,12 @@ class Emission:
     def close(self, request_id: str) -> RequestOutput | None:
         return self.requests.pop(request_id, None)
 
+    def close_all(self) -> list[RequestOutput]:
+        """Forget every open request and return them (the engine is failing them all)."""
+        outs = list(self.requests.values())
+        self.requests.clear()
+        return outs
+
     def record_finish(self, seq: Sequence) -> None:
         if seq.finish_reason is not None:
             self.metrics.finished(seq.finish_reason.value)

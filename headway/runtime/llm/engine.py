@@ -178,9 +178,8 @@ class LLMEngine:
         self.failure = f"{type(exc).__name__}: {exc}"
         log.critical("engine thread died: %s", self.failure, exc_info=exc)
         error = EngineFailed(self.failure)
-        for out in list(self.emission.requests.values()):
+        for out in self.emission.close_all():
             out.channel.send(error)
-        self.emission.requests.clear()
         self._bridge.fail_queued(error)
         try:
             self._bridge.flush()
@@ -414,12 +413,11 @@ class LLMEngine:
 
     def _fail_requests(self, error: BaseException) -> None:
         """A step broke: abort every request it holds and tell each one why."""
-        for rid, out in list(self.emission.requests.items()):
+        for out in self.emission.close_all():
             self._forget(out)
-            for seq in self.scheduler.abort(rid):
+            for seq in self.scheduler.abort(out.request_id):
                 self.emission.record_finish(seq)
             out.channel.send(error)
-        self.emission.requests.clear()
 
     # ---- metrics and the replica-state contract ---------------------------------------------
 
