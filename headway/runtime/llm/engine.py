@@ -1,39 +1,47 @@
 """The LLM engine: one step loop on its own thread, driving scheduler -> runner -> sampler.
 
-Owns the step loop and the bridge between it and asyncio callers: `generate()` queues a
-request and yields `ChoiceDelta` lists as tokens are produced; leaving the iterator early
-(client disconnect, cancellation) aborts the request and frees its KV at once. Everything the
-loop touches (scheduler, cache, runner) is touched only by the loop's thread; other threads
-talk to it through a command queue.
+Three parts, each in its own module:
+
+- the step loop (here): `_step` reads as schedule, forward, sample, commit, emit; the helpers
+  under it do the speculation accounting, grammar masking, chunker timing and metrics;
+- the bridge between the engine thread and asyncio (bridge.py): `generate()` puts a typed
+  `AddRequest` command and reads the request's channel; leaving the iterator early (client
+  disconnect, cancellation) puts an `Abort`, which frees its KV at once; each step's output
+  reaches each event loop in one callback;
+- output emission (emission.py): detokenization, stop strings, logprobs, per-request output
+  metrics. A stop string is a decision emission returns; the commit here applies it to the
+  scheduler (truncate + finish).
+
+Everything the loop touches (scheduler, cache, runner, emission) is touched only by the loop's
+thread; other threads talk to it through the bridge. The engine raises its own errors
+(errors.py); the API layer translates them to its wire format.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import sys
 import threading
 import time
-import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Hashable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from headway.digest import root_hash
+from headway.runtime.llm.bridge import Abort, AddRequest, Bridge, CallOnLoop, Command, InjectFault, Wake
 from headway.runtime.llm.chunking import PrefillChunker
-from headway.runtime.llm.detokenizer import IncrementalDetokenizer
 from headway.runtime.llm.device import choose_dtype, default_device
+from headway.runtime.llm.emission import Emission, RequestOutput
+from headway.runtime.llm.errors import EngineFailed, EngineUnavailable, InvalidRequest
 from headway.runtime.llm.grammar import GrammarCompiler, GrammarMasker
 from headway.runtime.llm.kv_manager import KVManager
 from headway.runtime.llm.kv_offload import KVOffloadTier
 from headway.runtime.llm.lora import AdapterCache, AdapterError
 from headway.runtime.llm.metrics import EngineMetrics
-from headway.runtime.llm.openai_types import OpenAIError
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
 from headway.runtime.llm.runner import ModelRunner
 from headway.runtime.llm.sampling import Sampler
@@ -44,48 +52,10 @@ from headway.tokenization import ModelTokenizer
 
 log = logging.getLogger("headway.llm")
 
-_DONE = object()
-
 
 def adapter_cache_key(adapter: str, generation: int, salt: Hashable = None) -> tuple[Any, ...]:
     """The radix isolation key of an adapter's requests (published as a digest root per adapter)."""
     return ("lora", adapter, generation, salt)
-
-
-@dataclass
-class _Request:
-    """The loop thread's view of one request: where its output goes, per-choice decoders."""
-
-    request_id: str
-    n: int
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[Any]
-    detoks: dict[int, IncrementalDetokenizer] = field(default_factory=dict)
-    last_token_at: dict[int, float] = field(default_factory=dict)
-    finished: set[int] = field(default_factory=set)
-    adapter: str | None = None  # the LoRA adapter it pins until it is done
-
-    pending: list[_Request] = field(default_factory=list)  # the engine's requests with output to hand over
-    outbox: list[Any] = field(default_factory=list)
-
-    def send(self, item: Any) -> None:
-        if not self.outbox:
-            self.pending.append(self)
-        self.outbox.append(item)
-
-
-def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if fut.cancelled():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
-
-
-def _deliver(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
 
 
 class LLMEngine:
@@ -126,9 +96,8 @@ class LLMEngine:
                                   on_event=self.metrics.lora_event)
         for name, path in (lora_adapters or {}).items():
             self.loras.register(name, path)
-        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
-        self._requests: dict[str, _Request] = {}
-        self._pending: list[_Request] = []  # touched only by the loop thread
+        self.emission = Emission(self.tokenizer.tokenizer, self.metrics)  # the requests it streams to
+        self._bridge = Bridge()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.failure: str | None = None  # why the loop thread died; set once, by that thread
@@ -190,12 +159,13 @@ class LLMEngine:
         loaded.wait()
         if "error" in box:
             raise box["error"]
-        return box["engine"]
+        engine: LLMEngine = box["engine"]
+        return engine
 
     def inject_fault(self) -> None:
         """Make the loop thread raise outside a step, as a real bug would (tests only: the server
         calls this on SIGUSR1 when HEADWAY_TEST_FAULTS=1). Safe to call from a signal handler."""
-        self._commands.put(("fault",))
+        self._bridge.put(InjectFault())
 
     def _fail(self, exc: BaseException) -> None:
         """The loop thread is ending on an error: record why (the server turns not ready and
@@ -204,31 +174,18 @@ class LLMEngine:
         queues, so no request can slip in between and wait forever."""
         self.failure = f"{type(exc).__name__}: {exc}"
         log.critical("engine thread died: %s", self.failure, exc_info=exc)
-        error = self._failure_error()
-        for req in list(self._requests.values()):
-            req.send(error)
-        self._requests.clear()
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if cmd[0] == "add":
-                cmd[1].send(error)
-            elif cmd[0] == "call":
-                cmd[2].call_soon_threadsafe(_settle, cmd[3], None, error)
+        error = EngineFailed(self.failure)
+        for out in self.emission.close_all():
+            out.channel.send(error)
+        self._bridge.fail_queued(error)
         try:
-            self._flush()
+            self._bridge.flush()
         except Exception:  # noqa: BLE001 - a loop that closed cannot be told; its callers are gone
             log.exception("could not deliver the engine failure to every request")
 
-    def _failure_error(self) -> OpenAIError:
-        return OpenAIError(f"the engine failed and this replica is out of service: {self.failure}",
-                           status=503, type="engine_failed", code="engine_failed")
-
     def stop(self) -> None:
         self._stopping = True
-        self._commands.put(("wake",))
+        self._bridge.put(Wake())
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.grammars.shutdown()
@@ -238,95 +195,31 @@ class LLMEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams, *,
                        cache_key: Hashable = None, adapter: str | None = None) -> AsyncIterator[list[ChoiceDelta]]:
         """Yield each step's new output for this request until all its n choices finish
-        (``adapter``: a registered LoRA adapter's name, None for the base model)."""
+        (``adapter``: a registered LoRA adapter's name, None for the base model). Raises
+        EngineFailed / EngineUnavailable (503), InvalidRequest (400) or AdapterError."""
         self._check_running()
-        rid = uuid.uuid4().hex
-        req = _Request(rid, params.n, asyncio.get_running_loop(), asyncio.Queue(), pending=self._pending)
-        key = cache_key if self.prefix_caching else ("nocache", rid)
-        self._commands.put(("add", req, list(prompt_ids), params, key, adapter))
+        channel = self._bridge.open()
+        key = cache_key if self.prefix_caching else ("nocache", channel.request_id)
+        self._bridge.put(AddRequest(channel, list(prompt_ids), params, key, adapter))
         self._check_running()  # died meanwhile: _fail may have drained the queue before this put
-        done = False
         try:
-            while True:
-                item = await req.out.get()
-                if item is _DONE:
-                    done = True
-                    return
-                if isinstance(item, BaseException):
-                    done = True
-                    raise item
-                yield item
+            while (deltas := await channel.next()) is not None:
+                yield deltas
         finally:
-            if not done:
-                self._commands.put(("abort", rid))
-
-    # ---- the loop thread --------------------------------------------------------------------
-
-    def _drain(self, block: bool) -> None:
-        try:
-            cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._apply(cmd)
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _apply(self, cmd: tuple[Any, ...]) -> None:
-        if cmd[0] == "add":
-            _, req, prompt_ids, params, key, adapter = cmd
-            if adapter is not None:
-                try:
-                    reg = self.loras.acquire(adapter)
-                except AdapterError as exc:
-                    req.send(OpenAIError(str(exc), status=exc.status, param="model"))
-                    return
-                req.adapter = adapter
-                key = adapter_cache_key(adapter, reg.generation, key)  # prefix-cache isolation per adapter
-            try:
-                seq = self.scheduler.add(req.request_id, prompt_ids, params, cache_key=key)
-            except ValueError as exc:
-                self._forget(req)
-                req.send(OpenAIError(str(exc), param="prompt"))
-                return
-            seq.adapter = adapter
-            self._requests[req.request_id] = req
-            self.metrics.prompt_tokens.inc(len(prompt_ids))
-        elif cmd[0] == "abort":
-            rid = cmd[1]
-            if (gone := self._requests.pop(rid, None)) is not None:
-                self._forget(gone)
-                for seq in self.scheduler.abort(rid):
-                    self._record_finish(seq)
-        elif cmd[0] == "fault":
-            raise RuntimeError("fault injected for a test (HEADWAY_TEST_FAULTS=1, SIGUSR1)")
-        elif cmd[0] == "call":  # run on this thread for an asyncio caller (adapter load/unload)
-            _, fn, loop, fut = cmd
-            try:
-                result, error = fn(), None
-            except Exception as exc:
-                result, error = None, exc
-            self._snapshot = self._take_snapshot()
-            loop.call_soon_threadsafe(_settle, fut, result, error)
-
-    def _forget(self, req: _Request) -> None:
-        """The request is done with its adapter (finished, aborted or failed)."""
-        if req.adapter is not None:
-            self.loras.release(req.adapter)
-            req.adapter = None
+            if not channel.closed:  # left early: free its KV now
+                self._bridge.put(Abort(channel.request_id))
 
     def _check_running(self) -> None:
         if self.failure is not None:
-            raise self._failure_error()
+            raise EngineFailed(self.failure)
         if self._thread is None or not self._thread.is_alive():
-            raise OpenAIError("the engine is not running", status=503, type="server_error")
+            raise EngineUnavailable("the engine is not running")
 
-    async def _on_loop(self, fn: Any) -> Any:
+    async def _on_loop(self, fn: Callable[[], object]) -> object:
         self._check_running()
-        fut = asyncio.get_running_loop().create_future()
-        self._commands.put(("call", fn, asyncio.get_running_loop(), fut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[object] = loop.create_future()
+        self._bridge.put(CallOnLoop(fn, loop, fut))
         self._check_running()
         return await fut
 
@@ -334,7 +227,8 @@ class LLMEngine:
         """Register a PEFT LoRA directory under ``name``; raises AdapterError (400/409)."""
         if name in self.loras.names:
             raise AdapterError(f"adapter {name!r} is already loaded; unload it first or pick another name", 409)
-        path = str(Path(path).expanduser().absolute())  # read back from here after an eviction
+        # read back from here after an eviction (no I/O: $HOME and the working directory)
+        path = str(Path(path).expanduser().absolute())  # noqa: ASYNC240
         weights = await asyncio.to_thread(self.loras.read, name, path)
         await self._on_loop(lambda: self.loras.register(name, path, weights))
 
@@ -342,19 +236,53 @@ class LLMEngine:
         """Stop serving ``name`` (running requests on it finish); raises AdapterError (404)."""
         await self._on_loop(lambda: self.loras.unregister(name))
 
-    def _flush(self) -> None:
-        """Hand this step's output to the event loop(s) in one callback per loop: waking the
-        loop once per step, not once per request, keeps the GIL with the step loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
-        for req in self._pending:
-            by_loop.setdefault(req.loop, []).extend((req.out, item) for item in req.outbox)
-            req.outbox = []
-        self._pending.clear()
-        for loop, items in by_loop.items():
+    # ---- the loop thread: commands ------------------------------------------------------------
+
+    def _apply(self, cmd: Command) -> None:
+        if isinstance(cmd, AddRequest):
+            self._add(cmd)
+        elif isinstance(cmd, Abort):
+            if (gone := self.emission.close(cmd.request_id)) is not None:
+                self._forget(gone)
+                for seq in self.scheduler.abort(cmd.request_id):
+                    self.emission.record_finish(seq)
+        elif isinstance(cmd, InjectFault):
+            raise RuntimeError("fault injected for a test (HEADWAY_TEST_FAULTS=1, SIGUSR1)")
+        elif isinstance(cmd, CallOnLoop):  # run on this thread for an asyncio caller (adapter load/unload)
             try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop closed (server shutting down)
-                pass
+                result, error = cmd.fn(), None
+            except Exception as exc:
+                result, error = None, exc
+            self._snapshot = self._take_snapshot()
+            cmd.settle(result, error)
+
+    def _add(self, cmd: AddRequest) -> None:
+        channel, key, adapter = cmd.channel, cmd.cache_key, cmd.adapter
+        if adapter is not None:
+            try:
+                reg = self.loras.acquire(adapter)
+            except AdapterError as exc:
+                channel.send(exc)
+                return
+            key = adapter_cache_key(adapter, reg.generation, key)  # prefix-cache isolation per adapter
+        try:
+            seq = self.scheduler.add(channel.request_id, cmd.prompt_ids, cmd.params, cache_key=key)
+        except ValueError as exc:
+            if adapter is not None:
+                self.loras.release(adapter)
+            channel.send(InvalidRequest(str(exc), param="prompt"))
+            return
+        seq.adapter = adapter
+        self.emission.open(channel, cmd.params.n, adapter)
+        self.metrics.prompt_tokens.inc(len(cmd.prompt_ids))
+
+    def _forget(self, out: RequestOutput) -> None:
+        """The request is done with its adapter (finished, aborted or failed)."""
+        if out.adapter is not None:
+            self.loras.release(out.adapter)
+            out.adapter = None
+
+    # ---- the loop thread: the step loop -----------------------------------------------------
 
     def _run(self) -> None:
         # A short switch interval: the step loop reacquires the GIL after every torch op and
@@ -362,69 +290,61 @@ class LLMEngine:
         sys.setswitchinterval(0.0005)
         while not self._stopping:
             self._refresh_snapshot(force=not self.scheduler.has_work())
-            self._drain(block=not self.scheduler.has_work())
+            for cmd in self._bridge.commands(block=not self.scheduler.has_work()):
+                self._apply(cmd)
             if not self.scheduler.has_work():
                 self._count_tokens(0, time.monotonic())  # idle: tokens/s decays to 0
                 self._gauges()  # an abort may have emptied the batch
-                self._flush()
+                self._bridge.flush()
                 continue
             try:
                 self._step()
             except Exception as exc:  # a broken step fails its requests loudly, never silently
                 log.exception("engine step failed")
-                for rid, req in list(self._requests.items()):
-                    self._forget(req)
-                    for seq in self.scheduler.abort(rid):
-                        self._record_finish(seq)
-                    req.send(RuntimeError(f"engine step failed: {type(exc).__name__}: {exc}"))
-                self._requests.clear()
-            self._flush()
-        for req in self._requests.values():
-            req.send(OpenAIError("the server is shutting down", status=503, type="server_error"))
-        self._flush()
+                self._fail_requests(RuntimeError(f"engine step failed: {type(exc).__name__}: {exc}"))
+            self._bridge.flush()
+        for out in self.emission.requests.values():
+            out.channel.send(EngineUnavailable("the server is shutting down"))
+        self._bridge.flush()
 
     def _step(self) -> None:
+        """One step: schedule, forward, sample, commit, emit."""
         started = time.perf_counter()
+        plan = self._schedule()
+        if plan.is_empty:
+            if not plan.finished:
+                time.sleep(0.001)  # nothing runnable this instant (waiting for memory)
+            return
+        logits = self._forward(plan)
+        runs, lps = self._sample(logits, plan)
+        got, before = self._commit(plan, runs, started)
+        self._emit_step(plan, got, before, lps)
+
+    def _schedule(self) -> SchedulePlan:
+        """This step's plan (with the speculator's proposals and the chunker's prefill cap);
+        sequences it finished without running (e.g. an aborted prefill) are emitted at once."""
         running = self.scheduler.running
         decodes = sum(1 for s in running if not s.in_prefill)
         prefilling = len(running) - decodes + len(self.scheduler.waiting)
         proposals = self.speculator.propose(running) if self.speculator is not None else None
         plan = self.scheduler.schedule(prefill_cap=self.chunker.prefill_cap(decodes, prefilling), proposals=proposals)
         for seq in plan.finished:
-            self._emit(seq, [], None)
+            self._emit_seq(seq, [], None, time.monotonic())
         if plan.preempted:
             self.metrics.preemptions.inc(len(plan.preempted))
-        if plan.is_empty:
-            if not plan.finished:
-                time.sleep(0.001)  # nothing runnable this instant (waiting for memory)
-            return
+        return plan
+
+    def _forward(self, plan: SchedulePlan) -> torch.Tensor:
         batch = plan.to_forward_batch(self.device)
         if self.loras.resident:
             self.loras.begin_step((it.seq.adapter, len(it.token_ids)) for it in plan.items)
         try:
-            logits = self.runner.forward(batch)
+            logits: torch.Tensor = self.runner.forward(batch)
         finally:
             self.loras.end_step()
         # grammar rows (and each proposed position of theirs): disallowed tokens -> -inf
         self.masker.mask(logits, plan.sample_seqs, plan)
-        runs, lps = self._sample(logits, plan)
-        before = {id(s): len(s.output_ids) for s in plan.sample_seqs}
-        got = self.scheduler.update(plan, runs)
-        for seq in self.masker.accept(got, before):  # the grammar is complete
-            self.scheduler.finish(seq, FinishReason.STOP)
-        decoded = sum(1 for it in plan.items if len(it.token_ids) == 1 + len(it.proposal))
-        self.chunker.observe(decoded, plan.num_tokens - decoded, time.perf_counter() - started)
-        self.steps += 1
-        rows = {id(s): i for i, s in enumerate(plan.sample_seqs)}
-        now = time.monotonic()
-        emitted = 0
-        for seq in got:
-            new = seq.output_ids[before[id(seq)]:]
-            lp = lps[rows[id(seq)]]
-            emitted += self._emit(seq, new, lp[: len(new)] if lp else None, now)
-        self._count_tokens(emitted, now)
-        self._gauges()
-        self._flush()
+        return logits
 
     def _sample(self, logits: torch.Tensor,
                 plan: SchedulePlan) -> tuple[list[list[int]], list[list[TokenLogprob] | None]]:
@@ -437,66 +357,66 @@ class LLMEngine:
         if not plan.sample_seqs:
             return [], []
         out = self.sampler.sample(logits, plan.sample_seqs)
-        lps: list[list[TokenLogprob] | None] = [
+        lps = [
             [TokenLogprob(t, float(lp), list(top or []))] if s.params.logprobs and lp is not None else None
             for s, t, lp, top in zip(plan.sample_seqs, out.tokens, out.logprobs, out.top_logprobs)]
         return [[t] for t in out.tokens], lps
 
-    def _emit(self, seq: Sequence, token_ids: list[int], lps: list[TokenLogprob] | None,
-              now: float | None = None) -> int:
-        """Stream the sequence's new tokens; returns how many were kept (a stop string inside
-        a run of accepted tokens cuts the run there)."""
-        req = self._requests.get(seq.request_id)
-        if req is None:
-            return 0
-        now = now or time.monotonic()
-        detok = req.detoks.get(seq.index)
-        cached: int | None = None
-        if detok is None:
-            cached = seq.num_cached_prompt_tokens if seq.index == 0 else None
-            detok = req.detoks[seq.index] = IncrementalDetokenizer(
-                self.tokenizer.tokenizer, prompt_ids=seq.prompt_ids, stop=seq.params.stop)
-            self.metrics.ttft.observe(now - seq.arrival_time)
-            if seq.index == 0:  # the n choices of a request share one prompt: count it once
-                self.metrics.computed_tokens.inc(len(seq.prompt_ids) - seq.num_cached_prompt_tokens)
-        elif token_ids and seq.index in req.last_token_at:
-            self.metrics.itl.observe(now - req.last_token_at[seq.index])
-        if token_ids:
-            req.last_token_at[seq.index] = now
-        text = ""
-        if len(token_ids) > 1 and seq.params.stop:  # find the token that completes a stop string
-            for i, tok in enumerate(token_ids):
-                delta = detok.push([tok])
-                text += delta.text
-                if delta.stop is not None:
-                    cut = len(seq.output_ids) - (len(token_ids) - i - 1)
-                    self.scheduler.truncate(seq, cut)
-                    token_ids, lps = token_ids[: i + 1], lps[: i + 1] if lps else None
-                    self.scheduler.finish(seq, FinishReason.STOP, delta.stop)
-                    break
-        elif token_ids:  # special tokens (EOS) decode to no text
-            delta = detok.push(token_ids)
-            text = delta.text
-            if delta.stop is not None:
-                self.scheduler.finish(seq, FinishReason.STOP, delta.stop)
-        if seq.is_finished and seq.finish_reason is not FinishReason.ABORT and detok.stopped is None:
-            text += detok.flush()
-        reason = seq.finish_reason.value if seq.is_finished and seq.finish_reason else None
-        req.send([ChoiceDelta(seq.index, text, token_ids, lps or None, reason, cached)])
-        if seq.is_finished:
-            self._record_finish(seq)
-            req.finished.add(seq.index)
-            if len(req.finished) >= req.n:
-                self._requests.pop(req.request_id, None)
-                self._forget(req)
-                req.send(_DONE)
-        return len(token_ids)
+    def _commit(self, plan: SchedulePlan, runs: list[list[int]],
+                started: float) -> tuple[list[Sequence], dict[int, int]]:
+        """Append the sampled tokens (the scheduler finishes sequences on EOS, stop ids, length;
+        a grammar that is complete finishes its sequence); returns the sequences that got tokens
+        and each one's output length before them."""
+        before = {id(s): len(s.output_ids) for s in plan.sample_seqs}
+        got = self.scheduler.update(plan, runs)
+        for row in self.masker.accept(got, before):  # the grammar is complete
+            self.scheduler.finish(cast(Sequence, row), FinishReason.STOP)
+        decoded = sum(1 for it in plan.items if len(it.token_ids) == 1 + len(it.proposal))
+        self.chunker.observe(decoded, plan.num_tokens - decoded, time.perf_counter() - started)
+        self.steps += 1
+        return got, before
 
-    def _record_finish(self, seq: Sequence) -> None:
-        if seq.finish_reason is not None:
-            self.metrics.finished(seq.finish_reason.value)
-        if seq.finish_time is not None and seq.finish_reason is not FinishReason.ABORT:
-            self.metrics.e2e.observe(seq.finish_time - seq.arrival_time)
+    def _emit_step(self, plan: SchedulePlan, got: list[Sequence], before: dict[int, int],
+                   lps: list[list[TokenLogprob] | None]) -> None:
+        """Stream each sequence's new tokens, then the step's counters and gauges."""
+        rows = {id(s): i for i, s in enumerate(plan.sample_seqs)}
+        now = time.monotonic()
+        emitted = 0
+        for seq in got:
+            new = seq.output_ids[before[id(seq)]:]
+            lp = lps[rows[id(seq)]]
+            emitted += self._emit_seq(seq, new, lp[: len(new)] if lp else None, now)
+        self._count_tokens(emitted, now)
+        self._gauges()
+        self._bridge.flush()
+
+    def _emit_seq(self, seq: Sequence, new: list[int], lps: list[TokenLogprob] | None, now: float) -> int:
+        """Stream one sequence's new tokens; returns how many were kept. A stop string that
+        emission finds ends the choice: applied here to the scheduler (inside a run of accepted
+        tokens it also cuts the run there) before the delta goes out."""
+        out = self.emission.get(seq.request_id)
+        if out is None:  # aborted meanwhile
+            return 0
+        stop = out.decode(seq, new, now)
+        if stop is not None:
+            if stop.cut is not None:
+                self.scheduler.truncate(seq, stop.cut)
+                new, lps = new[: stop.kept], lps[: stop.kept] if lps else None
+            self.scheduler.finish(seq, FinishReason.STOP, stop.text)
+        if out.send(seq, new, lps):  # the request's last choice finished
+            self.emission.close(out.request_id)
+            self._forget(out)
+        return len(new)
+
+    def _fail_requests(self, error: BaseException) -> None:
+        """A step broke: abort every request it holds and tell each one why."""
+        for out in self.emission.close_all():
+            self._forget(out)
+            for seq in self.scheduler.abort(out.request_id):
+                self.emission.record_finish(seq)
+            out.channel.send(error)
+
+    # ---- metrics and the replica-state contract ---------------------------------------------
 
     def _count_tokens(self, n: int, now: float) -> None:
         self.metrics.generation_tokens.inc(n)

@@ -19,20 +19,11 @@ from starlette.background import BackgroundTask
 
 from headway.runtime.admission import Ticket
 from headway.runtime.gate import Gate, Refused
-from headway.runtime.llm.grammar import (
-    GrammarCompiler,
-    GrammarError,
-    GrammarSpec,
-    ToolCallParser,
-    constraint_for,
-)
+from headway.runtime.llm.errors import EngineError, EngineFailed, InvalidRequest
+from headway.runtime.llm.grammar import GrammarCompiler, GrammarError, GrammarSpec, ToolCallParser, constraint_for
 from headway.runtime.llm.grammar.tools import chat_messages, functions_of
-from headway.runtime.llm.openai_types import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    OpenAIError,
-    parse_request,
-)
+from headway.runtime.llm.lora import AdapterError
+from headway.runtime.llm.openai_types import ChatCompletionRequest, CompletionRequest, OpenAIError, parse_request
 from headway.runtime.llm.outputs import ChoiceDelta, TokenLogprob
 from headway.runtime.llm.sequence import SamplingParams
 from headway.tokenization import ModelTokenizer, TokenizationError
@@ -54,6 +45,18 @@ def _sse(obj: Any) -> bytes:
 
 def _error_response(exc: OpenAIError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def wire_error(exc: EngineError | AdapterError) -> OpenAIError:
+    """An engine error in OpenAI's wire shape: the engine says what went wrong, this layer says
+    how a client sees it (status, type, param, code)."""
+    if isinstance(exc, AdapterError):  # the request's `model` names an adapter that cannot serve it now
+        return OpenAIError(str(exc), status=exc.status, param="model")
+    if isinstance(exc, InvalidRequest):
+        return OpenAIError(exc.message, status=exc.status, param=exc.param)
+    if isinstance(exc, EngineFailed):
+        return OpenAIError(exc.message, status=exc.status, type="engine_failed", code=exc.code)
+    return OpenAIError(exc.message, status=exc.status, type="server_error", code=exc.code)
 
 
 def _refused_response(exc: Refused) -> JSONResponse:
@@ -203,7 +206,10 @@ class OpenAIServer:
                 raise OpenAIError(f"too many prompts: {len(given)} in one request; this server takes at most "
                                   f"{self.max_prompts} per request (runtime_options.max_prompts_per_request). "
                                   "Split them over several requests.", param="prompt", code="too_many_prompts")
-            prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in given]
+            try:
+                prompts = [p if isinstance(p, list) else self.engine.tokenizer.encode(p) for p in given]
+            except ValueError as exc:  # tokenization's errors
+                raise OpenAIError(str(exc), param=getattr(exc, "param", None) or "prompt") from None
             vocab = self.engine.tokenizer.vocab_size
             if any(not 0 <= t < vocab for p in prompts for t in p):
                 raise OpenAIError(f"prompt token ids must be in [0, {vocab})", param="prompt")
@@ -327,6 +333,8 @@ class _Call:
                     await queue.put([ChoiceDelta(p * n + d.index, d.text, d.token_ids, d.logprobs, d.finish_reason)
                                      for d in deltas])
                 await queue.put(None)
+            except (EngineError, AdapterError) as exc:  # the engine's words -> OpenAI's
+                await queue.put(wire_error(exc))
             except BaseException as exc:  # reaches the client as an error
                 await queue.put(exc)
 

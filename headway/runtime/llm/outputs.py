@@ -22,10 +22,3 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
     cached_tokens: int | None = None  # on a request's first delta: prompt tokens served from the prefix cache
-
-
-@dataclass(frozen=True)
-class RequestUsage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0

@@ -18,8 +18,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from headway.runtime.llm.errors import EngineError
 from headway.runtime.llm.lora.adapter import AdapterError
 from headway.runtime.llm.lora.roots import allowed_adapter_path
+from headway.runtime.llm.openai_api import wire_error
 from headway.runtime.llm.openai_types import OpenAIError
 
 
@@ -56,6 +58,9 @@ def lora_router(engine: Callable[[], Any], roots: Sequence[Path] = ()) -> APIRou
                 await eng.unload_adapter(name)
         except OpenAIError as exc:
             return JSONResponse(exc.body(), status_code=exc.status)
+        except EngineError as exc:  # not running, or failed
+            err = wire_error(exc)
+            return JSONResponse(err.body(), status_code=err.status)
         except AdapterError as exc:
             err = OpenAIError(str(exc), status=exc.status, param="lora_path" if exc.status in (400, 403) else "lora_name")
             return JSONResponse(err.body(), status_code=err.status)
