@@ -124,7 +124,7 @@ class OpenAIServer:
             top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=req.seed, max_tokens=max_tokens,
-            stop=list(req.stop or []), stop_token_ids=list(req.stop_token_ids or []),
+            stop=tuple(req.stop or ()), stop_token_ids=tuple(req.stop_token_ids or ()),
             ignore_eos=req.ignore_eos, logprobs=logprobs is not None, top_logprobs=logprobs or 0, n=req.n)
 
     # ---- formatting ------------------------------------------------------------------------------
@@ -398,7 +398,7 @@ class _Call:
                                 "finish_reason": reasons[i]})
         return {**self._head(), "choices": choices, "usage": self._usage()}
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         head = {**self._head(), "object": "chat.completion.chunk" if self.chat else "text_completion"}
         usage_field = {"usage": None} if self.req.include_usage else {}
         want_lp = self.jobs[0][1].logprobs

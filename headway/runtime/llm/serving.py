@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -20,6 +20,9 @@ from headway.runtime.base import EngineRuntime
 from headway.runtime.gate import Gate
 from headway.runtime.llm.openai_types import OpenAIError
 from headway.tokenization import model_dir
+
+if TYPE_CHECKING:
+    from headway.runtime.llm.openai_api import OpenAIServer
 
 log = logging.getLogger("headway.llm")
 
@@ -56,7 +59,7 @@ class LLMRuntime(EngineRuntime):
         super().__init__(name, opts.max_running)
         self.aliases = sorted({name, package.config.name, package.config.model.source or name})
         self.engine: Any = None
-        self._api: Any = None
+        self._api: OpenAIServer | None = None  # built with the routes
         self._tokenizer_body: bytes | None = None
 
     async def load(self) -> None:
@@ -115,11 +118,11 @@ class LLMRuntime(EngineRuntime):
         from headway.runtime.llm.lora.roots import resolve_roots
         from headway.runtime.llm.openai_api import OpenAIServer
 
-        self._api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None,
-                                 adapters=lambda: self.engine.loras.names if self.engine is not None else (),
-                                 parent=self.name, gate=gate,
-                                 max_prompts=self.package.config.runtime_options.max_prompts_per_request)
-        router = self._api.router()
+        self._api = api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None,
+                                       adapters=lambda: self.engine.loras.names if self.engine is not None else (),
+                                       parent=self.name, gate=gate,
+                                       max_prompts=self.package.config.runtime_options.max_prompts_per_request)
+        router = api.router()
         roots = resolve_roots(self.options.lora_roots, self.package.root)
         router.include_router(lora_router(lambda: self.engine, roots))
 
@@ -141,6 +144,8 @@ class LLMRuntime(EngineRuntime):
 
         if not isinstance(body, dict):
             raise InputError([{"loc": (), "msg": "expected a JSON object like {\"prompt\": \"...\"}"}])
+        if self._api is None:
+            raise RuntimeError("parse() before router(): the server builds the routes first")
         try:
             return self._api.completion_call({**body, "model": self.name})
         except OpenAIError as exc:
