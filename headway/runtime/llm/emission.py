@@ -2,10 +2,11 @@
 
 Owns detokenization (one `IncrementalDetokenizer` per choice), stop strings, logprobs riding
 along with their tokens, the per-request output metrics (TTFT, ITL, end-to-end, finish
-reasons) and the prompt's prefix-cache accounting, counted once per request at its first
-output. It never touches the scheduler: a stop string is a decision it returns (`StopHit`) and
-the engine's commit applies (truncate + finish) before the delta goes out, so the delta carries
-the finish reason the scheduler settled on.
+reasons) and the prompt tokens computed (not found cached), counted once per request at its
+first output (the prefix-cache hit counters themselves are the KV manager's). It never
+touches the scheduler: a stop string is a decision it returns (`StopHit`) and the engine's
+commit applies (truncate + finish) before the delta goes out, so the delta carries the finish
+reason the scheduler settled on.
 
 Per sequence and step the engine calls, on the engine thread:
 
