@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
@@ -22,7 +22,8 @@ from headway.runtime.llm.openai_types import OpenAIError
 from headway.tokenization import model_dir
 
 if TYPE_CHECKING:
-    from headway.runtime.llm.openai_api import OpenAIServer
+    from headway.runtime.llm.engine import LLMEngine
+    from headway.runtime.llm.openai_api import GenerateEngine, OpenAIServer
 
 log = logging.getLogger("headway.llm")
 
@@ -58,7 +59,7 @@ class LLMRuntime(EngineRuntime):
         name = opts.served_model_name or package.config.name
         super().__init__(name, opts.max_running)
         self.aliases = sorted({name, package.config.name, package.config.model.source or name})
-        self.engine: Any = None
+        self.engine: LLMEngine | None = None
         self._api: OpenAIServer | None = None  # built with the routes
         self._tokenizer_body: bytes | None = None
 
@@ -118,7 +119,8 @@ class LLMRuntime(EngineRuntime):
         from headway.runtime.llm.lora.roots import resolve_roots
         from headway.runtime.llm.openai_api import OpenAIServer
 
-        self._api = api = OpenAIServer(self.engine, self.aliases, lambda: self.engine is not None,
+        # the engine is None until load() (which hands it to the API); every route checks is_ready first
+        self._api = api = OpenAIServer(cast("GenerateEngine", self.engine), self.aliases, lambda: self.engine is not None,
                                        adapters=lambda: self.engine.loras.names if self.engine is not None else (),
                                        parent=self.name, gate=gate,
                                        max_prompts=self.package.config.runtime_options.max_prompts_per_request)

@@ -24,11 +24,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from headway.runtime.llm.grammar.compiler import Grammar
+
+if TYPE_CHECKING:
+    from headway.runtime.llm.plan import SchedulePlan
+    from headway.runtime.llm.sequence import SamplingParams
 
 log = logging.getLogger("headway.llm.grammar")
 
@@ -111,7 +115,7 @@ class GrammarState:
 class GrammarRow(Protocol):
     """What the masker reads and keeps per logits row (``Sequence`` satisfies it)."""
 
-    params: Any  # SamplingParams; .grammar is a Grammar or None
+    params: SamplingParams  # .grammar is a Grammar or None
     output_ids: list[int]
     grammar: GrammarState | None
 
@@ -129,7 +133,7 @@ class GrammarMasker:
             self._buf = allocate_bitmask(max(rows, 8), vocab)
         return self._buf
 
-    def mask(self, logits: torch.Tensor, rows: Sequence[GrammarRow], plan: Any = None) -> None:
+    def mask(self, logits: torch.Tensor, rows: Sequence[GrammarRow], plan: SchedulePlan | None = None) -> None:
         """Mask the logits rows of sequences with a grammar. Row ``i`` is ``rows[i]``'s sample
         row; a sequence with a speculative proposal in ``plan`` (a SchedulePlan) also has one row
         after each proposed token (``plan.proposal_rows()``: its sample row first), each masked
@@ -143,14 +147,16 @@ class GrammarMasker:
         vocab = logits.shape[1]
         buf = self._bitmask(logits.shape[0], vocab)
         spec_rows = plan.proposal_rows() if plan is not None and plan.num_proposed else {}
-        proposals = {id(it.seq): it.proposal for it in plan.items if it.proposal} if spec_rows else {}
+        proposals = {id(it.seq): it.proposal for it in plan.items if it.proposal} if spec_rows and plan else {}
         apply_rows: list[int] = []
         for i in idx:
             r = rows[i]
             if r.grammar is None:
-                if r.params.grammar.vocab_size != vocab:
-                    raise ValueError(f"grammar compiled for vocab {r.params.grammar.vocab_size}, logits have {vocab}")
-                r.grammar = GrammarState(r.params.grammar)
+                g = r.params.grammar
+                assert g is not None  # idx holds only rows with a grammar
+                if g.vocab_size != vocab:
+                    raise ValueError(f"grammar compiled for vocab {g.vocab_size}, logits have {vocab}")
+                r.grammar = GrammarState(g)
             spec = spec_rows.get(id(r))
             if spec is None:
                 r.grammar.fill(buf, i)
