@@ -293,3 +293,13 @@ for _name, (_module, _help) in _PROGRAMS.items():
     app.command(_name, help=f"{_help} (`headway bench-target {_name} --help` for the options)",
                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
                                   "help_option_names": []})(_program(_module))
+
+
+# The engine before and after a change (a git ref against this tree), in one run.
+from headway.bench.ab import main as _engine_ab_serving  # noqa: E402
+from headway.bench.engine_ab import main as _engine_ab_in_process  # noqa: E402
+
+app.command("engine-ab", help="Throughput, prefix-cache TTFT and chunked-prefill ITL of --before REF and this "
+            "tree, their servers alternating.")(_engine_ab_serving)
+app.command("engine-ab-in-process", help="Prefill and a 32-request burst in the engine alone, --before REF "
+            "and this tree alternating in fresh processes.")(_engine_ab_in_process)
