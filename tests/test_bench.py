@@ -449,3 +449,27 @@ def test_fleet_router_and_weight_benchmarks_are_bench_targets() -> None:
         assert option in res.output and "usage:" in res.output, (name, res.output)
     res = CliRunner().invoke(app, ["bench-target", "weights", "--no-such-option"])
     assert res.exit_code == 2, res.output
+
+
+def test_wait_ready_returns_on_200_and_reports_an_exited_or_silent_server(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from headway.bench.servers import wait_ready
+
+    port = free_port()
+    (tmp_path / "ready").write_text("ok")
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/ready", proc, 30)  # a real server answering 200
+        with pytest.raises(TimeoutError, match="not ready after 1 s: no such page"):
+            wait_ready(f"http://127.0.0.1:{port}/missing", proc, 1, why=lambda: "no such page")
+        assert proc.poll() is not None  # a server that never got ready is killed
+    finally:
+        proc.kill()
+        proc.wait()
+    gone = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    gone.wait()
+    with pytest.raises(RuntimeError, match="exited with 3: its log"):
+        wait_ready("http://127.0.0.1:9/health/ready", gone, 30, why=lambda: "its log")

@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -34,6 +33,8 @@ import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from headway.bench.servers import wait_ready
 
 console = Console()
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,18 +48,8 @@ def _serve(tree: Path, port: int, dtype: str | None, log: Path) -> subprocess.Po
         cmd += ["--dtype", dtype]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server from {tree} exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"the server from {tree} was not ready in 300 s; see {log}")
+    wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, 300, why=lambda: f"see {log}")
+    return proc
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -31,6 +31,7 @@ import httpx
 
 from headway.bench.embed_corpus import mixed_corpus, short_sentences
 from headway.bench.report import machine_info, percentile
+from headway.bench.servers import wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,18 +41,9 @@ def start_server(model: str, port: int, threads: int, extra: list[str]) -> subpr
     proc = subprocess.Popen([sys.executable, "-m", "headway", "serve", model, "--port", str(port), "--threads",
                              str(threads), "--dtype", "float32", "--log-level", "warning", *extra],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("the server did not become ready in 180 s")
+    wait_ready(f"http://127.0.0.1:{port}/health/ready", proc, 180,
+               why=lambda: proc.stderr.read().decode() if proc.stderr and proc.poll() is not None else "")
+    return proc
 
 
 async def headway_throughput(url: str, texts: list[str], clients: int, per_request: int) -> float:

@@ -28,6 +28,8 @@ from pathlib import Path
 import aiohttp
 import httpx
 
+from headway.bench.servers import wait_ready
+
 NOOP_YAML = """name: noop
 runtime: custom
 description: Returns at once; for measuring everything but the model.
@@ -62,17 +64,7 @@ def _start(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
 
 
 def _wait(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process for {url} exited:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} not ready after {timeout} s:\n{log.read_text()}")
+    wait_ready(url + "/health/ready", proc, timeout, why=lambda: "\n" + log.read_text(), interval=0.1)
 
 
 def _pct(values: list[float], q: float) -> float:
