@@ -191,7 +191,7 @@ def test_n_samples_share_the_prompt() -> None:
     kids = s.sequences("a")
     assert [k.index for k in kids] == [0, 1, 2] and [k.output_ids for k in kids] == [[100], [101], [102]]
     assert all(k.slots[:20] == a.slots[:20] and k.cached_len == 20 for k in kids)
-    assert s.kv.locked == 20 and s.private_slots == 0  # one copy of the prompt, locked
+    assert s.kv.locked == 20 and s.kv.private == 0  # one copy of the prompt, locked
     plan = s.schedule()
     assert [len(i.token_ids) for i in plan.items] == [1, 1, 1]
     outs = {i.out_slots[0] for i in plan.items}

@@ -14,6 +14,7 @@ class EngineMetrics:
 
     def __init__(self, model: str):
         r = self.registry = CollectorRegistry()
+        self._prefix_seen = (0, 0)  # the KV manager's (hit, query) prompt tokens already counted
         m = ["model"]
         self.ttft = Histogram("headway_llm_time_to_first_token_seconds", "Arrival to first output token.", m,
                               buckets=TTFT_BUCKETS, registry=r).labels(model)
@@ -77,7 +78,7 @@ class EngineMetrics:
 
     def observe_prefix_cache(self, hit_tokens: int, query_tokens: int) -> None:
         """The prefix-cache counters (kept once, by the KV manager), as deltas since the last call."""
-        seen = getattr(self, "_prefix_seen", (0, 0))
+        seen = self._prefix_seen
         if hit_tokens > seen[0]:
             self.cache_hit_tokens.inc(hit_tokens - seen[0])
         if query_tokens > seen[1]:

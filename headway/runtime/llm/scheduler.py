@@ -140,10 +140,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def private_slots(self) -> int:
-        return self.kv.private
-
     def check_invariant(self) -> None:
         """The manager's slot invariant, and: waiting sequences hold no KV; a running one never
         holds K/V past its tokens."""
