@@ -1,7 +1,8 @@
-"""What a runtime needs to know of the host it loads on: its CPU share and where a model lives.
+"""What a runtime needs to know of the host it loads on: its CPU share.
 
-Shared by the modality runtimes (and the benchmarks' baselines) so each sizes its threads and
-finds its model the same way.
+Shared by the modality runtimes (and the benchmarks' baselines) so each sizes its threads the
+same way. Where a model lives (a local directory or a library name) is
+`headway.tokenization.model_dir`, which the router uses too.
 """
 
 from __future__ import annotations
@@ -24,14 +25,3 @@ def cpu_share() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
-
-
-def local_or_library(source: str, package_root: Path) -> Path:
-    """A model directory: `source` relative to the package (or absolute, or file://), if it is
-    one; else a model-library name, resolved (installed and converted once) by the library."""
-    local = package_root / Path(source.removeprefix("file://")).expanduser()
-    if local.is_dir():
-        return local
-    from headway.library import resolve
-
-    return resolve(source).path

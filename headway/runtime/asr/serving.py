@@ -14,7 +14,7 @@ from headway.package.load import Package
 from headway.package.schema import AsrEngineOptions
 from headway.runtime.base import EngineRuntime
 from headway.runtime.gate import Gate
-from headway.runtime.host import local_or_library
+from headway.tokenization import model_dir as find_model_dir
 
 
 class AsrRuntime(EngineRuntime):
@@ -35,7 +35,7 @@ class AsrRuntime(EngineRuntime):
         source = self.package.config.model.source
         if source is None:
             raise ValueError("an asr package needs model.source (e.g. whisper-base, or a CTranslate2 directory)")
-        model_dir = await asyncio.to_thread(local_or_library, source, self.package.root)
+        model_dir = await asyncio.to_thread(find_model_dir, source, self.package.root)
         self.mark_phase("fetched_s")
         o = self.options
         engine = AsrEngine(model_dir, compute_type=o.compute_type, num_threads=o.num_threads,

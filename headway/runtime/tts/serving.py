@@ -20,7 +20,7 @@ from headway.package.load import Package
 from headway.package.schema import TtsEngineOptions
 from headway.runtime.base import Runtime
 from headway.runtime.gate import Gate
-from headway.runtime.host import local_or_library
+from headway.tokenization import model_dir as find_model_dir
 from headway.runtime.tts.encode import available_formats
 from headway.runtime.tts.metrics import TTSMetrics
 from headway.runtime.tts.request import Limits
@@ -48,7 +48,7 @@ class TTSRuntime(Runtime):
 
     async def load(self) -> None:
         source = self.package.config.model.source or self.name
-        model_dir = await asyncio.to_thread(local_or_library, source, self.package.root)
+        model_dir = await asyncio.to_thread(find_model_dir, source, self.package.root)
         self.mark_phase("fetched_s")
         self.synth = await asyncio.to_thread(Synthesizer, model_dir, self.options.num_threads)
         self.synth.on_sentence = self.metrics.sentence
